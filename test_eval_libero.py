@@ -1,0 +1,239 @@
+"""Tests for eval_libero.py: closed-loop rollouts in the real simulators with a tiny checkpoint.
+
+    pytest test_eval_libero.py -q        # about 1-2 minutes on CPU
+
+The LIBERO and Meta-World tests skip where the simulator is not installed and fail under CI=true
+(conftest.need). Each simulator gets one tiny checkpoint per session, trained for 3 steps on a
+synthetic dataset with that simulator's views and dimensions through `amplify.py --stage all`.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import amplify
+import eval_libero
+import preprocess
+from conftest import need
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_eval(*args, timeout=600):
+    """Run eval_libero.py as a user would; returns the CompletedProcess."""
+    cmd = [sys.executable, str(HERE / "eval_libero.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+
+def make_checkpoint(root, views, action_dim, proprio_dim):
+    """Tiny policy with the given views/dims: synthetic data, `amplify.py --stage all --steps 3`."""
+    arrays, meta = amplify.synthetic_dataset(episodes=2, frames=20, views=len(views), img_size=32,
+                                             action_dim=action_dim, proprio_dim=proprio_dim)
+    meta["views"] = list(views)
+    amplify.write_dataset(str(root / "data"), arrays, meta)
+    cmd = [sys.executable, str(HERE / "amplify.py"), "--stage", "all", "--data", str(root / "data"),
+           "--out", str(root / "run"), "--steps", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "run" / "policy.pt"
+
+
+@pytest.fixture(scope="module")
+def libero_policy(tmp_path_factory):
+    need("libero")
+    return make_checkpoint(tmp_path_factory.mktemp("libero_ckpt"), eval_libero.LIBERO_VIEWS, 7, 9)
+
+
+@pytest.fixture(scope="module")
+def libero_env():
+    need("libero")
+    env = eval_libero.LiberoEnv("libero_object", 0)
+    yield env
+    env.close()
+
+
+@pytest.fixture(scope="module")
+def metaworld_spec():
+    """Views and dims exactly as preprocess.MetaWorldEnv records Meta-World data."""
+    need("metaworld")
+    env = preprocess.MetaWorldEnv("door-open-v3")
+    obs = env.reset(0)
+    spec = {"views": list(env.cameras), "action_dim": env.action_dim, "proprio_dim": obs["proprio"].shape[-1]}
+    env.close() if hasattr(env, "close") else None
+    return spec
+
+
+@pytest.fixture(scope="module")
+def metaworld_policy(tmp_path_factory, metaworld_spec):
+    s = metaworld_spec
+    return make_checkpoint(tmp_path_factory.mktemp("mw_ckpt"), s["views"], s["action_dim"], s["proprio_dim"])
+
+
+class Recorder:
+    """Wraps a policy: records what reaches `act` (and the simulator's raw observation), and can
+    scale the returned action to probe the clipping."""
+
+    def __init__(self, policy, env=None, scale=1.0):
+        self.policy, self.env, self.scale = policy, env, scale
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def reset(self):
+        self.policy.reset()
+
+    def act(self, images, proprio, task):
+        action = self.policy.act(images, proprio, task)
+        raw = None if self.env is None else self.env.raw_obs
+        self.calls.append({"images": images.copy(), "proprio": proprio.copy(), "task": task, "raw": raw,
+                           "action": action * self.scale})
+        return action * self.scale
+
+
+# -----------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_summarize_rates_per_task_suite_and_overall():
+    def ep(task_index, episode, success, length):
+        return {"suite": "libero_goal", "task": task_index, "task_index": task_index, "name": f"t{task_index}",
+                "language": "do it", "episode": episode, "init_state": episode, "success": success,
+                "length": length, "seconds": 1.0, "video": None, "max_steps": 500}
+
+    records = [ep(1, 1, False, 500), ep(0, 0, True, 120), ep(1, 0, True, 80), ep(0, 1, True, 200),
+               ep(1, 2, False, 500), ep(0, 2, False, 500)]
+    r = eval_libero.summarize(records, {"suite": "libero_goal"}, seconds=10.0, complete=True)
+    t0, t1 = r["tasks"]
+    assert (t0["task"], t0["successes"], t0["episodes"], t0["lengths"]) == (0, 2, 3, [120, 200, 500])
+    assert (t1["task"], t1["successes"], t1["lengths"]) == (1, 1, [80, 500, 500])
+    assert t0["success_rate"] == pytest.approx(2 / 3) and t1["success_rate"] == pytest.approx(1 / 3)
+    assert r["suites"]["libero_goal"]["success_rate"] == pytest.approx(0.5)
+    assert r["overall"] == {"success_rate": pytest.approx(0.5), "episodes": 6, "successes": 3}
+    assert [(e["task"], e["episode"]) for e in r["episodes"]] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert r["throughput"]["env_steps"] == 1900 and r["throughput"]["steps_per_s"] == pytest.approx(190.0)
+
+
+def test_bad_suite_is_rejected_with_the_valid_ones(tmp_path):
+    proc = run_eval("--policy", tmp_path / "none.pt", "--suite", "libero_11", "--out", tmp_path / "out")
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for suite in eval_libero.SUITES:
+        assert suite in err
+
+
+def test_bad_task_names_are_rejected_with_the_valid_ones(tmp_path):
+    need("libero")
+    need("metaworld")
+    for suite, task, valid in [("libero_object", "12", "pick_up_the_alphabet_soup_and_place_it_in_the_basket"),
+                               ("libero_object", "pick_up_the_moon", "9: "),
+                               ("metaworld", "door-open-v9", "door-open-v3")]:
+        proc = run_eval("--policy", tmp_path / "none.pt", "--suite", suite, "--tasks", task, "--out", tmp_path)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0
+        assert len(err) == 1 and "Traceback" not in err[0], proc.stderr
+        assert task in err[0] and valid in err[0], err[0]
+
+
+def test_missing_policy_is_one_line_error(tmp_path):
+    need("libero")
+    proc = run_eval("--policy", tmp_path / "none.pt", "--suite", "libero_goal", "--tasks", "0", "--out", tmp_path)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "none.pt" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# Closed loop in the real simulators
+
+
+def test_libero_rollout_writes_results_and_video(libero_policy, tmp_path):
+    out = tmp_path / "eval"
+    proc = run_eval("--policy", libero_policy, "--suite", "libero_object", "--tasks", "0", "--episodes", "1",
+                    "--max-steps", "5", "--video", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps/s" in proc.stdout
+    r = json.loads((out / "results.json").read_text())
+    assert r["complete"] is True
+    s = r["settings"]
+    assert (s["suite"], s["tasks"], s["episodes_per_task"], s["max_steps"]) == ("libero_object", [0], 1, 5)
+    assert s["policy"] == str(Path(libero_policy).resolve())
+    (task,) = r["tasks"]
+    assert task["name"] == "pick_up_the_alphabet_soup_and_place_it_in_the_basket"
+    # Five steps from the init state cannot lift a can into the basket: the episode runs out.
+    assert task["lengths"] == [5] and task["successes"] == 0 and task["success_rate"] == 0.0
+    assert r["suites"]["libero_object"]["success_rate"] == 0.0 and r["overall"]["episodes"] == 1
+    (episode,) = r["episodes"]
+    assert episode["init_state"] == 0
+    import imageio.v2 as imageio
+    frames = imageio.mimread(episode["video"], memtest=False)
+    assert len(frames) == 5 and frames[0].shape == (128, 2 * 128, 3)  # one frame per step, views side by side
+    assert not list(out.glob(".*partial*")) and not list((out / "videos").glob(".*partial*"))
+
+
+def test_metaworld_rollout_in_parallel_workers(metaworld_policy, metaworld_spec, tmp_path):
+    out = tmp_path / "eval"
+    proc = run_eval("--policy", metaworld_policy, "--suite", "metaworld", "--tasks", "door-open-v3,drawer-open-v3",
+                    "--episodes", "1", "--max-steps", "5", "--workers", "2", "--video", "gif", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("steps/s") >= 2  # a progress line per episode
+    r = json.loads((out / "results.json").read_text())
+    assert r["complete"] is True and r["settings"]["workers"] == 2
+    assert [t["task"] for t in r["tasks"]] == ["door-open-v3", "drawer-open-v3"]
+    for t in r["tasks"]:
+        assert t["episodes"] == 1 and t["lengths"] == [5] and t["success_rate"] == 0.0
+        assert t["language"]  # the instruction the policy was given
+    import imageio.v2 as imageio
+    for e in r["episodes"]:
+        frames = imageio.mimread(e["video"])
+        assert len(frames) == 5 and frames[0].shape[1] == 128 * len(metaworld_spec["views"])
+
+
+def test_libero_observation_reaches_policy_as_preprocess_writes_it(libero_policy, libero_env, tmp_path):
+    """The eval path's policy inputs equal the frames that preprocess.py's LIBERO path writes."""
+    h5py = need("h5py")
+    policy = Recorder(amplify.Policy.load(libero_policy), env=libero_env)
+    eval_libero.run_episode(libero_env, policy, libero_env.task_text, init_state=0, max_steps=3)
+    assert len(policy.calls) == 3
+    # A demonstration file as LIBERO stores one: simulator images as rendered (upside down).
+    demo = tmp_path / "pick_up_the_alphabet_soup_demo.hdf5"
+    raws = [c["raw"] for c in policy.calls]
+    with h5py.File(demo, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": libero_env.task_text})
+        obs = data.create_group("demo_0/obs")
+        obs["agentview_rgb"] = np.stack([r["agentview_image"] for r in raws])
+        obs["eye_in_hand_rgb"] = np.stack([r["robot0_eye_in_hand_image"] for r in raws])
+        obs["joint_states"] = np.stack([r["robot0_joint_pos"] for r in raws])
+        obs["gripper_states"] = np.stack([r["robot0_gripper_qpos"] for r in raws])
+        data["demo_0/actions"] = np.stack([c["action"] for c in policy.calls]).astype(np.float64)
+    proc = subprocess.run([sys.executable, str(HERE / "preprocess.py"), "libero", str(demo), "--out",
+                           str(tmp_path / "ds")], capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = amplify.load_dataset(str(tmp_path / "ds"))
+    assert ds.meta["views"] == list(policy.views)
+    np.testing.assert_array_equal(ds.arrays["images"][:3], np.stack([c["images"] for c in policy.calls]))
+    np.testing.assert_array_equal(ds.arrays["proprio"][:3], np.stack([c["proprio"] for c in policy.calls]))
+    assert ds.tasks[0] == policy.calls[0]["task"]
+    # and upright: LIBERO renders upside down, the policy sees the flipped frame
+    np.testing.assert_array_equal(policy.calls[0]["images"][0], raws[0]["agentview_image"][::-1])
+
+
+def test_actions_are_clipped_to_the_valid_range(libero_policy, libero_env):
+    policy = Recorder(amplify.Policy.load(libero_policy), scale=100.0)
+    sent = []
+    step = libero_env.step
+    libero_env.step = lambda a: (sent.append(np.array(a)), step(a))[1]
+    try:
+        eval_libero.run_episode(libero_env, policy, libero_env.task_text, init_state=1, max_steps=2)
+    finally:
+        del libero_env.step
+    assert len(sent) == 2
+    for a, c in zip(sent, policy.calls):
+        assert a.min() >= -1.0 and a.max() <= 1.0
+        np.testing.assert_array_equal(a, np.clip(c["action"], -1.0, 1.0))
