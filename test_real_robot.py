@@ -1,0 +1,634 @@
+"""Tests for real_robot.py without hardware: fake robot, gripper, cameras, policy and clock.
+
+    pytest -q test_real_robot.py
+
+Covers the config checks, the fixed-rate scheduler (fake clock, plus one real-time run), the
+safety filter (clamp and refuse), the stops (exception, stale/lost frame, Ctrl-C, overruns),
+--dry-run, and --record writing a dataset that amplify.load_dataset reads.
+"""
+import _thread
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import real_robot as rr
+from conftest import need
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# Fakes
+
+
+class FakeClock:
+    """Time moves only when the code under test sleeps or a fake 'computes'."""
+
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def now(self):
+        return self.t
+
+    def sleep_until(self, t):
+        self.t = max(self.t, t)
+
+    def advance(self, dt):
+        self.t += dt
+
+
+class FakeCamera:
+    """A view with a constant colour (so tests can tell views apart) and a moving texture."""
+
+    def __init__(self, clock, value, h=48, w=64):
+        self.clock, self.value, self.h, self.w = clock, value, h, w
+        self.age = 0.0  # how old the returned frame is
+        self.fail = None  # exception to raise from read()
+        self.reads = 0
+
+    def read(self):
+        if self.fail is not None:
+            raise self.fail
+        self.reads += 1
+        img = np.full((self.h, self.w, 3), self.value, np.uint8)
+        x = (4 + self.reads) % (self.w - 8)  # a bright square moving right: something to track
+        img[10:18, x:x + 8] = 255
+        return rr.Frame(img, self.clock.now() - self.age)
+
+    def close(self):
+        pass
+
+
+class FakeRobot:
+    """Follows servo targets exactly; records every command."""
+
+    def __init__(self, pose=(0.0, -0.5, 0.2, 0.0, 3.14, 0.0)):
+        self.pose = np.array(pose, np.float64)
+        self.servo_calls, self.moves, self.teach_calls = [], [], []
+        self.stops = 0
+
+    def tcp_pose(self):
+        return self.pose.copy()
+
+    def servo(self, pose, period):
+        self.servo_calls.append(np.array(pose))
+        self.pose = np.array(pose, np.float64)
+
+    def move_to(self, pose):
+        self.moves.append(np.array(pose))
+        self.pose = np.array(pose, np.float64)
+
+    def stop(self):
+        self.stops += 1
+
+    def teach(self, on):
+        self.teach_calls.append(on)
+
+    def close(self):
+        pass
+
+
+class FakeGripper:
+    def __init__(self):
+        self.commands = []
+
+    def position(self):
+        return self.commands[-1] if self.commands else 0.0
+
+    def command(self, g):
+        self.commands.append(g)
+
+    def close(self):
+        pass
+
+
+class FakePolicy:
+    """The amplify.Policy interface (docs/CONTRACTS.md); `fn(step, images, proprio) -> action`."""
+
+    def __init__(self, fn, views=("front", "left"), img_size=(32, 32), action_dim=4, clock=None,
+                 compute_s=0.0):
+        self.fn, self.views, self.img_size = fn, list(views), img_size
+        self.action_dim = self.proprio_dim = action_dim
+        self.horizon, self.device, self.last_tracks = 16, "cpu", None
+        self.clock, self.compute_s = clock, compute_s
+        self.calls, self.resets, self.seen = 0, 0, []
+
+    def reset(self):
+        self.resets += 1
+        self.step = 0
+
+    def act(self, images, proprio, task):
+        self.seen.append((images.shape, images.dtype, proprio.copy(), images[:, 0, 0, 0].copy()))
+        self.calls += 1
+        if self.clock is not None:
+            self.clock.advance(self.compute_s)
+        a = self.fn(getattr(self, "step", 0), images, proprio)
+        self.step = getattr(self, "step", 0) + 1
+        return np.asarray(a, np.float32)
+
+
+def config_dict(**overrides):
+    raw = {
+        "task": "push the block",
+        "robot": {"host": "127.0.0.1"},
+        "cameras": [
+            {"name": "front", "kind": "opencv", "device": 0, "crop": [8, 0, 48, 48]},
+            {"name": "left", "kind": "opencv", "device": 1, "rotate": 180},
+        ],
+        "control": {"rate_hz": 20, "episode_s": 1.0, "max_frame_age_s": 0.2,
+                    "max_consecutive_overruns": 3},
+        "safety": {"workspace_min": [-0.3, -0.7, 0.05], "workspace_max": [0.3, -0.3, 0.4],
+                   "max_step_m": 0.02, "max_step_rad": 0.1, "on_violation": "clamp"},
+        "record": {"img_size": [32, 32]},
+    }
+    for path, value in overrides.items():  # "safety.on_violation"="refuse"
+        d = raw
+        *parents, key = path.split(".")
+        for p in parents:
+            d = d[p]
+        d[key] = value
+    return raw
+
+
+def rig(cfg=None, clock=None):
+    clock = clock or FakeClock()
+    cfg = cfg or rr.parse_config(config_dict())
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    return cfg, clock, rr.Hardware(FakeRobot(), FakeGripper(), cams)
+
+
+def hold(step, images, proprio):  # a policy that asks to stay where it is
+    return proprio
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def test_example_config_loads():
+    cfg = rr.load_config(os.path.join(HERE, "real_robot.example.json"))
+    assert [c.name for c in cfg.cameras] == ["front", "left", "right"]
+    assert cfg.control.rate_hz == 20 and cfg.control.episode_s == 90
+    assert cfg.safety.on_violation in ("clamp", "refuse")
+
+
+@pytest.mark.parametrize("override, delete, needle", [
+    ({"safety.max_step_m": "0.02"}, None, "safety.max_step_m: expected a finite number, found str"),
+    ({"control.rate_hz": True}, None, "control.rate_hz: expected a finite number, found bool"),
+    ({"safety.workspace_min": [0, 0]}, None, "safety.workspace_min: expected a list of 3 numbers"),
+    ({"safety.on_violation": "ignore"}, None, "expected one of ['clamp', 'refuse'], found \"ignore\""),
+    ({"safety.max_stp_m": 0.1}, None, "unknown key 'max_stp_m'"),
+    ({}, ("safety", "workspace_max"), "missing key 'safety.workspace_max'"),
+    ({}, ("robot", "host"), "missing key 'robot.host'"),
+    ({"safety.workspace_min": [0.5, -0.7, 0.05]}, None, "expected workspace_min < workspace_max"),
+    ({"cameras": []}, None, "cameras: expected a non-empty list"),
+])
+def test_config_errors_name_key_expected_found(override, delete, needle):
+    raw = config_dict(**override)
+    if delete:
+        del raw[delete[0]][delete[1]]
+    with pytest.raises(rr.ConfigError) as e:
+        rr.parse_config(raw)
+    assert needle in str(e.value)
+
+
+def test_cli_bad_config_is_one_line_no_traceback(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config_dict(**{"control.rate_hz": "fast"})))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "real_robot.py"), "--config", str(path),
+                        "--policy", "x.pt", "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "control.rate_hz: expected a finite number, found str" in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# Fixed-rate scheduling
+
+
+def test_rate_fake_clock_ticks_on_absolute_deadlines():
+    clock = FakeClock()
+    rate = rr.Rate(20, clock)
+    rng = np.random.default_rng(0)
+    starts = []
+    for _ in range(2000):
+        starts.append(clock.now())
+        clock.advance(rng.uniform(0, 0.9) * rate.period)  # work of random length, always in time
+        assert rate.sleep() == 0.0
+    k = (np.array(starts) - rate.start) / rate.period
+    np.testing.assert_allclose(k, np.arange(2000), atol=1e-6)  # no drift after 2000 ticks
+
+
+def test_rate_overrun_is_reported_and_missed_deadlines_dropped():
+    clock = FakeClock()
+    rate = rr.Rate(10, clock)  # period 0.1
+    clock.advance(0.05)
+    assert rate.sleep() == 0.0  # tick 0 on time -> now 0.1
+    clock.advance(0.25)  # tick 1 runs until 0.35: misses 0.2 and 0.3
+    late = rate.sleep()
+    assert late == pytest.approx(0.15)
+    assert clock.now() - rate.start == pytest.approx(0.35)  # no waiting after an overrun
+    clock.advance(0.01)
+    assert rate.sleep() == 0.0  # the next tick ends on the grid (0.4), no burst to catch up
+    assert clock.now() - rate.start == pytest.approx(0.4)
+
+
+def test_rate_real_time_100_ticks_at_100hz():
+    clock = rr.MonotonicClock()
+    rate = rr.Rate(100, clock)
+    starts = []
+    for _ in range(100):
+        starts.append(clock.now())
+        time.sleep(0.002)  # some work
+        rate.sleep()
+    end = clock.now()
+    mean_period = (end - starts[0]) / 100
+    assert abs(mean_period - 0.01) < 0.001, f"mean period {mean_period * 1e3:.2f} ms"
+    # no cumulative drift: the loop ends on the deadline grid, whatever the jitter on the way
+    assert 0 <= end - (rate.start + (rate.k) * rate.period) < 0.005
+
+
+# -----------------------------------------------------------------------------
+# Safety filter
+
+
+def safety(mode="clamp"):
+    return rr.SafetyFilter(rr.parse_config(config_dict(**{"safety.on_violation": mode})).safety)
+
+
+PREV = np.array([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
+
+
+def test_clamp_limits_step_and_workspace():
+    f = safety("clamp")
+    ok = PREV + [0.01, 0, 0, 0, 0, 0]
+    out, event = f.apply(ok, PREV)
+    assert event is None and np.allclose(out, ok)
+    far = PREV + [0.1, 0, 0, 0, 0, 0]  # inside the box, too far for one tick
+    out, event = f.apply(far, PREV)
+    assert event == "clamped" and np.allclose(out[:3], PREV[:3] + [0.02, 0, 0])
+    below = PREV.copy()
+    below[2] = 0.0  # under the table: z_min = 0.05
+    prev = PREV.copy()
+    prev[2] = 0.06
+    out, event = f.apply(below, prev)
+    assert event == "clamped" and out[2] == pytest.approx(0.05)
+    # far outside in a diagonal direction: result inside the box and within one step
+    out, _ = f.apply(np.array([5.0, 5.0, 5.0, 0, 3.14, 0]), PREV)
+    assert f.inside(out[:3]) and np.linalg.norm(out[:3] - PREV[:3]) <= 0.02 + 1e-9
+
+
+def test_clamp_limits_rotation():
+    f = safety("clamp")
+    target = PREV.copy()
+    target[3:] = [0.0, 3.14, 0.5]  # a sizeable rotation away from the start orientation
+    out, event = f.apply(target, PREV)
+    from scipy.spatial.transform import Rotation
+    angle = (Rotation.from_rotvec(out[3:]) * Rotation.from_rotvec(PREV[3:]).inv()).magnitude()
+    assert event == "clamped" and angle == pytest.approx(0.1, abs=1e-6)
+
+
+def test_refuse_holds_previous_target():
+    f = safety("refuse")
+    out, event = f.apply(PREV + [0.1, 0, 0, 0, 0, 0], PREV)
+    assert event == "refused" and np.allclose(out, PREV)
+    outside = PREV.copy()
+    outside[0] = 0.31
+    prev = PREV.copy()
+    prev[0] = 0.295  # one small step, but it leaves the box
+    out, event = f.apply(outside, prev)
+    assert event == "refused" and np.allclose(out, prev)
+    out, event = f.apply(PREV + [0.005, 0, 0, 0, 0, 0], PREV)
+    assert event is None
+
+
+def test_non_finite_action_stops():
+    with pytest.raises(rr.SafetyStop):
+        safety().apply(PREV + [np.nan, 0, 0, 0, 0, 0], PREV)
+
+
+# -----------------------------------------------------------------------------
+# Cameras and images
+
+
+def test_prepare_image_crop_rotate_resize():
+    img = np.zeros((48, 64, 3), np.uint8)
+    img[0, 8] = 255  # top-left corner of the crop
+    cam = rr.CameraConfig("front", "opencv", 0, crop=[8, 0, 48, 48], rotate=180)
+    out = rr.prepare_image(img, cam, (48, 48))
+    assert out.shape == (48, 48, 3) and out[47, 47, 0] == 255  # rotated to the bottom-right
+    assert rr.prepare_image(img, cam, (32, 32)).shape == (32, 32, 3)
+    with pytest.raises(ValueError):
+        rr.prepare_image(img, rr.CameraConfig("f", "opencv", 0, crop=[40, 0, 48, 48]), (32, 32))
+
+
+def test_threaded_camera_stamps_frames_and_reports_loss():
+    n = {"i": 0}
+
+    def grab():
+        n["i"] += 1
+        if n["i"] > 5:
+            raise OSError("device unplugged")
+        time.sleep(0.002)
+        return np.zeros((4, 4, 3), np.uint8)
+    cam = rr.ThreadedCamera("front", grab)
+    try:
+        rr.wait_for_cameras({"front": cam}, timeout=2.0)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                frame = cam.read()
+                assert 0 <= time.monotonic() - frame.stamp < 2.0
+            except rr.CameraLost as e:
+                assert "device unplugged" in str(e)
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the lost camera was never reported")
+    finally:
+        cam.close()
+
+
+# -----------------------------------------------------------------------------
+# Control loop
+
+
+def test_episode_runs_at_rate_within_limits_and_stops_at_the_end():
+    cfg, clock, hw = rig()
+    # ask for a big jump every step: clamping must keep each step <= max_step_m
+    policy = FakePolicy(lambda s, im, p: [0.2, -0.4, 0.3, 1.0], views=("left", "front"),
+                        clock=clock, compute_s=0.01)
+    res = rr.run_episode(policy, hw, cfg, "push the block", clock=clock)
+    assert res.steps == 20 and len(hw.robot.servo_calls) == 20
+    assert hw.robot.stops == 1
+    prev = np.array([0.0, -0.5, 0.2])
+    for pose in hw.robot.servo_calls:
+        assert np.linalg.norm(pose[:3] - prev) <= 0.02 + 1e-9
+        assert np.allclose(pose[3:], [0.0, 3.14, 0.0])  # xyz_gripper holds the start orientation
+        prev = pose[:3]
+    # 0.245 m away: clamped for 12 ticks (0.24 m), then reached and held
+    assert [e["event"] for e in res.log] == ["clamped"] * 12 + [None] * 8
+    assert np.allclose(hw.robot.servo_calls[-1][:3], [0.2, -0.4, 0.3])
+    assert hw.gripper.commands == [1.0] * 20
+    # views reach the policy in the policy's order, at its size, uint8 (V, H, W, 3)
+    shape, dtype, proprio, colour = policy.seen[-1]
+    assert shape == (2, 32, 32, 3) and dtype == np.uint8 and proprio.shape == (4,)
+    assert colour.tolist() == [150, 50]
+    # ticks on the grid: t = k * period exactly (fake clock), latency logged
+    assert [e["t"] for e in res.log] == pytest.approx([k * 0.05 for k in range(20)])
+    assert all(e["latency_ms"] == pytest.approx(10.0) for e in res.log)
+    assert "overruns 0" in rr.latency_summary(res.log, cfg.period)
+
+
+def test_refuse_mode_holds_position():
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"safety.on_violation": "refuse"})))
+    res = rr.run_episode(FakePolicy(lambda s, im, p: [0.2, -0.4, 0.3, 0.0]), hw, cfg, "t", clock=clock)
+    assert all(e["event"] == "refused" for e in res.log)
+    assert all(np.allclose(p, [0.0, -0.5, 0.2, 0.0, 3.14, 0.0]) for p in hw.robot.servo_calls)
+
+
+def test_dry_run_sends_no_motion():
+    cfg = rr.parse_config(config_dict(**{"robot.home": [0.0, -0.45, 0.25, 0.0, 3.14, 0.0]}))
+    cfg, clock, hw = rig(cfg)
+    res = rr.run_episode(FakePolicy(lambda s, im, p: p + [0.01, 0, 0, 1.0]), hw, cfg, "t",
+                         clock=clock, dry_run=True)
+    assert res.steps == 20 and all("target" in e for e in res.log)
+    assert hw.robot.servo_calls == [] and hw.robot.moves == [] and hw.gripper.commands == []
+
+
+def test_home_pose_is_reached_before_the_episode():
+    home = [0.0, -0.45, 0.25, 0.0, 3.14, 0.0]
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"robot.home": home})))
+    rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock, max_steps=2)
+    assert len(hw.robot.moves) == 1 and np.allclose(hw.robot.servo_calls[0], home)
+
+
+def failing_at(step, exc):
+    def fn(s, im, p):
+        if s == step:
+            raise exc
+        return p
+    return fn
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("CUDA error"), KeyboardInterrupt()])
+def test_exception_or_ctrl_c_stops_the_robot(exc):
+    cfg, clock, hw = rig()
+    with pytest.raises(type(exc)):
+        rr.run_episode(FakePolicy(failing_at(3, exc)), hw, cfg, "t", clock=clock)
+    assert len(hw.robot.servo_calls) == 3 and hw.robot.stops == 1
+
+
+def test_stale_frame_stops_the_robot():
+    cfg, clock, hw = rig()
+    cams = hw.cameras
+
+    def fn(s, im, p):
+        if s == 4:
+            cams["left"].age = 0.25  # > max_frame_age_s 0.2: the camera froze
+        return p
+    with pytest.raises(rr.StaleFrame, match="camera 'left'"):
+        rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
+    assert len(hw.robot.servo_calls) == 5 and hw.robot.stops == 1
+
+
+def test_lost_camera_stops_the_robot():
+    cfg, clock, hw = rig()
+
+    def fn(s, im, p):
+        if s == 2:
+            hw.cameras["front"].fail = rr.CameraLost("camera 'front' lost: unplugged")
+        return p
+    with pytest.raises(rr.CameraLost):
+        rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
+    assert hw.robot.stops == 1
+
+
+def test_overrun_budget_stops_the_robot():
+    cfg, clock, hw = rig()  # max_consecutive_overruns = 3
+    policy = FakePolicy(hold, clock=clock, compute_s=0.03)
+    rr.run_episode(policy, hw, cfg, "t", clock=clock, max_steps=10)  # 30 ms of 50: fine
+    policy.compute_s = 0.06  # slower than the 50 ms period
+    with pytest.raises(rr.OverrunBudget, match="3 consecutive overruns"):
+        rr.run_episode(policy, hw, cfg, "t", clock=clock)
+    assert hw.robot.stops == 2
+
+
+def test_real_ctrl_c_interrupts_the_loop_and_stops_the_robot():
+    """A real asynchronous KeyboardInterrupt (as from Ctrl-C) lands in the middle of the loop."""
+    cfg, _, hw = rig(clock=None)
+    clock = rr.MonotonicClock()
+    for cam in hw.cameras.values():
+        cam.clock = clock
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)  # 1 s episode
+    timer.cancel()
+    assert time.monotonic() - t0 < 0.9 and hw.robot.stops == 1 and hw.robot.servo_calls
+
+
+# -----------------------------------------------------------------------------
+# Command line with injected hardware
+
+
+def write_cfg(tmp_path, **overrides):
+    path = tmp_path / "robot.json"
+    path.write_text(json.dumps(config_dict(**overrides)))
+    return str(path)
+
+
+def test_main_dry_run_logs_every_step(tmp_path, capsys):
+    cfg_path = write_cfg(tmp_path)
+    _, clock, hw = rig()
+    policy = FakePolicy(lambda s, im, p: p + [0.01, 0, 0, 0], clock=clock, compute_s=0.005)
+    log = tmp_path / "steps.jsonl"
+    code = rr.main(["--config", cfg_path, "--dry-run", "--episodes", "2", "--log", str(log)],
+                   hardware=lambda cfg, mode: hw if mode == "read" else pytest.fail(mode),
+                   policy=policy, clock=clock)
+    assert code == 0
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(entries) == 40 and all(e["latency_ms"] == pytest.approx(5.0) for e in entries)
+    assert hw.robot.servo_calls == [] and policy.resets >= 2
+    assert "(dry run): steps 20" in capsys.readouterr().err
+
+
+def test_main_reports_stops_in_one_line(tmp_path, capsys):
+    cfg_path = write_cfg(tmp_path)
+    _, clock, hw = rig()
+    code = rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+                   policy=FakePolicy(failing_at(2, KeyboardInterrupt()), clock=clock))
+    assert code == 130 and hw.robot.stops == 1
+    hw.cameras["left"].age = 1.0
+    code = rr.main(["--config", cfg_path], hardware=hw, clock=clock, policy=FakePolicy(hold))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("stopped: stale frame from camera 'left'")
+
+
+def test_main_rejects_a_policy_that_does_not_match_the_config(tmp_path, capsys):
+    cfg_path = write_cfg(tmp_path)
+    _, clock, hw = rig()
+    assert rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+                   policy=FakePolicy(hold, views=("front", "wrist"))) == 1
+    assert "expected views ['front', 'wrist']" in capsys.readouterr().err
+    assert rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+                   policy=FakePolicy(hold, action_dim=7)) == 1
+    assert hw.robot.servo_calls == []
+
+
+# -----------------------------------------------------------------------------
+# Recording
+
+
+class TeleopRobot(FakeRobot):
+    """Moved by someone else: the pose follows a smooth path in (fake) time."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.t0 = clock, clock.now()
+
+    def tcp_pose(self):
+        t = self.clock.now() - self.t0
+        return np.array([0.1 * t, -0.5, 0.2 + 0.05 * t, 0.0, 3.14, 0.0])
+
+
+def test_record_with_and_without_actions_writes_a_dataset_amplify_loads(tmp_path):
+    need("cv2")  # the "lk" tracker of preprocess.py
+    import amplify
+
+    cfg = rr.parse_config(config_dict(**{"control.episode_s": 1.0}))  # 20 frames an episode
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    hw = rr.Hardware(TeleopRobot(clock), FakeGripper(), cams)
+    out = tmp_path / "robot_demos"
+    rr.record(hw, cfg, str(out), "push the block", episodes=2, tracker="lk", clock=clock,
+              kinesthetic=True)
+    assert hw.robot.teach_calls == [True, False] and hw.robot.servo_calls == []
+    ds = amplify.load_dataset(str(out))
+    assert ds.num_episodes == 2 and ds.tasks == ["push the block"] * 2
+    assert ds.meta["views"] == ["front", "left"]
+    images, proprio, actions = (np.asarray(ds.arrays[k]) for k in ("images", "proprio", "actions"))
+    assert images.shape == (40, 2, 32, 32, 3) and images.dtype == np.uint8
+    assert ds.arrays["tracks"].shape[:3] == (40, 2, 16)
+    assert proprio.shape == (40, 4) and actions.shape == (40, 4)
+    s, e = ds.episode_range(0)
+    np.testing.assert_allclose(actions[s:e - 1], proprio[s + 1:e], atol=1e-6)  # a_t = pose at t+1
+    np.testing.assert_allclose(actions[e - 1], proprio[e - 1], atol=1e-6)
+    assert proprio[1, 0] - proprio[0, 0] == pytest.approx(0.1 * 0.05, abs=1e-6)  # 20 Hz samples
+
+    # human demonstrations: cameras only, no robot at all
+    human = rr.Hardware(None, None, cams)
+    out = tmp_path / "human_demos"
+    rr.record(human, cfg, str(out), "push the block", episodes=1, with_actions=False,
+              tracker="lk", clock=clock)
+    ds = amplify.load_dataset(str(out))
+    assert ds.num_episodes == 1 and ds.arrays["images"].shape[0] == 20
+    assert "actions" not in ds.arrays or np.isnan(np.asarray(ds.arrays["actions"])).all()
+
+
+def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
+    cfg = rr.parse_config(config_dict())
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    hw = rr.Hardware(TeleopRobot(clock), FakeGripper(), cams)
+    written = {}
+
+    class FakePreprocess:
+        @staticmethod
+        def episodes_to_dataset(episodes, out, **kw):
+            written.update(episodes=list(episodes), out=out, **kw)
+            return {"episodes": len(written["episodes"])}
+    monkeypatch.setitem(sys.modules, "preprocess", FakePreprocess)
+
+    def wait_start(i):
+        if i == 2:
+            raise KeyboardInterrupt
+    summary = rr.record(hw, cfg, "out", "t", episodes=5, clock=clock, wait_start=wait_start)
+    assert summary == {"episodes": 2} and written["views"] == ["front", "left"]
+    assert written["fps"] == 20 and written["source"] == "real_robot"
+    ep = written["episodes"][0]
+    assert ep["images"].shape == (20, 2, 32, 32, 3) and ep["task"] == "t"
+
+
+# -----------------------------------------------------------------------------
+# Robotiq socket protocol against a local fake server (the real gripper cannot be tested here)
+
+
+def test_robotiq_gripper_protocol():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    received, state = [], {"POS": 0}
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            for line in conn.makefile("r"):
+                line = line.strip()
+                received.append(line)
+                if line.startswith("SET"):
+                    _, var, value = line.split()
+                    state[var] = int(value)
+                    conn.sendall(b"ack\n")
+                else:
+                    conn.sendall(f"{line.split()[1]} {state.get(line.split()[1], 0)}\n".encode())
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    g = rr.RobotiqGripper("127.0.0.1", server.getsockname()[1])
+    g.command(1.0)
+    g.command(1.0)  # unchanged: no second socket round trip
+    assert g.position() == 1.0
+    g.command(0.5)
+    assert g.position() == pytest.approx(128 / 255)
+    g.close()
+    server.close()
+    assert received[:4] == ["SET ACT 1", "SET SPE 255", "SET FOR 100", "SET GTO 1"]
+    assert received.count("SET POS 255") == 1 and "SET POS 128" in received
