@@ -1,0 +1,1000 @@
+"""preprocess.py: videos and robot demonstrations -> AMPLIFY datasets (SPEC sections 3 and 6).
+
+AMPLIFY's tokenizer and forward model learn from point tracks: for every frame, a 20x20 grid
+re-initialised on that frame and followed through the next T = 16 frames. This file turns three
+kinds of source into the dataset format that `amplify.py --data` reads:
+
+  python preprocess.py metaworld reach-v3,push-v3 --episodes 10 --out data/mw      # scripted experts
+  python preprocess.py libero libero_object/*.hdf5 --out data/libero_object        # demonstrations
+  python preprocess.py videos clips/*.mp4 --task "pick up the cup" --out data/human  # action-free
+  python preprocess.py bench-tracker                                               # tracker accuracy
+
+Notable features
+- Trackers: CoTracker3 (offline model, torch.hub or a local clone + checkpoint) when it loads,
+  else an offline pyramidal Lucas-Kanade tracker with a forward-backward check for visibility.
+  `--tracker auto` picks the first that works; the one used is recorded in meta.json.
+- Windows are tracked in batches: Lucas-Kanade moves the points of every open window across one
+  frame transition in a single call, CoTracker gets `--batch` windows per forward pass.
+- Time resampling: a source at another frame rate is tracked over the frames that span the same
+  time as T training steps, and the tracks are resampled to T steps with a cubic spline (the paper
+  did this for BridgeData: 5 Hz, 4 frames -> 16 steps).
+- Conventions pinned by tests: grid exact at t = 0, windows past the episode end repeat the last
+  frame (zero motion), (x, y) = (column, row) normalised with u = 2 * pixel / size - 1, where pixel
+  (row i, column j) has its centre at (j, i) (OpenCV's and CoTracker's convention).
+- Output through `amplify.write_dataset` (temporary name, then rename). Tracked episodes are kept
+  in `<out>.work/` until the dataset is written, so an interrupted run resumes where it stopped.
+
+Shapes: F frames, V views, H, W image size, T window length, S source frames a window spans,
+N = grid * grid points, A action dim, P proprio dim.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import amplify
+
+# -----------------------------------------------------------------------------
+# Conventions and small helpers
+
+TRAINING_FPS = 20.0  # LIBERO demonstrations are recorded at 20 Hz; other sources are resampled to it
+DataError = amplify.DataError
+
+
+def grid_pixels(height, width, grid=20):
+    """The uniform grid of SPEC section 3 in pixel coordinates (x, y): (N, 2) float32, row-major."""
+    uv = amplify.grid_points(grid)  # (N, 2) normalised (x, y)
+    return normalized_to_pixels(uv, height, width)
+
+
+def pixels_to_normalized(p, height, width):
+    """(..., 2) pixel (x, y) -> normalised: u = 2 * pixel / size - 1 (size = W for x, H for y)."""
+    size = np.array([width, height], np.float32)
+    return (2.0 * np.asarray(p, np.float32) / size - 1.0).astype(np.float32)
+
+
+def normalized_to_pixels(u, height, width):
+    size = np.array([width, height], np.float32)
+    return ((np.asarray(u, np.float32) + 1.0) * size / 2.0).astype(np.float32)
+
+
+def fit_square(frames, size):
+    """Centre-crop (F, H, W, 3) uint8 frames to a square and resize to size x size.
+
+    The paper trains on 128x128 images; cropping keeps the aspect ratio of what the policy sees.
+    """
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    h, w = frames.shape[1:3]
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(frames)
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = frames[:, top:top + side, left:left + side]
+    if side == size:
+        return np.ascontiguousarray(crop)
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), resample)) for f in crop])
+
+
+def task_from_name(name):
+    """Meta-World task name -> instruction: "door-open-v3" -> "door open"."""
+    return re.sub(r"-v\d+$", "", name).replace("-", " ").strip()
+
+
+def _stats(x):
+    x = x[np.isfinite(x).all(axis=1)]
+    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
+            "min": x.min(0).tolist(), "max": x.max(0).tolist()}
+
+
+# -----------------------------------------------------------------------------
+# Trackers: track(frames (F, H, W, 3) uint8, queries (N, 2) pixels, span S)
+#   -> tracks (F, S, N, 2) float32 pixels, vis (F, S, N) bool
+# Window s starts from the queries on frame s and covers frames s .. s+S-1; steps past the last
+# frame hold the last tracked position (the "last frame repeated" convention, exactly zero motion).
+
+
+def _hold_past_end(tracks, vis):
+    F, S = tracks.shape[:2]
+    for s in range(max(0, F - S + 1), F):
+        last = F - 1 - s  # step index of the episode's last frame in window s
+        tracks[s, last + 1:] = tracks[s, last]
+        vis[s, last + 1:] = vis[s, last]
+    return tracks, vis
+
+
+class LKTracker:
+    """Pyramidal Lucas-Kanade (OpenCV) with a forward-backward consistency check.
+
+    A step is trusted when LK converges both ways and tracking the result back lands within
+    `fb_threshold` pixels of where it started; visibility is the running AND of trusted steps
+    (once the chain breaks, later positions are guesses). A point LK loses (status 0: left the
+    image or no texture) stays where it was. Trade-off: textureless regions are reported
+    invisible even when they are in view, and fast motion (> ~window/2 px per frame at the coarsest
+    level) is lost; bench-tracker measures how much this costs.
+    """
+
+    name = "lk"
+
+    def __init__(self, win_size=15, levels=3, fb_threshold=1.0):
+        import cv2
+
+        self.cv2 = cv2
+        self.fb_threshold = fb_threshold
+        self.params = dict(winSize=(win_size, win_size), maxLevel=levels,
+                           criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01))
+
+    def _step(self, prev, nxt, p0):
+        """Move points p0 (M, 2) from image prev to nxt -> (p1 (M, 2), trusted (M,) bool)."""
+        cv2 = self.cv2
+        p0 = np.ascontiguousarray(p0, np.float32).reshape(-1, 1, 2)
+        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, nxt, p0, None, **self.params)
+        p0b, st2, _ = cv2.calcOpticalFlowPyrLK(nxt, prev, p1, None, **self.params)
+        p0, p1, p0b = p0[:, 0], p1[:, 0], p0b[:, 0]
+        found = st1[:, 0] == 1
+        fb = np.linalg.norm(p0b - p0, axis=1)
+        h, w = prev.shape
+        inside = (p1[:, 0] >= 0) & (p1[:, 0] <= w - 1) & (p1[:, 1] >= 0) & (p1[:, 1] <= h - 1)
+        trusted = found & (st2[:, 0] == 1) & (fb < self.fb_threshold) & inside
+        p1 = np.where(found[:, None], p1, p0)
+        p1 = np.clip(p1, 0, [w - 1, h - 1])
+        return p1, trusted
+
+    def track(self, frames, queries, span):
+        cv2 = self.cv2
+        F, N = len(frames), len(queries)
+        gray = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
+        tracks = np.zeros((F, span, N, 2), np.float32)
+        vis = np.ones((F, span, N), bool)
+        tracks[:, 0] = queries
+        for t in range(F - 1):  # transition t -> t+1, all open windows in one batch
+            starts = np.arange(max(0, t - span + 2), t + 1)  # windows that have frame t and t+1
+            k = t - starts  # step of frame t inside each window
+            p1, ok = self._step(gray[t], gray[t + 1], tracks[starts, k].reshape(-1, 2))
+            tracks[starts, k + 1] = p1.reshape(len(starts), N, 2)
+            vis[starts, k + 1] = vis[starts, k] & ok.reshape(len(starts), N)
+        return _hold_past_end(tracks, vis)
+
+
+class CoTrackerTracker:
+    """CoTracker3 offline (Karaev et al. 2024) through torch.hub, a local clone, or a checkpoint.
+
+    repo: None -> github "facebookresearch/co-tracker" (downloads code and weights on first use);
+    a directory -> a local clone. checkpoint: a local weights file (e.g. scaled_offline.pth) used
+    instead of the download.
+    """
+
+    name = "cotracker3_offline"
+
+    def __init__(self, repo=None, checkpoint=None, device=None, batch=8):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch = batch
+        if checkpoint is not None and not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"CoTracker checkpoint not found: {checkpoint}")
+        source = "local" if repo else "github"
+        model = torch.hub.load(repo or "facebookresearch/co-tracker", "cotracker3_offline",
+                               source=source, pretrained=checkpoint is None, verbose=False)
+        if checkpoint is not None:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.model.load_state_dict(state.get("model", state))
+        self.model = model.to(self.device).eval()
+
+    def track(self, frames, queries, span):
+        torch = self.torch
+        F, N = len(frames), len(queries)
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+        q = torch.cat([torch.zeros(N, 1), torch.from_numpy(queries).float()], 1)  # (N, 3): (t, x, y)
+        tracks = np.zeros((F, span, N, 2), np.float32)
+        vis = np.ones((F, span, N), bool)
+        for b0 in range(0, F, self.batch):
+            starts = np.arange(b0, min(F, b0 + self.batch))
+            idx = np.minimum(starts[:, None] + np.arange(span), F - 1)  # (B, S) last frame repeated
+            clip = video[torch.from_numpy(idx)].to(self.device)  # (B, S, 3, H, W)
+            with torch.no_grad():
+                tr, vi = self.model(clip, queries=q[None].expand(len(starts), N, 3).to(self.device))
+            tracks[starts] = tr.float().cpu().numpy()
+            vis[starts] = vi.reshape(len(starts), span, N).bool().cpu().numpy()
+        tracks[:, 0] = queries  # the query point is where the window starts, exactly
+        return _hold_past_end(tracks, vis)
+
+
+def load_tracker(name="auto", *, cotracker_repo=None, cotracker_checkpoint=None, device=None,
+                 batch=8, log=None):
+    """"lk" | "cotracker" | "auto" (CoTracker when it loads, else lk) -> tracker object."""
+    if name not in ("auto", "lk", "cotracker"):
+        raise DataError(f"--tracker: expected auto, cotracker or lk, found {name!r}")
+    if name == "lk":
+        return LKTracker()
+    try:
+        return CoTrackerTracker(cotracker_repo, cotracker_checkpoint, device, batch)
+    except Exception as e:  # no network, no weights, missing dependency: all mean "not here"
+        if name == "cotracker":
+            raise DataError(f"--tracker cotracker: could not load CoTracker "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+        (log or print)(f"CoTracker unavailable ({type(e).__name__}); using the offline lk tracker")
+        return LKTracker()
+
+
+# -----------------------------------------------------------------------------
+# Windows: track one view of one episode, resample to T steps
+
+
+def source_span(T, fps, source_fps):
+    """Number of source frames that cover the time of T steps at `fps`."""
+    return int(np.ceil((T - 1) * source_fps / fps - 1e-6)) + 1
+
+
+def resample_windows(tracks, vis, T, step):
+    """Cubic-spline resampling of windows in time.
+
+    tracks (F, S, N, 2), vis (F, S, N), where step k of the output sits at source step k * step.
+    Returns (F, T, N, 2), (F, T, N). Windows that run past the episode end are fitted on their
+    real frames only, then held, so the padding stays exactly still.
+    """
+    from scipy.interpolate import CubicSpline
+
+    F, S = tracks.shape[:2]
+    tau = np.arange(T) * step  # (T,) in source steps
+    out = np.empty((F, T) + tracks.shape[2:], np.float32)
+    out_vis = np.empty((F, T) + vis.shape[2:], bool)
+    for s in range(F):
+        real = min(S, F - s)  # real frames in this window
+        t = np.minimum(tau, real - 1)
+        if real == 1:
+            out[s] = tracks[s, 0]
+        else:
+            out[s] = CubicSpline(np.arange(real), tracks[s, :real], axis=0)(t)
+        out_vis[s] = vis[s, np.floor(t).astype(int)] & vis[s, np.ceil(t).astype(int)]
+    return out, out_vis
+
+
+def track_episode(images, tracker, *, T=16, grid=20, fps=TRAINING_FPS, source_fps=None):
+    """images uint8 (F, V, H, W, 3) upright -> tracks (F, V, T, N, 2) normalised, vis (F, V, T, N)."""
+    F, V, H, W = images.shape[:4]
+    source_fps = source_fps or fps
+    span = source_span(T, fps, source_fps)
+    queries = grid_pixels(H, W, grid)
+    tracks = np.empty((F, V, T, grid * grid, 2), np.float32)
+    vis = np.empty((F, V, T, grid * grid), bool)
+    for v in range(V):
+        tr, vi = tracker.track(images[:, v], queries, span)  # (F, S, N, 2) pixels
+        if span != T:
+            tr, vi = resample_windows(tr, vi, T, source_fps / fps)
+        tracks[:, v] = pixels_to_normalized(tr, H, W)
+        vis[:, v] = vi
+    tracks[:, :, 0] = amplify.grid_points(grid)  # exact, whatever float error the tracker had
+    return tracks, vis
+
+
+# -----------------------------------------------------------------------------
+# Episodes -> dataset (resumable)
+
+
+def _check_episode(i, ep, views, shape):
+    images = ep.get("images")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 5:
+        raise DataError(f"episode {i}: images: expected uint8 (F, V, H, W, 3), found "
+                        f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}")
+    F, V, H, W, C = images.shape
+    if V != len(views) or C != 3 or F < 1:
+        raise DataError(f"episode {i}: images: expected (F>=1, {len(views)}, H, W, 3) for views "
+                        f"{list(views)}, found {images.shape}")
+    if shape is not None and (H, W) != shape:
+        raise DataError(f"episode {i}: images: expected size {shape} like episode 0, found {(H, W)}")
+    if not isinstance(ep.get("task"), str) or not ep["task"].strip():
+        raise DataError(f"episode {i}: task: expected a non-empty string, found {ep.get('task')!r}")
+    for key in ("actions", "proprio"):
+        x = ep.get(key)
+        if x is None:
+            continue
+        x = np.asarray(x)
+        if x.ndim != 2 or len(x) != F:
+            raise DataError(f"episode {i}: {key}: expected ({F}, dim), found {x.shape}")
+        if not np.isfinite(x).all():
+            raise DataError(f"episode {i}: {key}: expected finite values, found NaN or inf")
+
+
+def _episode_key(ep):
+    h = hashlib.sha1()
+    for key in ("images", "actions", "proprio"):
+        if ep.get(key) is not None:
+            h.update(key.encode() + np.ascontiguousarray(ep[key]).tobytes())
+    h.update(ep["task"].encode())
+    return h.hexdigest()
+
+
+def _atomic_savez(path, **arrays):
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=16, grid=20,
+                        progress=True, source_fps=None, track_dtype="float32", extra_meta=None,
+                        log=None):
+    """Track every window of every episode and write the dataset with amplify.write_dataset.
+
+    episodes: iterable of dicts with `images` uint8 (F, V, H, W, 3) upright, `task` str, optional
+    `actions` float32 (F, A) and `proprio` float32 (F, P). fps: the rate of the T track steps (and
+    of actions); source_fps: the rate of the frame axis when it differs (videos), see
+    resample_windows. tracker: "auto" | "lk" | "cotracker" or a tracker object.
+    Returns a summary dict (episodes, frames, moving_fraction, visible_fraction, tracker, seconds).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.time()
+    out = Path(out)
+    if track_dtype not in ("float32", "float16"):
+        raise DataError(f"track_dtype: expected float32 or float16, found {track_dtype!r}")
+    if isinstance(tracker, str):
+        tracker = load_tracker(tracker, log=log)
+    views = list(views)
+    config = {"views": views, "fps": fps, "source_fps": source_fps or fps, "T": T, "grid": grid,
+              "tracker": tracker.name, "track_dtype": track_dtype, "source": source}
+    work = out.with_name(out.name + ".work")
+    created = not work.exists()
+    if not created:
+        old = json.loads((work / "config.json").read_text()) if (work / "config.json").exists() else None
+        if old != config:
+            log(f"{work}: left by a run with other settings; starting afresh")
+            shutil.rmtree(work)
+            created = True
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(config))
+
+    try:
+        names, shape, resumed = [], None, 0
+        bar = _progress(episodes, progress)
+        for i, ep in enumerate(bar):
+            _check_episode(i, ep, views, shape)
+            shape = ep["images"].shape[2:4]
+            key = _episode_key(ep)
+            path = work / f"ep_{i:06d}.npz"
+            if path.exists():
+                with np.load(path, allow_pickle=False) as z:
+                    if str(z["key"]) == key:
+                        names.append(path)
+                        resumed += 1
+                        continue
+            tracks, vis = track_episode(ep["images"], tracker, T=T, grid=grid, fps=fps,
+                                        source_fps=source_fps)
+            arrays = {"images": ep["images"], "tracks": tracks.astype(track_dtype), "vis": vis,
+                      "task": np.array(ep["task"]), "key": np.array(key)}
+            for k in ("actions", "proprio"):
+                if ep.get(k) is not None:
+                    arrays[k] = np.asarray(ep[k], np.float32)
+            _atomic_savez(path, **arrays)
+            names.append(path)
+        if not names:
+            raise DataError("no episodes to write (expected at least one, found 0)")
+        if resumed:
+            log(f"resumed: {resumed} of {len(names)} episodes were already tracked in {work}")
+        summary = _assemble(names, out, work, views, T, grid, fps, source_fps, source,
+                            tracker.name, extra_meta)
+    except DataError:
+        if created:  # bad input: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        log(f"interrupted: tracked episodes are kept in {work}; run the same command again to resume")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary
+
+
+def _progress(it, enabled):
+    if not enabled:
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, desc="episodes", unit="ep", file=sys.stderr)
+
+
+def _assemble(names, out, work, views, T, grid, fps, source_fps, source, tracker_name, extra_meta):
+    """Concatenate the per-episode files into memory-mapped arrays and write the dataset."""
+    lengths, tasks, count, dims = [], [], {"actions": 0, "proprio": 0}, {}
+    for p in names:
+        with np.load(p, allow_pickle=False) as z:
+            lengths.append(len(z["vis"]))
+            tasks.append(str(z["task"]))
+            first, track_dtype = z["images"].shape, z["tracks"].dtype
+            for k in count:
+                if k in z.files:
+                    count[k] += 1
+                    if dims.setdefault(k, z[k].shape[1]) != z[k].shape[1]:
+                        raise DataError(f"episode {len(lengths) - 1}: {k}: expected dim {dims[k]} "
+                                        f"like the other episodes, found {z[k].shape[1]}")
+    # Actions may be missing in some episodes (NaN rows, SPEC 6); proprio must be all or nothing.
+    if 0 < count["proprio"] < len(names):
+        raise DataError(f"proprio: expected in every episode or none, found in "
+                        f"{count['proprio']} of {len(names)}")
+    has = {k: c > 0 for k, c in count.items()}
+    F, (V, H, W) = int(sum(lengths)), first[1:4]
+    from numpy.lib.format import open_memmap
+
+    arrays = {
+        "images": open_memmap(work / "all_images.npy", "w+", np.uint8, (F, V, H, W, 3)),
+        "tracks": open_memmap(work / "all_tracks.npy", "w+", track_dtype, (F, V, T, grid * grid, 2)),
+        "vis": open_memmap(work / "all_vis.npy", "w+", bool, (F, V, T, grid * grid)),
+    }
+    for k in has:
+        if has[k]:
+            arrays[k] = open_memmap(work / f"all_{k}.npy", "w+", np.float32, (F, dims[k]))
+            arrays[k][:] = np.nan
+    start, moving, visible = 0, 0, 0
+    for p, n in zip(names, lengths):
+        with np.load(p, allow_pickle=False) as z:
+            for k in arrays:
+                if k in z.files:
+                    arrays[k][start:start + n] = z[k]
+            disp = (z["tracks"].astype(np.float32) - z["tracks"][:, :, :1]) * np.array([W, H]) / 2
+            moving += int((np.linalg.norm(disp, axis=-1).max(axis=2) > 1.0).sum())  # > 1 px in window
+            visible += int(z["vis"].sum())
+        start += n
+    arrays["episode_ends"] = np.cumsum(lengths).astype(np.int64)
+    arrays["tasks"] = np.array(tasks)
+    meta = {"views": views, "img_size": [int(H), int(W)], "T": T, "grid": grid, "fps": float(fps),
+            "source_fps": float(source_fps or fps), "source": source, "tracker": tracker_name,
+            "coordinates": "normalized (x, y), u = 2 * pixel / size - 1, pixel centres at integers"}
+    for k in has:
+        if has[k]:
+            meta[f"{k[:-1] if k == 'actions' else k}_stats"] = _stats(np.asarray(arrays[k]))
+    meta.update(extra_meta or {})
+    for a in arrays.values():
+        if isinstance(a, np.memmap):
+            a.flush()
+    amplify.write_dataset(str(out), arrays, meta)
+    return {"episodes": len(names), "frames": F, "views": V,
+            "moving_fraction": round(moving / (F * V * grid * grid), 4),
+            "visible_fraction": round(visible / (F * V * T * grid * grid), 4),
+            "tracker": tracker_name, "out": str(out)}
+
+
+# -----------------------------------------------------------------------------
+# Source: LIBERO demonstrations (hdf5) and observations
+
+LIBERO_VIEWS = ["agentview", "eye_in_hand"]
+LIBERO_KEYS = {  # key under data/demo_<i>/ -> expected trailing shape
+    "actions": (7,), "obs/agentview_rgb": None, "obs/eye_in_hand_rgb": None,
+    "obs/joint_states": (7,), "obs/gripper_states": (2,)}
+
+
+def upright_libero(images):
+    """LIBERO renders (and stores) images upside down: flip the H axis of (..., H, W, 3)."""
+    return np.ascontiguousarray(np.asarray(images)[..., ::-1, :, :])
+
+
+def libero_observation(obs):
+    """A LIBERO env observation -> (images uint8 (2, H, W, 3) upright, proprio float32 (9,)).
+
+    Same layout as the demonstrations: views agentview, eye_in_hand; joints (7) + gripper (2).
+    """
+    keys = ["agentview_image", "robot0_eye_in_hand_image", "robot0_joint_pos", "robot0_gripper_qpos"]
+    missing = [k for k in keys if k not in obs]
+    if missing:
+        raise DataError(f"LIBERO observation: expected keys {keys}, missing {missing}")
+    images = np.stack([upright_libero(obs[keys[0]]), upright_libero(obs[keys[1]])]).astype(np.uint8)
+    proprio = np.concatenate([np.asarray(obs[keys[2]], np.float32).reshape(-1),
+                              np.asarray(obs[keys[3]], np.float32).reshape(-1)])
+    if proprio.shape != (9,):
+        raise DataError(f"LIBERO observation: proprio expected 7 joints + 2 gripper = (9,), "
+                        f"found {proprio.shape}")
+    return images, proprio
+
+
+def _libero_demos(f, path):
+    if "data" not in f:
+        raise DataError(f"{path}: expected group 'data' (LIBERO layout), found keys {sorted(f.keys())}")
+    demos = [k for k in f["data"].keys() if re.fullmatch(r"demo_\d+", k)]
+    if not demos:
+        raise DataError(f"{path}: expected data/demo_<i> groups, found {sorted(f['data'].keys())[:5]}")
+    return sorted(demos, key=lambda k: int(k.split("_")[1]))
+
+
+def check_libero(path):
+    """Validate a LIBERO hdf5 file without reading its images -> (instruction, number of demos)."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open as hdf5 ({e})") from None
+    with f:
+        try:
+            task = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
+        except (KeyError, ValueError, TypeError):
+            raise DataError(f"{path}: expected attribute data.problem_info (JSON with "
+                            f"'language_instruction'), not found") from None
+        demos = _libero_demos(f, path)
+        for d in demos:
+            g, F = f["data"][d], None
+            for key, tail in LIBERO_KEYS.items():
+                if key not in g:
+                    raise DataError(f"{path}: data/{d}/{key}: expected, missing")
+                shape = g[key].shape
+                F = shape[0] if F is None else F
+                want = tail if tail is not None else (shape[1], shape[2], 3) if len(shape) == 4 else ("H", "W", 3)
+                if shape[0] != F or tuple(shape[1:]) != tuple(want) or shape[0] < 1:
+                    raise DataError(f"{path}: data/{d}/{key}: expected shape ({F}, "
+                                    f"{', '.join(map(str, want))}), found {shape}")
+    return " ".join(str(task).split()), len(demos)
+
+
+def read_libero(path, img_size=None):
+    """Yield the episodes of one LIBERO hdf5 file (call check_libero first for clear errors)."""
+    import h5py
+
+    task, _ = check_libero(path)
+    with h5py.File(path, "r") as f:
+        for d in _libero_demos(f, path):
+            g = f["data"][d]
+            views = [upright_libero(g[f"obs/{v}_rgb"][()]) for v in LIBERO_VIEWS]  # (F, H, W, 3) each
+            if img_size:
+                views = [fit_square(v, img_size) for v in views]
+            yield {"images": np.stack(views, axis=1).astype(np.uint8),  # (F, V, H, W, 3)
+                   "actions": g["actions"][()].astype(np.float32),
+                   "proprio": np.concatenate([g["obs/joint_states"][()], g["obs/gripper_states"][()]],
+                                             axis=1).astype(np.float32),
+                   "task": task}
+
+
+# -----------------------------------------------------------------------------
+# Source: action-free video (files, or folders of frames)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _natural_key(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _rgb(frames):
+    frames = np.asarray(frames)
+    if frames.ndim == 3:  # grayscale
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    return np.ascontiguousarray(frames[..., :3]).astype(np.uint8)
+
+
+def read_video(path):
+    """A video file or a folder of frames -> (frames uint8 (F, H, W, 3), fps or None)."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
+                       key=lambda p: _natural_key(p.name))
+        if not files:
+            raise DataError(f"{path}: expected image files {IMAGE_EXTENSIONS}, found none")
+        frames = []
+        for p in files:
+            try:
+                frames.append(_rgb(iio.imread(p)))
+            except Exception as e:
+                raise DataError(f"{p}: cannot read image ({type(e).__name__})") from None
+            if frames[-1].shape != frames[0].shape:
+                raise DataError(f"{p}: expected size {frames[0].shape} like {files[0].name}, "
+                                f"found {frames[-1].shape}")
+        return np.stack(frames), None
+    if not path.is_file():
+        raise DataError(f"{path}: expected a video file or a folder of frames, found nothing")
+    try:
+        fps = iio.immeta(path, plugin="FFMPEG").get("fps")
+        frames = _rgb(iio.imread(path, plugin="FFMPEG", index=None))
+    except Exception as e:
+        raise DataError(f"{path}: cannot read video ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if frames.ndim != 4 or len(frames) < 1:
+        raise DataError(f"{path}: expected frames (F, H, W, 3), found {frames.shape}")
+    return frames, (float(fps) if fps else None)
+
+
+# -----------------------------------------------------------------------------
+# Source: Meta-World scripted experts
+
+DEFAULT_CAMERAS = ("corner", "gripperPOV")
+# The corner cameras are mounted with their up axis pointing down: a 180-degree rotation makes the
+# view upright (a vertical flip alone would leave a mirror image).
+UPSIDE_DOWN_CAMERAS = ("corner", "corner2", "corner3", "corner4")
+
+
+def _import_metaworld():
+    # Headless rendering: MUJOCO_GL must be set before mujoco is first imported (egl, or osmesa).
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import metaworld
+    import metaworld.policies
+    import mujoco
+
+    return metaworld, mujoco
+
+
+def metaworld_task_name(task):
+    """"door-open" or "door-open-v3" -> "door-open-v3"; unknown names raise DataError."""
+    metaworld, _ = _import_metaworld()
+
+    known = sorted(metaworld.policies.ENV_POLICY_MAP)
+    name = task.strip() if re.search(r"-v\d+$", task.strip()) else task.strip() + "-v3"
+    if name not in known:
+        raise DataError(f"Meta-World task: expected one of {', '.join(known[:6])}, ... "
+                        f"({len(known)} tasks), found {task!r}")
+    return name
+
+
+class MetaWorldEnv:
+    """One Meta-World task with rendered, upright camera images and the scripted expert.
+
+    obs = {"images": uint8 (V, H, W, 3), "proprio": float32 (4,)}; proprio is obs[:4] of the
+    state vector: hand position (xyz) and gripper opening, the robot's own state (the rest of the
+    vector describes objects and the goal, which a camera-based policy should not be handed).
+    Default cameras: "corner" (third-person, close to the table, turned upright) and "gripperPOV"
+    (wrist view): the same pairing as LIBERO's agentview + eye_in_hand.
+    """
+
+    def __init__(self, task, seed=0, cameras=DEFAULT_CAMERAS, img_size=128):
+        metaworld, mujoco = _import_metaworld()
+        self.name = metaworld_task_name(task)
+        self.task_text = task_from_name(self.name)
+        self.seed = seed
+        self.cameras = list(cameras)
+        self.views = self.cameras
+        h, w = (img_size, img_size) if np.isscalar(img_size) else tuple(img_size)
+        self._benchmark = metaworld.MT1(self.name, seed=seed)
+        self.env = self._benchmark.train_classes[self.name]()
+        self.env.set_task(self._benchmark.train_tasks[0])
+        known = [self.env.model.camera(i).name for i in range(self.env.model.ncam)]
+        bad = [c for c in self.cameras if c not in known]
+        if bad:
+            raise DataError(f"Meta-World cameras: expected names from {known}, found {bad}")
+        self.policy = metaworld.policies.ENV_POLICY_MAP[self.name]()
+        self.env.model.vis.quality.offsamples = 0  # no multisampling: ~7 ms a frame on CPU
+        self.renderer = mujoco.Renderer(self.env.model, h, w)
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self.action_dim = int(self.env.action_space.shape[0])
+        self.max_steps = int(self.env.max_path_length)
+        self.fps = 1.0 / float(self.env.dt)
+        self._state, self._steps = None, 0
+
+    def _obs(self):
+        images = []
+        for cam in self.cameras:
+            self.renderer.update_scene(self.env.data, camera=cam)
+            img = self.renderer.render()
+            images.append(np.rot90(img, 2) if cam in UPSIDE_DOWN_CAMERAS else img)
+        return {"images": np.ascontiguousarray(np.stack(images)).astype(np.uint8),
+                "proprio": np.asarray(self._state[:4], np.float32)}
+
+    def reset(self, i=0):
+        """Episode i: goal variation i of the benchmark's 50, environment seed seed * 10007 + i."""
+        tasks = self._benchmark.train_tasks
+        self.env.set_task(tasks[i % len(tasks)])
+        self._state, _ = self.env.reset(seed=self.seed * 10007 + i)
+        self._steps = 0
+        return self._obs()
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, np.float32), -1.0, 1.0)
+        self._state, _, terminated, truncated, info = self.env.step(action)
+        self._steps += 1
+        done = bool(terminated or truncated or self._steps >= self.max_steps)
+        return self._obs(), bool(info.get("success", False)), done
+
+    def expert_action(self):
+        with warnings.catch_warnings():  # the experts warn that their gains saturate; harmless
+            warnings.simplefilter("ignore")
+            return np.clip(self.policy.get_action(self._state), -1.0, 1.0).astype(np.float32)
+
+    def close(self):
+        if getattr(self, "renderer", None) is not None:
+            self.renderer.close()
+            self.renderer = None
+        if getattr(self, "env", None) is not None:
+            self.env.close()
+            self.env = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def metaworld_episodes(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128, seed=0,
+                       max_attempts=None, record=None):
+    """Yield `episodes` successful scripted-expert episodes per task (failures are dropped).
+
+    Frame t holds the observation before action t; the episode stops at the first success.
+    `record` (a dict) receives per-task attempts and successes, for the success rate.
+    """
+    record = record if record is not None else {}
+    for task in tasks:
+        with MetaWorldEnv(task, seed=seed, cameras=cameras, img_size=img_size) as env:
+            stat = record.setdefault(env.name, {"attempts": 0, "successes": 0})
+            kept = 0
+            while kept < episodes and stat["attempts"] < (max_attempts or 3 * episodes):
+                obs = env.reset(stat["attempts"])
+                stat["attempts"] += 1
+                images, proprio, actions, success = [], [], [], False
+                for _ in range(env.max_steps):
+                    a = env.expert_action()
+                    images.append(obs["images"])
+                    proprio.append(obs["proprio"])
+                    actions.append(a)
+                    obs, success, done = env.step(a)
+                    if success or done:
+                        break
+                if success:
+                    stat["successes"] += 1
+                    kept += 1
+                    yield {"images": np.stack(images), "proprio": np.stack(proprio),
+                           "actions": np.stack(actions), "task": env.task_text}
+
+
+# -----------------------------------------------------------------------------
+# Tracker benchmark: frames with known motion
+
+
+def _texture(size, rng):
+    """A smooth random RGB texture with detail at several scales (uint8 (size, size, 3))."""
+    from PIL import Image
+
+    tex = np.zeros((size, size, 3), np.float32)
+    for cells, weight in ((4, 1.0), (16, 0.6), (64, 0.4), (size // 2, 0.3)):
+        noise = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
+        tex += weight * np.asarray(Image.fromarray(noise).resize((size, size), Image.Resampling.BICUBIC),
+                                   np.float32)
+    tex -= tex.min()
+    return (255 * tex / tex.max()).astype(np.uint8)
+
+
+def synthetic_motion(size=128, frames=32, speed=1.0, seed=0):
+    """Frames of a texture moved by a known affine motion, and where any point goes.
+
+    The camera window drifts, rotates and zooms over a larger texture: frame t shows texture point
+    q = M_t(p) at pixel p, with M_t = c + o + d_t + s_t R_t (p - c). Returns
+    (frames uint8 (F, size, size, 3), to_texture(t, p), to_frame(t, q)) for ground truth.
+    speed: the largest pixel motion per frame is about `speed`.
+    """
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    tex = _texture(3 * size, rng)
+    c = np.array([size / 2, size / 2])
+    o = np.array([size, size], np.float64)  # the window starts in the texture's centre
+    direction = rng.normal(size=2)
+    v = speed * 0.7 * direction / np.linalg.norm(direction)  # px per frame of drift
+    omega = speed * 0.3 / (size / 2) * rng.choice([-1, 1])  # rad per frame: ~0.3*speed px at the rim
+    zoom = speed * 0.2 / (size / 2) * rng.choice([-1, 1])  # relative scale change per frame
+
+    def affine(t):
+        a, s = omega * t, 1.0 + zoom * t
+        A = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        return A, c + o + v * t - A @ c  # q = A p + b
+
+    def to_texture(t, p):
+        A, b = affine(t)
+        return p @ A.T + b
+
+    def to_frame(t, q):
+        A, b = affine(t)
+        return (q - b) @ np.linalg.inv(A).T
+
+    out = []
+    for t in range(frames):
+        A, b = affine(t)
+        M = np.hstack([A, b[:, None]]).astype(np.float64)
+        out.append(cv2.warpAffine(tex, M, (size, size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                                  borderMode=cv2.BORDER_REFLECT))
+    return np.stack(out), to_texture, to_frame
+
+
+def bench_tracker(tracker, *, size=128, frames=32, sequences=3, speeds=(0.5, 2.0, 4.0), T=16, grid=20,
+                  seed=0):
+    """Track synthetic sequences; pixel errors at steps 1..T-1 of points that stay in view."""
+    rows = []
+    queries = grid_pixels(size, size, grid)
+    for speed in speeds:
+        errors, vis_in, elapsed = [], [], 0.0
+        for k in range(sequences):
+            video, to_texture, to_frame = synthetic_motion(size, frames, speed, seed=seed + k)
+            t0 = time.time()
+            tracks, vis = tracker.track(video, queries, T)  # (F, T, N, 2)
+            elapsed += time.time() - t0
+            for s in range(frames):
+                q = to_texture(s, queries.astype(np.float64))
+                steps = np.minimum(s + np.arange(T), frames - 1)
+                gt = np.stack([to_frame(t, q) for t in steps])  # (T, N, 2)
+                inside = ((gt >= 0) & (gt <= size - 1)).all(-1).all(0)  # in view the whole window
+                err = np.linalg.norm(tracks[s][1:, inside] - gt[1:, inside], axis=-1)
+                errors.append(err.ravel())
+                vis_in.append(vis[s][1:, inside].ravel())
+        e = np.concatenate(errors)
+        rows.append({"speed": speed, "median_px": float(np.median(e)),
+                     "p90_px": float(np.percentile(e, 90)),
+                     "visible": float(np.concatenate(vis_in).mean()),
+                     "frames_per_s": sequences * frames / elapsed})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def _summary_line(summary):
+    return ", ".join(f"{k} {v}" for k, v in summary.items())
+
+
+def _common(p):
+    p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
+    p.add_argument("--tracker", default="auto", choices=["auto", "cotracker", "lk"],
+                   help="auto: CoTracker when it loads, else lk (OpenCV Lucas-Kanade)")
+    p.add_argument("--cotracker-repo", default=None,
+                   help="local clone of facebookresearch/co-tracker (default: fetch through torch.hub)")
+    p.add_argument("--cotracker-checkpoint", default=None,
+                   help="local CoTracker3 offline weights, e.g. scaled_offline.pth (default: download)")
+    p.add_argument("--device", default=None, help="torch device for CoTracker (default: cuda if available)")
+    p.add_argument("--batch", type=int, default=8, help="windows per CoTracker forward pass")
+    p.add_argument("--T", type=int, default=16, help="track window length in steps (paper: 16)")
+    p.add_argument("--grid", type=int, default=20, help="grid side; N = grid * grid points (paper: 20)")
+    p.add_argument("--track-dtype", default="float32", choices=["float32", "float16"],
+                   help="float16 halves the size of the tracks; error < 0.05 px at 128 px")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Videos and demonstrations -> AMPLIFY datasets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("libero", help="LIBERO demonstration files (hdf5)")
+    p.add_argument("files", nargs="+", help="LIBERO hdf5 files; each file's instruction is its task")
+    p.add_argument("--img-size", type=int, default=None, help="resize (default: keep, 128 in LIBERO)")
+    _common(p)
+
+    p = sub.add_parser("videos", help="action-free videos: files or folders of frames, one episode each")
+    p.add_argument("paths", nargs="+", help="video files (mp4, avi, ...) or folders of image frames")
+    p.add_argument("--task", required=True, help="task description of every video")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frame rate of the sources (default: from the file; folders: --target-fps)")
+    p.add_argument("--target-fps", type=float, default=TRAINING_FPS,
+                   help="rate of the T track steps, i.e. of the training data (LIBERO: 20)")
+    p.add_argument("--img-size", type=int, default=128, help="centre-crop to a square and resize")
+    p.add_argument("--view", default="camera", help="name of the (single) view in meta.json")
+    _common(p)
+
+    p = sub.add_parser("metaworld", help="Meta-World scripted-expert demonstrations")
+    p.add_argument("tasks", help="comma-separated task names, e.g. reach-v3,push-v3")
+    p.add_argument("--episodes", type=int, default=10, help="successful episodes to keep per task")
+    p.add_argument("--max-attempts", type=int, default=None, help="rollouts per task (default: 3 * episodes)")
+    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS),
+                   help="comma-separated camera names (corner..corner4, topview, behindGripper, gripperPOV)")
+    p.add_argument("--img-size", type=int, default=128, help="rendered image size")
+    p.add_argument("--seed", type=int, default=0, help="benchmark seed (goal variations, resets)")
+    _common(p)
+
+    p = sub.add_parser("bench-tracker", help="tracker accuracy on frames with known motion")
+    p.add_argument("--tracker", default="lk", choices=["auto", "cotracker", "lk"])
+    p.add_argument("--cotracker-repo", default=None, help="as for the other subcommands")
+    p.add_argument("--cotracker-checkpoint", default=None, help="as for the other subcommands")
+    p.add_argument("--device", default=None, help="torch device for CoTracker")
+    p.add_argument("--batch", type=int, default=8, help="windows per CoTracker forward pass")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels")
+    p.add_argument("--frames", type=int, default=32, help="frames per sequence")
+    p.add_argument("--sequences", type=int, default=3, help="sequences per speed")
+    p.add_argument("--speeds", default="0.5,2,4", help="comma-separated max motion, px per frame")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    # args error checking
+    for name in ("batch", "T", "grid", "episodes", "img_size", "size", "frames", "sequences"):
+        value = getattr(args, name, None)
+        if value is not None and value < (2 if name in ("T", "grid") else 1):
+            raise DataError(f"--{name.replace('_', '-')}: expected a positive number"
+                            f"{' >= 2' if name in ('T', 'grid') else ''}, found {value}")
+    tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
+                           cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
+                           batch=args.batch, log=log)
+
+    if args.command == "bench-tracker":
+        speeds = [float(s) for s in args.speeds.split(",")]
+        rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,
+                             speeds=speeds, seed=args.seed)
+        print(f"tracker {tracker.name}: {args.size}x{args.size} px, T=16, grid 20x20, "
+              f"{args.sequences} sequences x {args.frames} frames per speed (drift + rotation + zoom)")
+        print("| max motion (px/frame) | median error (px) | 90th pct error (px) | visible | frames/s |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['speed']:g} | {r['median_px']:.3f} | {r['p90_px']:.3f} | {r['visible']:.3f} "
+                  f"| {r['frames_per_s']:.1f} |")
+        return 0
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
+        raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    common = dict(tracker=tracker, T=args.T, grid=args.grid, progress=not args.no_progress,
+                  track_dtype=args.track_dtype, log=log)
+
+    if args.command == "libero":
+        tasks = [check_libero(f) for f in args.files]  # every file validated before any tracking
+        episodes = (ep for f in args.files for ep in read_libero(f, args.img_size))
+        summary = episodes_to_dataset(episodes, out, views=LIBERO_VIEWS, fps=TRAINING_FPS,
+                                      source="libero: " + ", ".join(Path(f).name for f in args.files),
+                                      extra_meta={"proprio": "joint positions (7) + gripper (2)",
+                                                  "actions": "delta end-effector pose (6) + gripper (1)"},
+                                      **common)
+        summary["demos"] = sum(n for _, n in tasks)
+
+    elif args.command == "videos":
+        for p in args.paths:  # unreadable or missing sources fail before any tracking
+            if not Path(p).exists():
+                raise DataError(f"{p}: expected a video file or a folder of frames, found nothing")
+        fps_seen = []
+
+        def episodes():
+            for p in args.paths:
+                frames, fps = read_video(p)
+                fps = args.fps or fps or args.target_fps
+                if fps_seen and fps != fps_seen[0]:
+                    raise DataError(f"{p}: expected {fps_seen[0]} fps like {args.paths[0]}, found {fps} "
+                                    f"(pass --fps, or preprocess the two rates separately)")
+                fps_seen.append(fps)
+                yield {"images": fit_square(frames, args.img_size)[:, None], "task": args.task}
+
+        source_fps = args.fps
+        if source_fps is None:  # the rate decides the window span, so read it before tracking
+            first = Path(args.paths[0])
+            source_fps = (read_video(first)[1] if first.is_file() else None) or args.target_fps
+        summary = episodes_to_dataset(episodes(), out, views=[args.view], fps=args.target_fps,
+                                      source_fps=source_fps, source="videos: " + args.task, **common)
+        summary["source_fps"] = source_fps
+
+    elif args.command == "metaworld":
+        tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise DataError(f"metaworld: expected task names, found {args.tasks!r}")
+        cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+        record = {}
+        with MetaWorldEnv(tasks[0], cameras=cameras, img_size=args.img_size) as env:
+            fps = env.fps  # also checks the camera names before any rollout
+        episodes = metaworld_episodes(tasks, args.episodes, cameras=cameras, img_size=args.img_size,
+                                      seed=args.seed, max_attempts=args.max_attempts, record=record)
+        summary = episodes_to_dataset(
+            episodes, out, views=cameras, fps=fps, source="metaworld: " + ",".join(tasks),
+            extra_meta={"proprio": "obs[:4]: hand xyz + gripper opening",
+                        "actions": "delta hand xyz + gripper effort, in [-1, 1]",
+                        "success": record}, **common)
+        attempts = sum(r["attempts"] for r in record.values())
+        successes = sum(r["successes"] for r in record.values())
+        summary["success_rate"] = round(successes / max(attempts, 1), 3)
+        summary["attempts"] = attempts
+
+    print(_summary_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except amplify.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
