@@ -42,6 +42,10 @@ import numpy as np
 
 import amplify
 
+# Headless rendering for Meta-World / LIBERO: MuJoCo reads MUJOCO_GL when it is first imported, so
+# the default is set here, before any importer of this file can pull mujoco in (egl or osmesa).
+os.environ.setdefault("MUJOCO_GL", "egl")
+
 # -----------------------------------------------------------------------------
 # Conventions and small helpers
 
@@ -89,12 +93,6 @@ def fit_square(frames, size):
 def task_from_name(name):
     """Meta-World task name -> instruction: "door-open-v3" -> "door open"."""
     return re.sub(r"-v\d+$", "", name).replace("-", " ").strip()
-
-
-def _stats(x):
-    x = x[np.isfinite(x).all(axis=1)]
-    return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
-            "min": x.min(0).tolist(), "max": x.max(0).tolist()}
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +222,8 @@ def load_tracker(name="auto", *, cotracker_repo=None, cotracker_checkpoint=None,
         if name == "cotracker":
             raise DataError(f"--tracker cotracker: could not load CoTracker "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-        (log or print)(f"CoTracker unavailable ({type(e).__name__}); using the offline lk tracker")
+        reason = str(e).splitlines()[0][:160] if str(e) else ""
+        (log or print)(f"CoTracker unavailable ({type(e).__name__}: {reason}); using the offline lk tracker")
         return LKTracker()
 
 
@@ -266,16 +265,18 @@ def track_episode(images, tracker, *, T=16, grid=20, fps=TRAINING_FPS, source_fp
     F, V, H, W = images.shape[:4]
     source_fps = source_fps or fps
     span = source_span(T, fps, source_fps)
-    queries = grid_pixels(H, W, grid)
+    start = amplify.grid_points(grid)  # (N, 2) normalised
+    queries = normalized_to_pixels(start, H, W)
     tracks = np.empty((F, V, T, grid * grid, 2), np.float32)
     vis = np.empty((F, V, T, grid * grid), bool)
     for v in range(V):
         tr, vi = tracker.track(images[:, v], queries, span)  # (F, S, N, 2) pixels
         if span != T:
             tr, vi = resample_windows(tr, vi, T, source_fps / fps)
-        tracks[:, v] = pixels_to_normalized(tr, H, W)
+        # grid + displacement rather than pixels_to_normalized(tr): the grid comes out exact at
+        # t = 0 and held positions stay bit-identical (exactly zero motion in the padding)
+        tracks[:, v] = start + (tr - queries) * (2.0 / np.array([W, H], np.float32))
         vis[:, v] = vi
-    tracks[:, :, 0] = amplify.grid_points(grid)  # exact, whatever float error the tracker had
     return tracks, vis
 
 
@@ -355,11 +356,18 @@ def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=
     (work / "config.json").write_text(json.dumps(config))
 
     try:
-        names, shape, resumed = [], None, 0
+        names, shape, resumed, dims = [], None, 0, {}
         bar = _progress(episodes, progress)
         for i, ep in enumerate(bar):
             _check_episode(i, ep, views, shape)
             shape = ep["images"].shape[2:4]
+            for k in ("actions", "proprio"):  # dims must agree; proprio is all-or-nothing
+                d = None if ep.get(k) is None else np.shape(ep[k])[1]
+                if k == "actions" and d is None:
+                    continue
+                if dims.setdefault(k, d) != d:
+                    raise DataError(f"episode {i}: {k}: expected dim {dims[k]} like the episodes "
+                                    f"before, found {d}")
             key = _episode_key(ep)
             path = work / f"ep_{i:06d}.npz"
             if path.exists():
@@ -451,9 +459,7 @@ def _assemble(names, out, work, views, T, grid, fps, source_fps, source, tracker
     meta = {"views": views, "img_size": [int(H), int(W)], "T": T, "grid": grid, "fps": float(fps),
             "source_fps": float(source_fps or fps), "source": source, "tracker": tracker_name,
             "coordinates": "normalized (x, y), u = 2 * pixel / size - 1, pixel centres at integers"}
-    for k in has:
-        if has[k]:
-            meta[f"{k[:-1] if k == 'actions' else k}_stats"] = _stats(np.asarray(arrays[k]))
+    # action_stats / proprio_stats: computed by amplify.write_dataset over the non-NaN rows
     meta.update(extra_meta or {})
     for a in arrays.values():
         if isinstance(a, np.memmap):
@@ -563,11 +569,26 @@ def _natural_key(name):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _rgb(frames):
-    frames = np.asarray(frames)
-    if frames.ndim == 3:  # grayscale
-        frames = np.repeat(frames[..., None], 3, axis=-1)
-    return np.ascontiguousarray(frames[..., :3]).astype(np.uint8)
+def _rgb(x, stack=True):
+    """Grayscale or RGBA image(s) -> uint8 RGB: (F, H, W[, C]) if stack else (H, W[, C])."""
+    x = np.asarray(x)
+    if x.ndim == (3 if stack else 2):  # grayscale
+        x = np.repeat(x[..., None], 3, axis=-1)
+    return np.ascontiguousarray(x[..., :3]).astype(np.uint8)
+
+
+def video_fps(path):
+    """Frame rate from a video file's metadata; None for folders of frames or when absent."""
+    import imageio.v3 as iio
+
+    if Path(path).is_dir():
+        return None
+    try:
+        fps = iio.immeta(path, plugin="FFMPEG").get("fps")
+    except Exception as e:
+        raise DataError(f"{path}: cannot read video ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    return float(fps) if fps else None
 
 
 def read_video(path):
@@ -583,7 +604,7 @@ def read_video(path):
         frames = []
         for p in files:
             try:
-                frames.append(_rgb(iio.imread(p)))
+                frames.append(_rgb(iio.imread(p), stack=False))
             except Exception as e:
                 raise DataError(f"{p}: cannot read image ({type(e).__name__})") from None
             if frames[-1].shape != frames[0].shape:
@@ -960,8 +981,7 @@ def main(argv=None):
 
         source_fps = args.fps
         if source_fps is None:  # the rate decides the window span, so read it before tracking
-            first = Path(args.paths[0])
-            source_fps = (read_video(first)[1] if first.is_file() else None) or args.target_fps
+            source_fps = video_fps(args.paths[0]) or args.target_fps
         summary = episodes_to_dataset(episodes(), out, views=[args.view], fps=args.target_fps,
                                       source_fps=source_fps, source="videos: " + args.task, **common)
         summary["source_fps"] = source_fps

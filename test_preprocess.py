@@ -1,0 +1,492 @@
+"""Tests for preprocess.py: `pytest test_preprocess.py` (CPU, about a minute on 2 cores).
+
+Tiers: conventions (grid, normalisation, padding, upright images, time resampling), trackers on
+frames with known motion, each subcommand on small data the tests write, malformed input rejected
+with a one-line message and nothing left behind.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amplify
+import preprocess as P  # sets MUJOCO_GL=egl unless set: before `need("metaworld")` imports mujoco
+from conftest import need
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(HERE / "preprocess.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+
+def assert_rejected(result, *words):
+    """Non-zero exit, one line on stderr that names what went wrong, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:"), result.stderr
+    for w in words:
+        assert w in last, (w, last)
+
+
+def leftovers(tmp_path, name):
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name))
+
+
+class ShiftTracker:
+    """Stand-in tracker with known output: every point moves +0.5 px in x per frame."""
+
+    name = "shift"
+
+    def __init__(self):
+        self.calls = 0
+
+    def track(self, frames, queries, span):
+        self.calls += 1
+        F = len(frames)
+        steps = np.minimum(np.arange(F)[:, None] + np.arange(span), F - 1) - np.arange(F)[:, None]
+        tracks = np.repeat(queries[None, None], F, 0).repeat(span, 1).astype(np.float32)
+        tracks[..., 0] += 0.5 * steps[:, :, None]  # (F, S, N)
+        return tracks, np.ones(tracks.shape[:3], bool)
+
+
+def textured(size, seed=0):
+    return P._texture(size, np.random.default_rng(seed))
+
+
+def shifted_frames(F, size=32, dx=1, dy=0):
+    """F frames of a texture whose content moves by (dx, dy) integer pixels per frame."""
+    tex = textured(size + 2 * F * max(abs(dx), abs(dy)) + 2 * size)
+    c = (len(tex) - size) // 2
+    return np.stack([tex[c - t * dy:c - t * dy + size, c - t * dx:c - t * dx + size] for t in range(F)])
+
+
+# -----------------------------------------------------------------------------
+# Conventions
+
+
+def test_grid_normalisation_round_trip():
+    pix = P.grid_pixels(128, 64, grid=20)  # H = 128, W = 64
+    assert pix.shape == (400, 2) and pix.dtype == np.float32
+    # (x, y) = (column, row), row-major: point 1 is right of point 0, point 20 below it
+    assert pix[1, 0] > pix[0, 0] and pix[1, 1] == pix[0, 1]
+    assert pix[20, 1] > pix[0, 1] and pix[20, 0] == pix[0, 0]
+    np.testing.assert_allclose(pix[0], [(1 / 20) * 64 / 2, (1 / 20) * 128 / 2], rtol=1e-6)
+    uv = P.pixels_to_normalized(pix, 128, 64)
+    np.testing.assert_allclose(uv, amplify.grid_points(20), atol=1e-6)
+    np.testing.assert_allclose(P.pixels_to_normalized([[0, 0], [64, 128]], 128, 64), [[-1, -1], [1, 1]])
+    np.testing.assert_allclose(P.normalized_to_pixels(uv, 128, 64), pix, atol=1e-5)
+
+
+def test_windows_grid_at_t0_padding_and_normalisation():
+    F, size = 5, 32
+    images = np.zeros((F, 2, size, size, 3), np.uint8)
+    tracks, vis = P.track_episode(images, ShiftTracker(), T=16, grid=20)
+    assert tracks.shape == (F, 2, 16, 400, 2) and vis.shape == (F, 2, 16, 400) and vis.dtype == bool
+    np.testing.assert_array_equal(tracks[:, :, 0], np.broadcast_to(amplify.grid_points(20), (F, 2, 400, 2)))
+    for s in range(F):
+        real = F - s  # frames s .. F-1 exist, the rest repeat the last frame
+        dx = (tracks[s, 0, :, :, 0] - tracks[s, 0, :1, :, 0]) * size / 2  # pixels moved since step 0
+        np.testing.assert_allclose(dx[:real, 0], 0.5 * np.arange(real), atol=1e-5)
+        assert np.all(np.diff(tracks[s, :, real - 1:], axis=1) == 0)  # padding: exactly zero motion
+    np.testing.assert_array_equal(tracks[..., 1], np.broadcast_to(tracks[:, :, :1, :, 1], tracks[..., 1].shape))
+
+
+def test_upright_libero_flips_rows_only():
+    img = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    up = P.upright_libero(img)
+    np.testing.assert_array_equal(up, img[:, ::-1])
+    np.testing.assert_array_equal(P.upright_libero(up), img)
+
+
+def test_libero_observation_layout():
+    rng = np.random.default_rng(0)
+    obs = {"agentview_image": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+           "robot0_eye_in_hand_image": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+           "robot0_joint_pos": np.arange(7.0), "robot0_gripper_qpos": np.array([0.04, -0.04])}
+    images, proprio = P.libero_observation(obs)
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[0], obs["agentview_image"][::-1])
+    np.testing.assert_array_equal(images[1], obs["robot0_eye_in_hand_image"][::-1])
+    np.testing.assert_allclose(proprio, [0, 1, 2, 3, 4, 5, 6, 0.04, -0.04], rtol=1e-6)
+    assert proprio.dtype == np.float32
+    with pytest.raises(amplify.DataError, match="robot0_gripper_qpos"):
+        P.libero_observation({k: v for k, v in obs.items() if k != "robot0_gripper_qpos"})
+
+
+def test_time_resampling_cubic_spline_keeps_linear_motion_and_holds_at_end():
+    # 5 Hz source, 20 Hz training: 16 steps span 3.75 source intervals -> 5 source frames
+    assert P.source_span(16, 20.0, 5.0) == 5
+    assert P.source_span(16, 20.0, 20.0) == 16
+    F, S, N = 8, 5, 3
+    tracks = np.zeros((F, S, N, 2), np.float32)
+    tracks[..., 0] = 4.0 * np.arange(S)[None, :, None]  # 4 px per source frame
+    tracks[F - 2, 2:] = tracks[F - 2, 1]  # windows past the end hold their last real frame
+    tracks[F - 1, 1:] = tracks[F - 1, 0]
+    vis = np.ones((F, S, N), bool)
+    out, out_vis = P.resample_windows(tracks, vis, T=16, step=5.0 / 20.0)
+    assert out.shape == (F, 16, N, 2) and out_vis.all()
+    np.testing.assert_allclose(out[0, :, 0, 0], np.arange(16), atol=1e-4)  # 1 px per step
+    np.testing.assert_allclose(out[F - 2, :, 0, 0], np.minimum(np.arange(16), 4), atol=1e-4)
+    np.testing.assert_allclose(out[F - 1, :, 0, 0], 0)
+
+
+# -----------------------------------------------------------------------------
+# Trackers
+
+
+def test_lk_tracks_known_translation_with_padding():
+    need("cv2")
+    F, size = 6, 32
+    frames = shifted_frames(F, size, dx=1, dy=-1)
+    queries = P.grid_pixels(size, size, 20)
+    tracks, vis = P.LKTracker().track(frames, queries, span=16)
+    assert tracks.shape == (F, 16, 400, 2) and tracks.dtype == np.float32
+    np.testing.assert_array_equal(tracks[:, 0], np.broadcast_to(queries, (F, 400, 2)))
+    inner = ((queries >= 8) & (queries <= size - 9)).all(1)  # stay in view over 5 px of motion
+    for s in range(F):
+        k = np.minimum(np.arange(16), F - 1 - s)
+        err = tracks[s][:, inner] - (queries[inner] + np.stack([k, -k], 1)[:, None])
+        assert np.median(np.abs(err)) < 0.2, (s, np.median(np.abs(err)))
+        assert vis[s][:, inner].mean() > 0.9
+        np.testing.assert_array_equal(tracks[s, F - 1 - s:], np.broadcast_to(tracks[s, F - 1 - s], (16 - F + 1 + s, 400, 2)))
+
+
+def test_lk_forward_backward_check_marks_unmatchable_points_invisible():
+    need("cv2")
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)  # independent noise: no motion to find
+    _, vis = P.LKTracker().track(frames, P.grid_pixels(32, 32, 20), span=4)
+    assert vis[:, 0].all()  # the query itself is always visible
+    assert vis[0, 1:].mean() < 0.5
+
+
+def test_bench_tracker_lk_accuracy():
+    need("cv2")
+    rows = P.bench_tracker(P.LKTracker(), size=48, frames=8, sequences=1, speeds=(1.0,), T=8)
+    assert rows[0]["median_px"] < 0.3 and rows[0]["p90_px"] < 1.0 and rows[0]["visible"] > 0.9
+    assert rows[0]["frames_per_s"] > 0
+
+
+def test_tracker_auto_falls_back_to_lk(monkeypatch):
+    need("cv2")
+    import torch
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no internet connection")
+
+    monkeypatch.setattr(torch.hub, "load", offline)
+    messages = []
+    assert P.load_tracker("auto", log=messages.append).name == "lk"
+    assert "CoTracker unavailable" in messages[0] and "no internet" in messages[0]
+    with pytest.raises(amplify.DataError, match="could not load CoTracker"):
+        P.load_tracker("cotracker")
+    with pytest.raises(amplify.DataError, match="checkpoint not found"):
+        P.load_tracker("cotracker", cotracker_checkpoint="/nonexistent/scaled_offline.pth")
+    with pytest.raises(amplify.DataError, match="expected auto, cotracker or lk"):
+        P.load_tracker("raft")
+
+
+FAKE_HUBCONF = '''
+import torch
+dependencies = ["torch"]
+
+class FakeCoTracker(torch.nn.Module):
+    """Same call as CoTrackerPredictor; moves every query by the frame's grey value in x."""
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Linear(1, 1)
+    def forward(self, video, queries):
+        B, S = video.shape[:2]
+        value = video[:, :, 0].mean(dim=(-1, -2))  # (B, S)
+        tracks = queries[:, None, :, 1:].repeat(1, S, 1, 1)
+        tracks[..., 0] += value[:, :, None]
+        return tracks, torch.ones(B, S, queries.shape[1], dtype=torch.bool)
+
+def cotracker3_offline(pretrained=True, **kwargs):
+    assert not pretrained, "the test passes a local checkpoint"
+    return FakeCoTracker()
+'''
+
+
+def test_cotracker_path_local_repo_checkpoint_batches_and_padding(tmp_path):
+    import torch
+
+    (tmp_path / "hubconf.py").write_text(FAKE_HUBCONF)
+    torch.save({"model": {"weight": torch.zeros(1, 1), "bias": torch.full((1,), 3.0)}}, tmp_path / "w.pth")
+    tracker = P.load_tracker("cotracker", cotracker_repo=str(tmp_path),
+                             cotracker_checkpoint=str(tmp_path / "w.pth"), device="cpu", batch=3)
+    assert tracker.name == "cotracker3_offline"
+    assert float(tracker.model.model.bias.detach()) == 3.0  # the checkpoint was loaded
+    F = 7
+    frames = np.broadcast_to(np.arange(F, dtype=np.uint8)[:, None, None, None], (F, 8, 8, 3)).copy()
+    queries = P.grid_pixels(8, 8, 2)
+    tracks, vis = tracker.track(frames, queries, span=5)
+    for s in range(F):
+        for k in range(5):
+            real_k = min(k, F - 1 - s)  # padding holds the window's last real step
+            shift = 0 if real_k == 0 else s + real_k  # the fake moves points by the frame's value
+            np.testing.assert_allclose(tracks[s, k, :, 0], queries[:, 0] + shift)
+    assert vis.all()
+
+
+# -----------------------------------------------------------------------------
+# episodes_to_dataset: writing, resuming, bad episodes
+
+
+def small_episodes(n=2, F=4, size=16, actions=(True, False)):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        ep = {"images": rng.integers(0, 255, (F + i, 1, size, size, 3), dtype=np.uint8),
+              "proprio": rng.normal(size=(F + i, 3)).astype(np.float32), "task": f"task {i}"}
+        if actions[i % len(actions)]:
+            ep["actions"] = rng.normal(size=(F + i, 2)).astype(np.float32)
+        yield ep
+
+
+@pytest.mark.parametrize("name", ["ds", "ds.npz"])
+def test_episodes_to_dataset_writes_a_loadable_dataset(tmp_path, name):
+    out = tmp_path / name
+    summary = P.episodes_to_dataset(small_episodes(), out, views=["cam"], fps=20.0, source="test",
+                                    tracker=ShiftTracker(), progress=False)
+    assert summary["episodes"] == 2 and summary["frames"] == 9 and summary["tracker"] == "shift"
+    assert 0 < summary["moving_fraction"] < 1  # 0.5 px per frame: only windows with > 2 frames move > 1 px
+    ds = amplify.load_dataset(str(out))
+    np.testing.assert_array_equal(ds.episode_ends, [4, 9])
+    assert ds.tasks == ["task 0", "task 1"]
+    assert ds.meta["tracker"] == "shift" and ds.meta["views"] == ["cam"] and ds.meta["T"] == 16
+    assert ds.meta["img_size"] == [16, 16] and ds.meta["grid"] == 20 and ds.meta["fps"] == 20.0
+    a = ds.arrays
+    assert a["images"].shape == (9, 1, 16, 16, 3) and a["tracks"].shape == (9, 1, 16, 400, 2)
+    assert a["vis"].dtype == bool and a["tracks"].dtype == np.float32
+    assert np.isfinite(a["actions"][:4]).all() and np.isnan(a["actions"][4:]).all()  # episode 1 has none
+    assert a["proprio"].shape == (9, 3) and "action_stats" in ds.meta
+    assert leftovers(tmp_path, name) == [name]  # no work directory left
+
+
+def test_interrupted_run_resumes_without_retracking(tmp_path):
+    out = tmp_path / "ds"
+    first = ShiftTracker()
+
+    def interrupted():
+        it = small_episodes(3)
+        yield next(it)
+        yield next(it)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        P.episodes_to_dataset(interrupted(), out, views=["cam"], fps=20.0, source="t", tracker=first,
+                              progress=False, log=lambda m: None)
+    assert not out.exists() and (tmp_path / "ds.work").is_dir() and first.calls == 2
+    second = ShiftTracker()
+    messages = []
+    summary = P.episodes_to_dataset(small_episodes(3), out, views=["cam"], fps=20.0, source="t",
+                                    tracker=second, progress=False, log=messages.append)
+    assert second.calls == 1 and summary["episodes"] == 3  # only the third episode was tracked
+    assert any("resumed: 2 of 3" in m for m in messages)
+    fresh = tmp_path / "fresh.npz"
+    P.episodes_to_dataset(small_episodes(3), fresh, views=["cam"], fps=20.0, source="t",
+                          tracker=ShiftTracker(), progress=False)
+    a, b = amplify.load_dataset(str(out)).arrays, amplify.load_dataset(str(fresh)).arrays
+    for key in ("images", "tracks", "vis", "proprio", "episode_ends"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not (tmp_path / "ds.work").exists()
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"images": np.zeros((3, 1, 8, 8, 3), np.float32)}, ["images", "uint8", "float32"]),
+    ({"images": np.zeros((3, 2, 8, 8, 3), np.uint8)}, ["images", "(F>=1, 1, H, W, 3)", "(3, 2, 8, 8, 3)"]),
+    ({"actions": np.zeros((2, 4), np.float32)}, ["actions", "(3, dim)", "(2, 4)"]),
+    ({"actions": np.full((3, 4), np.nan, np.float32)}, ["actions", "finite"]),
+    ({"task": ""}, ["task", "non-empty"]),
+])
+def test_bad_episode_rejected_and_nothing_written(tmp_path, bad, words):
+    good = {"images": np.zeros((3, 1, 8, 8, 3), np.uint8), "task": "t"}
+    episodes = [good, {**good, **bad}]
+    with pytest.raises(amplify.DataError) as e:
+        P.episodes_to_dataset(episodes, tmp_path / "ds", views=["cam"], fps=20.0, source="t",
+                              tracker=ShiftTracker(), progress=False)
+    assert "episode 1" in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+    assert leftovers(tmp_path, "ds") == []
+
+
+# -----------------------------------------------------------------------------
+# libero subcommand
+
+
+def write_libero(path, demos=2, F=5, size=16, drop=None, instruction="put the bowl on the plate"):
+    h5py = need("h5py")
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": instruction})
+        for d in range(demos):
+            g = data.create_group(f"demo_{d}")
+            imgs = rng.integers(0, 200, (F + d, size, size, 3), dtype=np.uint8)
+            imgs[:, 0] = 255  # stored upside down: the top row in the file is the bottom of the scene
+            items = {"actions": rng.uniform(-1, 1, (F + d, 7)).astype(np.float32),
+                     "obs/agentview_rgb": imgs, "obs/eye_in_hand_rgb": imgs[:, :, ::-1],
+                     "obs/joint_states": rng.normal(size=(F + d, 7)),
+                     "obs/gripper_states": rng.normal(size=(F + d, 2))}
+            for key, value in items.items():
+                if key != drop:
+                    g.create_dataset(key, data=value)
+    return path
+
+
+def test_libero_subcommand(tmp_path, capsys):
+    need("cv2")
+    h5py = need("h5py")
+    src = write_libero(tmp_path / "pick_bowl_demo.hdf5")
+    out = tmp_path / "libero_ds"
+    assert P.main(["libero", str(src), "--out", str(out), "--tracker", "lk", "--no-progress"]) == 0
+    assert "episodes 2" in capsys.readouterr().out
+    ds = amplify.load_dataset(str(out))
+    assert ds.meta["views"] == ["agentview", "eye_in_hand"] and ds.meta["tracker"] == "lk"
+    assert ds.tasks == ["put the bowl on the plate"] * 2
+    np.testing.assert_array_equal(ds.episode_ends, [5, 11])
+    with h5py.File(src) as f:
+        g = f["data/demo_1"]
+        np.testing.assert_array_equal(ds.arrays["images"][5:, 0], g["obs/agentview_rgb"][()][:, ::-1])
+        np.testing.assert_array_equal(ds.arrays["images"][5:, 1], g["obs/eye_in_hand_rgb"][()][:, ::-1])
+        np.testing.assert_allclose(ds.arrays["actions"][5:], g["actions"][()])
+        np.testing.assert_allclose(ds.arrays["proprio"][5:, :7], g["obs/joint_states"][()], rtol=1e-6)
+        np.testing.assert_allclose(ds.arrays["proprio"][5:, 7:], g["obs/gripper_states"][()], rtol=1e-6)
+    assert (ds.arrays["images"][:, :, -1] == 255).all()  # upright: the marked row is at the bottom
+    np.testing.assert_array_equal(ds.arrays["tracks"][:, :, 0],
+                                  np.broadcast_to(amplify.grid_points(20), (11, 2, 400, 2)))
+
+
+@pytest.mark.parametrize("drop, words", [
+    ("obs/eye_in_hand_rgb", ["data/demo_0/obs/eye_in_hand_rgb", "missing"]),
+    ("actions", ["data/demo_0/actions", "missing"]),
+])
+def test_libero_missing_key_rejected(tmp_path, drop, words):
+    src = write_libero(tmp_path / "bad.hdf5", drop=drop)
+    result = run_cli("libero", src, "--out", tmp_path / "out", "--tracker", "lk")
+    assert_rejected(result, *words)
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_libero_missing_instruction_rejected(tmp_path):
+    h5py = need("h5py")
+    src = write_libero(tmp_path / "noinfo.hdf5")
+    with h5py.File(src, "a") as f:
+        del f["data"].attrs["problem_info"]
+    with pytest.raises(amplify.DataError, match="problem_info"):
+        P.check_libero(src)
+
+
+# -----------------------------------------------------------------------------
+# videos subcommand
+
+
+def test_videos_subcommand_mp4_resampled_in_time(tmp_path):
+    need("cv2")
+    iio = need("imageio.v3")
+    need("imageio_ffmpeg")
+    frames = shifted_frames(6, 32, dx=1)[:, 4:28]  # 24 x 32, not square
+    iio.imwrite(tmp_path / "clip.mp4", frames, fps=10, plugin="FFMPEG", macro_block_size=1)
+    out = tmp_path / "vids.npz"
+    assert P.main(["videos", str(tmp_path / "clip.mp4"), "--task", "slide the cloth", "--out", str(out),
+                   "--img-size", "16", "--tracker", "lk", "--no-progress"]) == 0
+    ds = amplify.load_dataset(str(out))
+    assert ds.arrays["images"].shape == (6, 1, 16, 16, 3) and ds.tasks == ["slide the cloth"]
+    assert ds.meta["fps"] == 20.0 and ds.meta["source_fps"] == 10.0 and ds.meta["views"] == ["camera"]
+    assert "actions" not in ds.arrays
+    tracks = ds.arrays["tracks"]
+    assert tracks.shape == (6, 1, 16, 400, 2)
+    # 10 fps -> 20 Hz: the 16 steps cover 8 source frames; the content moves right
+    centre = tracks[0, 0, :, 210, 0]
+    assert centre[-1] > centre[0] and np.all(np.diff(tracks[-1], axis=1) == 0)
+
+
+def test_videos_subcommand_folder_of_frames_in_natural_order(tmp_path):
+    need("cv2")
+    iio = need("imageio.v3")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t in range(11):  # frame_10 must come after frame_9
+        iio.imwrite(folder / f"frame_{t}.png", np.full((16, 16, 3), 20 * t, np.uint8))
+    frames, fps = P.read_video(folder)
+    assert fps is None and frames.shape == (11, 16, 16, 3)
+    np.testing.assert_array_equal(frames[:, 0, 0, 0], 20 * np.arange(11))
+    out = tmp_path / "folder_ds"
+    assert P.main(["videos", str(folder), "--task", "nothing moves", "--fps", "20", "--out", str(out),
+                   "--img-size", "16", "--tracker", "lk", "--no-progress"]) == 0
+    assert amplify.load_dataset(str(out)).arrays["images"].shape == (11, 1, 16, 16, 3)
+
+
+def test_unreadable_video_rejected(tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"this is not a video")
+    result = run_cli("videos", tmp_path / "broken.mp4", "--task", "t", "--out", tmp_path / "out",
+                     "--tracker", "lk")
+    assert_rejected(result, "broken.mp4", "cannot read video")
+    assert leftovers(tmp_path, "out") == []
+
+
+# -----------------------------------------------------------------------------
+# metaworld subcommand
+
+
+def test_metaworld_subcommand_two_episodes(tmp_path, capsys):
+    need("cv2")
+    need("metaworld")
+    out = tmp_path / "mw"
+    assert P.main(["metaworld", "reach-v3", "--episodes", "2", "--img-size", "16", "--grid", "8",
+                   "--out", str(out), "--tracker", "lk", "--no-progress"]) == 0
+    line = capsys.readouterr().out
+    assert "success_rate 1.0" in line and "episodes 2" in line
+    ds = amplify.load_dataset(str(out))
+    assert ds.num_episodes == 2 and ds.tasks == ["reach", "reach"]
+    assert ds.meta["views"] == list(P.DEFAULT_CAMERAS) and ds.meta["success"]["reach-v3"]["successes"] == 2
+    F = ds.num_frames
+    assert ds.arrays["images"].shape == (F, 2, 16, 16, 3)
+    assert ds.arrays["actions"].shape == (F, 4) and np.abs(ds.arrays["actions"]).max() <= 1
+    assert ds.arrays["proprio"].shape == (F, 4) and ds.arrays["tracks"].shape == (F, 2, 16, 64, 2)
+
+
+def test_metaworld_env_observation_and_upright_corner_view():
+    need("metaworld")
+    with P.MetaWorldEnv("reach", cameras=["corner", "behindGripper"], img_size=16) as env:
+        assert env.task_text == "reach" and env.action_dim == 4 and env.max_steps > 0
+        obs = env.reset(0)
+        assert obs["images"].shape == (2, 16, 16, 3) and obs["images"].dtype == np.uint8
+        assert obs["proprio"].shape == (4,) and obs["proprio"].dtype == np.float32
+        raw = []
+        for cam in env.cameras:
+            env.renderer.update_scene(env.env.data, camera=cam)
+            raw.append(env.renderer.render().copy())
+        np.testing.assert_array_equal(obs["images"][0], raw[0][::-1, ::-1])  # corner: rotated 180
+        np.testing.assert_array_equal(obs["images"][1], raw[1])  # behindGripper: as rendered
+        obs2, success, done = env.step(env.expert_action())
+        assert isinstance(success, bool) and isinstance(done, bool)
+        assert not np.array_equal(obs2["proprio"], obs["proprio"])
+
+
+def test_unknown_metaworld_task_rejected(tmp_path):
+    need("metaworld")
+    result = run_cli("metaworld", "reach-v3,fly-to-moon", "--episodes", "1", "--out", tmp_path / "out")
+    assert_rejected(result, "fly-to-moon", "expected one of")
+    assert leftovers(tmp_path, "out") == []
+
+
+# -----------------------------------------------------------------------------
+# bench-tracker command
+
+
+def test_bench_tracker_command_prints_table(capsys):
+    need("cv2")
+    assert P.main(["bench-tracker", "--size", "32", "--frames", "6", "--sequences", "1", "--speeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tracker lk" in out and "| median error (px) |" in out
+    median = float(out.strip().splitlines()[-1].split("|")[2])
+    assert median < 0.5
