@@ -519,3 +519,1269 @@ def write_png(path, image):
         with open(tmp, "wb") as f:
             f.write(png)
     atomic_write(path, write)
+
+
+# -----------------------------------------------------------------------------
+# Configs: one dataclass per model; a preset is just values of these
+
+
+@dataclass
+class TokenizerConfig:
+    d_model: int = 64
+    n_layer: int = 2  # encoder layers; the decoder has as many
+    n_head: int = 4
+    dropout: float = 0.0
+    codebook_size: int = 512  # FSQ target size; the real size is prod(fsq_levels(...))
+    window: int = 15  # W: the decoder classifies each step into W x W pixel moves
+    # Filled in from the data, so a checkpoint alone rebuilds the model:
+    views: int = 2
+    img_size: tuple = (128, 128)
+    T: int = 16
+    grid: int = 20
+
+
+@dataclass
+class VisionConfig:
+    # A ResNet with torchvision's module names, so ResNet-18 weights load into widths
+    # (64, 128, 256, 512) x blocks (2, 2, 2, 2). The cpu preset is the same design, thinner.
+    widths: tuple = (16, 32, 64, 128)
+    blocks: tuple = (1, 1, 1, 1)
+    upsample: int = 0  # resize images to this before the CNN (published code: 128 -> 224, a 7x7 map); 0 = off
+    weights: str = ""  # "" (train from scratch), "torchvision", "timm", or a path to a ResNet-18 state dict
+
+
+@dataclass
+class ForwardConfig:
+    d_model: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    dropout: float = 0.0
+    codebook_size: int = 512  # must match the tokenizer's
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text_encoder: str = "hash"  # "hash": hashed bag of words trained from scratch; else a Hugging Face model name/path
+    text_buckets: int = 4096
+    text_dim: int = 0  # width of the pretrained text embedding (set when the model is first built)
+    views: int = 2
+    img_size: tuple = (128, 128)
+    T: int = 16
+
+
+@dataclass
+class InverseConfig:
+    d_model: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    dropout: float = 0.0
+    codebook_size: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    gamma: float = 0.99  # discount of the NLL over the action chunk
+    use_codes: bool = True  # False: the "inverse only" behaviour-cloning baseline (no motion codes)
+    views: int = 2
+    img_size: tuple = (128, 128)
+    T: int = 16  # the action chunk is as long as a track window
+    action_dim: int = 7
+    proprio_dim: int = 9
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 20
+    grad_clip: float = 1.0
+    log_every: int = 25
+    eval_every: int = 100
+    eval_samples: int = 64  # held-out windows scored per evaluation
+
+
+PAPER_VISION = VisionConfig(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), upsample=224)
+PRESETS = {
+    # Trains each stage in minutes on 2 CPU cores; big enough to overfit the built-in data.
+    "cpu": {
+        "tokenizer": TokenizerConfig(),
+        "forward": ForwardConfig(),
+        "inverse": InverseConfig(),
+        "train": TrainConfig(),
+    },
+    # Table 10 of the paper: widths, depths, heads, dropout, batch, learning rate, codebook.
+    "paper": {
+        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048),
+        "forward": ForwardConfig(d_model=768, n_layer=8, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
+        "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
+        "train": TrainConfig(steps=100_000, batch_size=256, lr=1e-4, warmup=1000, log_every=100, eval_every=5000,
+                             eval_samples=1024),
+    },
+}
+CONFIG_CLASSES = {"tokenizer": TokenizerConfig, "forward": ForwardConfig, "inverse": InverseConfig}
+
+
+def config_from_dict(cls, d):
+    """Rebuild a config dataclass from a checkpoint's plain dict; unknown keys are an error."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise DataError(f"checkpoint config: unknown keys {sorted(unknown)} for {cls.__name__}")
+    d = dict(d)
+    if "vision" in d:
+        d["vision"] = config_from_dict(VisionConfig, d["vision"])
+    for key in ("img_size", "widths", "blocks"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# Transformer parts shared by the three models (pre-LayerNorm, scaled_dot_product_attention)
+
+
+class Attention(nn.Module):
+    def __init__(self, d, n_head, dropout):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x, context=None, mask=None, cache=None):
+        """x (B, Lq, D) attends to context (B, S, D) (x itself when None).
+
+        mask: bool (Lq, S), True = may attend. cache: a dict that keeps this layer's keys and values
+        across calls, so during sampling each new token costs one row instead of the whole prefix.
+        """
+        context = x if context is None else context
+        q = rearrange(self.q(x), "b l (h e) -> b h l e", h=self.n_head)
+        k, v = rearrange(self.kv(context), "b s (two h e) -> two b h s e", two=2, h=self.n_head)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(rearrange(y, "b h l e -> b l (h e)"))
+
+
+class Block(nn.Module):
+    """Self-attention, cross-attention to a context, MLP (the first two optional); pre-normed, residual."""
+
+    def __init__(self, d, n_head, dropout, cross=False, self_attn=True):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d) if self_attn else None
+        self.attn = Attention(d, n_head, dropout) if self_attn else None
+        self.ln_cross = nn.LayerNorm(d) if cross else None
+        self.cross = Attention(d, n_head, dropout) if cross else None
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, context=None, cache=None):
+        if self.attn is not None:
+            x = x + self.drop(self.attn(self.ln1(x), mask=mask, cache=cache))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.ln_cross(x), context=context))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+# -----------------------------------------------------------------------------
+# Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> point decoder -> windows
+
+
+class MotionTokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        V, N, L, D = cfg.views, cfg.grid ** 2, cfg.T - 1, cfg.d_model
+        self.fsq = FSQ(fsq_levels(cfg.codebook_size))
+        n_levels = len(self.fsq.levels)
+        # Encoder: one token per time step holding every point of every view, so the views are
+        # tokenized together into one code sequence of length L = T-1.
+        self.vel_in = nn.Linear(V * N * 2, D)
+        self.enc_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        self.encoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
+        self.enc_ln = nn.LayerNorm(D)
+        self.to_latent = nn.Linear(D, n_levels)
+        # Decoder: one learned query per point and view, cross-attending to the codes. The queries
+        # do not attend to each other: the codes carry the motion, the embedding says which point
+        # to read out, and skipping (V*N)^2 self-attention keeps the paper's 31M parameters.
+        self.code_in = nn.Linear(n_levels, D)
+        self.dec_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        self.point_emb = nn.Parameter(0.02 * torch.randn(N, D))
+        self.view_emb = nn.Parameter(0.02 * torch.randn(V, D))
+        self.decoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True, self_attn=False)
+                                     for _ in range(cfg.n_layer))
+        self.dec_ln = nn.LayerNorm(D)
+        self.head = nn.Linear(D, L * cfg.window ** 2)
+        self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
+
+    def encode(self, tracks):
+        """tracks (B, V, T, N, 2) normalized -> codes (B, L, n_levels), indices (B, L)."""
+        h, w = self.cfg.img_size
+        vel = (tracks[:, :, 1:] - tracks[:, :, :-1]) * tracks.new_tensor([w, h]) / 2  # (B, V, L, N, 2) in pixels: O(1) inputs
+        x = self.vel_in(rearrange(vel, "b v l n c -> b l (v n c)")) + self.enc_pos  # (B, L, D)
+        for block in self.encoder:
+            x = block(x, mask=self.causal)  # causal: code l summarizes motion up to step l only
+        return self.fsq(self.to_latent(self.enc_ln(x)))
+
+    def decode_logits(self, codes):
+        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, C)."""
+        cfg = self.cfg
+        memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
+        queries = rearrange(self.view_emb[:, None] + self.point_emb[None], "v n d -> (v n) d")
+        x = repeat(queries, "s d -> b s d", b=codes.shape[0])  # (B, V*N, D)
+        for block in self.decoder:
+            x = block(x, context=memory)
+        logits = self.head(self.dec_ln(x))  # (B, V*N, L*C)
+        return rearrange(logits, "b (v n) (l c) -> b v l n c", v=cfg.views, l=cfg.T - 1)
+
+    def forward(self, tracks):
+        codes, indices = self.encode(tracks)
+        return self.decode_logits(codes), indices
+
+    def loss(self, tracks):
+        """Cross-entropy of every point's every step against its true local-window class."""
+        logits, _ = self(tracks)
+        target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
+        # Flatten in the decoder's native (b v n l) order: a view, not a copy of the biggest tensor.
+        return F.cross_entropy(rearrange(logits, "b v l n c -> (b v n l) c"),
+                               rearrange(target, "b v l n -> (b v n l)"))
+
+    def decode(self, indices, start):
+        """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2): argmax window, summed up."""
+        classes = self.decode_logits(self.fsq.indices_to_codes(indices)).argmax(-1)  # (B, V, L, N)
+        return classes_to_tracks(start, classes, self.cfg.img_size, self.cfg.window)
+
+    def start_points(self, batch, device=None):
+        """The 20x20 grid every window starts from, (B, V, N, 2)."""
+        pts = torch.as_tensor(grid_points(self.cfg.grid), device=device)
+        return repeat(pts, "n c -> b v n c", b=batch, v=self.cfg.views)
+
+
+# -----------------------------------------------------------------------------
+# Vision and text encoders for the forward and inverse models
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor (no pooling, no fc) with torchvision's parameter names."""
+
+    def __init__(self, widths, blocks):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        c_in = widths[0]
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            layer = [BasicBlock(c_in if j == 0 else width, width, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            c_in = width
+        self.out_channels = c_in
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_resnet18_weights(resnet, source):
+    """Copy pretrained ResNet-18 weights into `resnet` (imported lazily; needs the weights locally)."""
+    if tuple(resnet.layer1[0].conv1.weight.shape[:1]) != (64,) or len(resnet.layer1) != 2:
+        raise UserError("vision weights: ResNet-18 weights need widths (64, 128, 256, 512) and blocks (2, 2, 2, 2) "
+                        "(the paper preset)")
+    if source == "torchvision":
+        import torchvision
+        state = torchvision.models.resnet18(weights="IMAGENET1K_V1").state_dict()
+    elif source == "timm":
+        import timm
+        state = timm.create_model("resnet18", pretrained=True).state_dict()
+    elif os.path.exists(source):
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"vision weights: expected 'torchvision', 'timm' or an existing file, found '{source}'")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f"vision weights: expected ResNet-18 keys, missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+class VisionEncoder(nn.Module):
+    """uint8 images (B, V, H, W, 3) -> tokens (B, V*h*w, D): one token per cell of the CNN feature map."""
+
+    def __init__(self, cfg: VisionConfig, views, img_size, d_model):
+        super().__init__()
+        self.cfg = cfg
+        self.resnet = ResNet(cfg.widths, cfg.blocks)
+        if cfg.weights:
+            load_resnet18_weights(self.resnet, cfg.weights)
+        self.proj = nn.Linear(self.resnet.out_channels, d_model)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():
+            h, w = self.resnet.eval()(torch.zeros(1, 3, *self._input_size(img_size))).shape[-2:]
+        self.resnet.train()
+        self.n_tokens = views * h * w
+        self.pos = nn.Parameter(0.02 * torch.randn(self.n_tokens, d_model))  # per view and cell
+
+    def _input_size(self, img_size):
+        return (self.cfg.upsample, self.cfg.upsample) if self.cfg.upsample else tuple(img_size)
+
+    def forward(self, images):
+        B, V = images.shape[:2]
+        x = rearrange(images, "b v h w c -> (b v) c h w").float() / 255
+        if self.cfg.upsample:
+            x = F.interpolate(x, size=(self.cfg.upsample,) * 2, mode="bilinear", align_corners=False)
+        feats = self.resnet((x - self.mean) / self.std)  # (B*V, C, h, w)
+        tokens = self.proj(rearrange(feats, "(b v) c h w -> b (v h w) c", b=B))  # (B, V*h*w, D)
+        return tokens + self.pos
+
+
+def task_words(task):
+    return re.findall(r"[a-z0-9]+", task.lower())
+
+
+class TextEncoder(nn.Module):
+    """Task text -> one (B, D) token.
+
+    Default ("hash"): words hashed into buckets and averaged, trained from scratch. Instructions
+    that share words share parameters, so an unseen instruction is not a blank. Otherwise a frozen
+    Hugging Face encoder (e.g. "t5-base", the paper's choice) is mean-pooled once per distinct
+    task and the result cached; only a linear projection is trained.
+    """
+
+    def __init__(self, cfg: ForwardConfig):
+        super().__init__()
+        self.name, self.buckets = cfg.text_encoder, cfg.text_buckets
+        self.cache = {}  # task -> embedding; for a pretrained encoder, saved in the checkpoint
+        self._hf = None
+        if self.name == "hash":
+            self.bag = nn.EmbeddingBag(cfg.text_buckets, cfg.d_model, mode="mean")
+        else:
+            self.proj = nn.Linear(cfg.text_dim, cfg.d_model)
+
+    def _hf_embed(self, tasks):
+        if self._hf is None:
+            from transformers import AutoModel, AutoTokenizer
+            model = AutoModel.from_pretrained(self.name)
+            self._hf = (AutoTokenizer.from_pretrained(self.name), getattr(model, "get_encoder", lambda: model)().eval())
+        tokenizer, model = self._hf
+        with torch.no_grad():
+            batch = tokenizer(list(tasks), return_tensors="pt", padding=True)
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            return (hidden * mask).sum(1) / mask.sum(1)  # mean over real tokens
+
+    def forward(self, tasks):
+        device = next(self.parameters()).device
+        if self.name == "hash":
+            ids, offsets = [], []
+            for task in tasks:
+                offsets.append(len(ids))
+                ids.extend(zlib.crc32(wd.encode()) % self.buckets for wd in (task_words(task) or [""]))
+            return self.bag(torch.tensor(ids, device=device), torch.tensor(offsets, device=device))
+        missing = sorted({t for t in tasks if t not in self.cache})
+        if missing:
+            for task, emb in zip(missing, self._hf_embed(missing)):
+                self.cache[task] = emb.float().cpu()
+        return self.proj(torch.stack([self.cache[t] for t in tasks]).to(device))
+
+
+def pretrained_text_dim(name):
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(name)
+    return int(getattr(config, "d_model", None) or config.hidden_size)
+
+
+# -----------------------------------------------------------------------------
+# Forward dynamics: [vision tokens, text token | start, code_1 .. code_{L-1}] -> next code
+
+
+def block_causal_mask(n_cond, n_seq, device=None):
+    """bool (S, S), True = may attend: condition tokens see each other fully, the sequence is causal."""
+    S = n_cond + n_seq
+    mask = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    mask[:n_cond, :n_cond] = True
+    return mask
+
+
+def sample_logits(logits, temperature=0.0, top_k=None, generator=None):
+    """(B, K) -> (B,) codes: greedy at temperature 0, else top-k / temperature sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+class ForwardDynamics(nn.Module):
+    def __init__(self, cfg: ForwardConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, K, L = cfg.d_model, int(np.prod(fsq_levels(cfg.codebook_size))), cfg.T - 1
+        self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
+        self.text = TextEncoder(cfg)
+        self.n_cond = self.vision.n_tokens + 1
+        self.code_emb = nn.Embedding(K + 1, D)  # index K is the start token
+        self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, K)
+        self.K, self.L = K, L
+        self.register_buffer("mask", block_causal_mask(self.n_cond, L), persistent=False)
+
+    def condition(self, images, tasks):
+        """(B, n_cond, D): vision tokens then one text token."""
+        return torch.cat([self.vision(images), self.text(tasks).unsqueeze(1)], dim=1)
+
+    def logits(self, cond, prefix):
+        """cond (B, n_cond, D), prefix codes (B, j), j < L -> logits for codes 1..j+1, (B, j+1, K)."""
+        start = torch.full_like(prefix[:, :1], self.K)
+        seq = torch.cat([start, prefix], dim=1)  # (B, j+1)
+        x = torch.cat([cond, self.code_emb(seq) + self.code_pos[: seq.shape[1]]], dim=1)
+        S = x.shape[1]
+        for block in self.blocks:
+            x = block(x, mask=self.mask[:S, :S])
+        return self.head(self.ln_f(x[:, self.n_cond:]))
+
+    def loss(self, images, tasks, codes):
+        """Teacher-forced cross-entropy on the frozen tokenizer's codes (B, L); also returns accuracy."""
+        logits = self.logits(self.condition(images, tasks), codes[:, :-1])  # (B, L, K)
+        loss = F.cross_entropy(rearrange(logits, "b l k -> (b l) k"), codes.reshape(-1))
+        return loss, (logits.argmax(-1) == codes).float().mean()
+
+    @torch.no_grad()
+    def generate(self, images, tasks, temperature=0.0, top_k=None, use_cache=True, generator=None):
+        """Sample codes (B, L). With the cache, each new code costs one token, not the whole prefix."""
+        cond = self.condition(images, tasks)
+        B = cond.shape[0]
+        codes = torch.zeros(B, 0, dtype=torch.long, device=cond.device)
+        if not use_cache:
+            for _ in range(self.L):
+                nxt = sample_logits(self.logits(cond, codes)[:, -1], temperature, top_k, generator)
+                codes = torch.cat([codes, nxt[:, None]], dim=1)
+            return codes
+        caches = [{} for _ in self.blocks]
+        x = torch.cat([cond, self.code_emb.weight[self.K].expand(B, 1, -1) + self.code_pos[:1]], dim=1)
+        mask = self.mask[: x.shape[1], : x.shape[1]]  # the prefix keeps its block-causal mask
+        for i in range(self.L):
+            for block, cache in zip(self.blocks, caches):
+                x = block(x, mask=mask, cache=cache)
+            nxt = sample_logits(self.head(self.ln_f(x[:, -1])), temperature, top_k, generator)
+            codes = torch.cat([codes, nxt[:, None]], dim=1)
+            if i + 1 < self.L:
+                x = self.code_emb(nxt)[:, None] + self.code_pos[i + 1]  # (B, 1, D): one new token
+                mask = None  # it may see everything cached so far
+        return codes
+
+
+# -----------------------------------------------------------------------------
+# Inverse dynamics: T action queries cross-attend to [vision, proprio, motion codes] -> Gaussian chunk
+
+
+class InverseDynamics(nn.Module):
+    def __init__(self, cfg: InverseConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, L = cfg.d_model, cfg.T - 1
+        self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
+        self.proprio_in = nn.Linear(cfg.proprio_dim, D)
+        if cfg.use_codes:
+            self.code_emb = nn.Embedding(int(np.prod(fsq_levels(cfg.codebook_size))), D)
+            self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        self.memory_ln = nn.LayerNorm(D)
+        self.queries = nn.Parameter(0.02 * torch.randn(cfg.T, D))
+        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 2 * cfg.action_dim)  # mean and log-std per action dimension
+
+    def forward(self, images, proprio, codes=None):
+        """images (B, V, H, W, 3) uint8, proprio (B, P) normalized, codes (B, L) -> mean, log_std (B, T, A)."""
+        memory = [self.vision(images), self.proprio_in(proprio).unsqueeze(1)]
+        if self.cfg.use_codes:
+            memory.append(self.code_emb(codes) + self.code_pos)
+        memory = self.memory_ln(torch.cat(memory, dim=1))  # (B, S, D)
+        x = repeat(self.queries, "t d -> b t d", b=images.shape[0])
+        for block in self.blocks:
+            x = block(x, context=memory)
+        mean, log_std = self.head(self.ln_f(x)).chunk(2, dim=-1)
+        return mean, log_std.clamp(-7.0, 2.0)
+
+    def loss(self, images, proprio, codes, actions, valid):
+        """sum_k gamma^k NLL(a_{t+k}), averaged over the batch; valid (B, T) masks steps past the episode end."""
+        mean, log_std = self(images, proprio, codes)
+        nll = -torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)  # (B, T)
+        discount = self.cfg.gamma ** torch.arange(self.cfg.T, device=nll.device, dtype=nll.dtype)
+        return (nll * discount * valid).sum(1).mean(), mean
+
+
+# -----------------------------------------------------------------------------
+# Training data: datasets seen as one frame axis; batches drawn from (seed, step)
+
+
+class Corpus:
+    """One or more datasets (e.g. robot demos + action-free human video) as one list of episodes.
+
+    They must agree on views, image size, T and grid. Nothing is read until a batch asks for it,
+    and then only the rows it needs (memory-mapped directories stay on disk).
+    """
+
+    def __init__(self, datasets):
+        first = datasets[0]
+        for ds in datasets[1:]:
+            for key in META_KEYS:
+                a, b = first.meta[key], ds.meta[key]
+                if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+                    raise DataError(f"datasets disagree on '{key}': {first.path} has {a}, {ds.path} has {b}")
+        self.datasets = datasets
+        self.views, self.img_size = first.views, first.img_size
+        self.T, self.grid = int(first.meta["T"]), int(first.meta["grid"])
+        offsets = np.cumsum([0] + [ds.num_frames for ds in datasets])
+        rows = []  # one row per episode: dataset, global start, global end
+        self.tasks, self.has_actions = [], []
+        for d, ds in enumerate(datasets):
+            for e in range(ds.num_episodes):
+                start, end = ds.episode_range(e)
+                rows.append((d, offsets[d] + start, offsets[d] + end))
+                self.tasks.append(ds.tasks[e])
+                self.has_actions.append(ds.has_actions(e))
+        self.ep_dataset, self.ep_start, self.ep_end = (np.array(c, dtype=np.int64) for c in zip(*rows))
+        self.offsets = offsets
+        self.has_actions = np.array(self.has_actions)
+
+    @property
+    def num_episodes(self):
+        return len(self.ep_start)
+
+    def dim(self, key):
+        arrays = [ds.arrays[key] for ds in self.datasets if key in ds.arrays]
+        dims = {a.shape[1] for a in arrays}
+        if len(dims) > 1:
+            raise DataError(f"datasets disagree on the width of '{key}': {sorted(dims)}")
+        return dims.pop() if dims else 0
+
+    def frames(self, episodes):
+        """Global frame indices of the given episodes, (F,)."""
+        if len(episodes) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(self.ep_start[e], self.ep_end[e]) for e in episodes])
+
+    def episode_of(self, frames):
+        return np.searchsorted(self.ep_end, frames, side="right")
+
+    def gather(self, key, frames):
+        """Rows `frames` (any shape) of array `key` across datasets, stacked in that shape."""
+        frames = np.asarray(frames)
+        flat = frames.reshape(-1)
+        d = np.searchsorted(self.offsets, flat, side="right") - 1
+        out = None
+        for i in np.unique(d):
+            local = flat[d == i] - self.offsets[i]
+            order = np.argsort(local)
+            rows = np.asarray(self.datasets[i].arrays[key][local[order]])  # sorted reads from a memmap are cheap
+            if out is None:
+                out = np.empty((len(flat),) + rows.shape[1:], dtype=rows.dtype)
+            out[np.flatnonzero(d == i)[order]] = rows
+        return out.reshape(frames.shape + out.shape[1:])
+
+    def action_chunks(self, frames, T):
+        """actions (B, T, A) from each frame on, and valid (B, T): False past the episode's end."""
+        ends = self.ep_end[self.episode_of(frames)]
+        idx = frames[:, None] + np.arange(T)[None]
+        valid = idx < ends[:, None]
+        return self.gather("actions", np.minimum(idx, ends[:, None] - 1)), valid
+
+
+def split_episodes(corpus, val_episodes):
+    """Hold out the last `val_episodes` episodes of each task (whole episodes: no leakage of frames)."""
+    train, val = [], []
+    for task in dict.fromkeys(corpus.tasks):
+        eps = [e for e in range(corpus.num_episodes) if corpus.tasks[e] == task]
+        n_val = min(val_episodes, len(eps) - 1) if len(eps) > 1 else 0
+        train += eps[: len(eps) - n_val]
+        val += eps[len(eps) - n_val:]
+    return sorted(train), sorted(val)
+
+
+def select_episodes(corpus, episodes, need_actions=False, shots=0, only_tasks=(), exclude_tasks=()):
+    """The paper's data protocols: action episodes only, the first K per task (few-shot), task filters."""
+    out, per_task = [], {}
+    for e in episodes:
+        task = corpus.tasks[e]
+        if need_actions and not corpus.has_actions[e]:
+            continue
+        if (only_tasks and task not in only_tasks) or task in exclude_tasks:
+            continue
+        if shots and per_task.get(task, 0) >= shots:
+            continue
+        per_task[task] = per_task.get(task, 0) + 1
+        out.append(e)
+    return out
+
+
+class Normalizer:
+    """Zero mean, unit std per dimension, from training data; kept in the checkpoint."""
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.maximum(np.asarray(std, dtype=np.float32), 1e-3)  # constant dims stay finite
+
+    @classmethod
+    def fit(cls, rows):
+        stats = array_stats(rows)
+        if stats is None:
+            raise DataError("normalizer: expected at least one row without NaN, found none")
+        return cls(stats["mean"], stats["std"])
+
+    def __call__(self, x):
+        return (x - self.mean) / self.std
+
+    def inverse(self, x):
+        return x * self.std + self.mean
+
+    def state(self):
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: weights + config + stats + step, plain types only, written atomically
+
+
+def save_checkpoint(path, payload):
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path, stage=None):
+    """Load with weights_only=True (a checkpoint never runs code); check it is the expected stage."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint: path does not exist: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise DataError(f"checkpoint: could not read {path} as a torch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "stage" not in ckpt:
+        raise DataError(f"checkpoint: expected an amplify checkpoint dict with a 'stage', found {type(ckpt).__name__} in {path}")
+    if stage is not None and ckpt["stage"] != stage:
+        raise DataError(f"checkpoint {path}: expected stage '{stage}', found '{ckpt['stage']}'")
+    return ckpt
+
+
+def check_data_matches(ckpt, corpus, path):
+    """A checkpoint trained on other views / image size / horizon cannot be used on this data."""
+    want = {"views": list(ckpt["data"]["views"]), "img_size": list(ckpt["data"]["img_size"]),
+            "T": ckpt["data"]["T"], "grid": ckpt["data"]["grid"]}
+    found = {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
+    for key in want:
+        if want[key] != found[key]:
+            raise DataError(f"checkpoint {path}: trained with {key}={want[key]}, but the data has {key}={found[key]}")
+
+
+def build_model(stage, config, state=None):
+    cls = {"tokenizer": MotionTokenizer, "forward": ForwardDynamics, "inverse": InverseDynamics}[stage]
+    if isinstance(config, dict):
+        config = config_from_dict(CONFIG_CLASSES[stage], config)
+    if state is not None and stage != "tokenizer":
+        config = replace(config, vision=replace(config.vision, weights=""))  # the weights come from `state`
+    model = cls(config)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def model_from_checkpoint(ckpt):
+    model = build_model(ckpt["stage"], ckpt["config"], ckpt["model"])
+    if ckpt.get("text_cache"):
+        model.text.cache = {k: torch.tensor(v) for k, v in ckpt["text_cache"].items()}
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# Training: one flat loop shared by the three stages
+
+
+def get_lr(step, cfg: TrainConfig):
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    warmup = min(cfg.warmup, max(1, cfg.steps // 10))  # short runs (smoke tests, fine-tuning) still decay
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def to_device(batch, device):
+    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v)
+            for k, v in batch.items()}
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, device, resume=False, seed=0,
+        on_eval=None):
+    """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
+
+    batch_fn(rng) -> dict of numpy arrays; loss_fn(model, batch) -> (loss, {name: float});
+    eval_fn(model) -> {name: float}; `extra` is stored in the checkpoint (config, stats, data shape).
+    """
+    model.to(device)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr)
+    step = 0
+    if resume and os.path.exists(out_path):
+        ckpt = load_checkpoint(out_path, stage)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        log(f"{stage} | resumed from {out_path} at step {step}")
+
+    def save(step):
+        payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                   "train": asdict(train_cfg), **extra}
+        text = getattr(model, "text", None)
+        if text is not None and text.cache:
+            payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
+        save_checkpoint(out_path, payload)
+
+    use_amp = device.type == "cuda"
+    t0, seen = time.time(), 0
+    while step < train_cfg.steps:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, train_cfg)
+        batch = to_device(batch_fn(np.random.default_rng([seed, step])), device)  # (seed, step): resume replays exactly
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, info = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        opt.step()
+        step += 1
+        seen += train_cfg.batch_size
+        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            rate = seen / max(1e-9, time.time() - t0)
+            extras = "".join(f" | {k} {v:.4f}" for k, v in info.items())
+            log(f"{stage} | step {step}/{train_cfg.steps} | loss {loss.item():.4f}{extras} | "
+                f"lr {get_lr(step - 1, train_cfg):.2e} | {rate:.1f} samples/s")
+            t0, seen = time.time(), 0
+        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+            save(step)
+            metrics = eval_fn(model)
+            if metrics:
+                log(f"{stage} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                with open(os.path.join(os.path.dirname(out_path), f"{stage}_metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if on_eval is not None:
+                on_eval(model, step)
+    if step == 0 or not os.path.exists(out_path):
+        save(step)
+    return model
+
+
+def eval_frames(corpus, episodes, n):
+    """A fixed, evenly spaced subset of held-out frames, so evaluations are comparable across steps."""
+    frames = corpus.frames(episodes)
+    if len(frames) == 0:
+        return frames
+    return frames[np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)]
+
+
+def batched(frames, size):
+    for i in range(0, len(frames), size):
+        yield frames[i:i + size]
+
+
+def tracks_batch(corpus, frames):
+    return corpus.gather("tracks", frames).astype(np.float32)  # (B, V, T, N, 2)
+
+
+def vis_image(corpus, frame, pred, path):
+    """Left: true tracks; right: predicted; one row per view; upscaled so small images are legible."""
+    images, gt = corpus.gather("images", [frame])[0], tracks_batch(corpus, [frame])[0]
+    rows = [np.concatenate([draw_tracks(images[v], gt[v]), draw_tracks(images[v], pred[v])], axis=1)
+            for v in range(len(images))]
+    canvas = np.concatenate(rows, axis=0)
+    scale = max(1, 256 // canvas.shape[0])
+    write_png(path, np.kron(canvas, np.ones((scale, scale, 1), dtype=np.uint8)))
+
+
+def data_shape(corpus):
+    return {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
+
+
+def train_tokenizer(corpus, args, preset):
+    cfg = replace(preset["tokenizer"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T, grid=corpus.grid)
+    train_cfg = stage_train_config(preset, args)
+    train_eps, val_eps = split_episodes(corpus, args.val_episodes)
+    train_eps = select_episodes(corpus, train_eps, only_tasks=args.only_task, exclude_tasks=args.exclude_task)
+    frames = require_frames(corpus, train_eps, "tokenizer")
+    val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
+    model = MotionTokenizer(cfg)
+    log(f"tokenizer | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
+        f"{len(val_eps)} held out | codebook {model.fsq.codebook_size}")
+
+    def batch_fn(rng):
+        return {"tracks": tracks_batch(corpus, rng.choice(frames, train_cfg.batch_size))}
+
+    def loss_fn(model, batch):
+        return model.loss(batch["tracks"]), {}
+
+    @torch.no_grad()
+    def eval_fn(model):
+        if len(val) == 0:
+            return {}
+        model.eval()
+        preds, gts, losses, used = [], [], [], set()
+        for chunk in batched(val, train_cfg.batch_size):
+            tracks = torch.as_tensor(tracks_batch(corpus, chunk), device=args.device)
+            losses.append(model.loss(tracks).item())
+            _, idx = model.encode(tracks)
+            used.update(idx.flatten().tolist())
+            preds.append(model.decode(idx, tracks[:, :, 0]).cpu())
+            gts.append(tracks.cpu())
+        metrics = track_metrics(torch.cat(preds), torch.cat(gts), corpus.img_size)
+        return {"val_loss": float(np.mean(losses)), **metrics, "codes_used": len(used) / model.fsq.codebook_size}
+
+    def on_eval(model, step):
+        if args.vis and len(val):
+            tracks = torch.as_tensor(tracks_batch(corpus, val[:1]), device=args.device)
+            with torch.no_grad():
+                pred = model.decode(model.encode(tracks)[1], tracks[:, :, 0])[0].cpu().numpy()
+            vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_tokenizer_{step:06d}.png"))
+
+    extra = {"config": asdict(cfg), "data": data_shape(corpus)}
+    return fit("tokenizer", model, train_cfg, batch_fn, loss_fn, eval_fn, os.path.join(args.out, "tokenizer.pt"),
+               extra, args.device, args.resume, args.seed, on_eval)
+
+
+def load_stage(path, stage, corpus):
+    ckpt = load_checkpoint(path, stage)
+    check_data_matches(ckpt, corpus, path)
+    return ckpt, model_from_checkpoint(ckpt)
+
+
+def stage_train_config(preset, args, steps=None):
+    cfg = preset["train"]
+    overrides = {"steps": steps if steps is not None else args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                 "eval_every": args.eval_every, "log_every": args.log_every}
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def require_frames(corpus, episodes, stage):
+    frames = corpus.frames(episodes)
+    if len(frames) == 0:
+        raise DataError(f"{stage}: expected at least one training episode after the filters, found none")
+    return frames
+
+
+def vision_config(preset_vision, args):
+    return replace(preset_vision, weights=args.vision_weights) if args.vision_weights else preset_vision
+
+
+def train_forward(corpus, args, preset):
+    tok_path = args.tokenizer or os.path.join(args.out, "tokenizer.pt")
+    tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus)
+    tokenizer.to(args.device)
+    cfg = replace(preset["forward"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
+                  codebook_size=tok_ckpt["config"]["codebook_size"], vision=vision_config(preset["forward"].vision, args))
+    if args.text_encoder:
+        cfg = replace(cfg, text_encoder=args.text_encoder,
+                      text_dim=pretrained_text_dim(args.text_encoder) if args.text_encoder != "hash" else 0)
+    train_cfg = stage_train_config(preset, args)
+    train_eps, val_eps = split_episodes(corpus, args.val_episodes)  # every episode: video needs no actions
+    train_eps = select_episodes(corpus, train_eps, only_tasks=args.only_task, exclude_tasks=args.exclude_task)
+    frames = require_frames(corpus, train_eps, "forward")
+    val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
+    model = ForwardDynamics(cfg)
+    log(f"forward | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
+        f"{len(val_eps)} held out | tokenizer {tok_path}")
+    tasks = np.array(corpus.tasks)
+
+    def batch_fn(rng):
+        f = rng.choice(frames, train_cfg.batch_size)
+        return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f),
+                "tasks": list(tasks[corpus.episode_of(f)])}
+
+    def loss_fn(model, batch):
+        with torch.no_grad():
+            codes = tokenizer.encode(batch["tracks"])[1]  # targets from the frozen tokenizer
+        loss, acc = model.loss(batch["images"], batch["tasks"], codes)
+        return loss, {"code_acc": acc.item()}
+
+    @torch.no_grad()
+    def eval_fn(model):
+        if len(val) == 0:
+            return {}
+        model.eval()
+        losses, accs, preds, gts = [], [], [], []
+        for chunk in batched(val, train_cfg.batch_size):
+            b = to_device({"images": corpus.gather("images", chunk), "tracks": tracks_batch(corpus, chunk)}, args.device)
+            chunk_tasks = list(tasks[corpus.episode_of(chunk)])
+            codes = tokenizer.encode(b["tracks"])[1]
+            loss, acc = model.loss(b["images"], chunk_tasks, codes)
+            losses.append(loss.item())
+            accs.append(acc.item())
+            pred_codes = model.generate(b["images"], chunk_tasks)
+            preds.append(tokenizer.decode(pred_codes, b["tracks"][:, :, 0]).cpu())
+            gts.append(b["tracks"].cpu())
+        return {"val_loss": float(np.mean(losses)), "code_acc": float(np.mean(accs)),
+                **track_metrics(torch.cat(preds), torch.cat(gts), corpus.img_size)}
+
+    def on_eval(model, step):
+        if args.vis and len(val):
+            b = to_device({"images": corpus.gather("images", val[:1]), "tracks": tracks_batch(corpus, val[:1])}, args.device)
+            codes = model.generate(b["images"], list(tasks[corpus.episode_of(val[:1])]))
+            with torch.no_grad():
+                pred = tokenizer.decode(codes, b["tracks"][:, :, 0])[0].cpu().numpy()
+            vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_forward_{step:06d}.png"))
+
+    extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path)}
+    return fit("forward", model, train_cfg, batch_fn, loss_fn, eval_fn, os.path.join(args.out, "forward.pt"),
+               extra, args.device, args.resume, args.seed, on_eval)
+
+
+def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
+    """Inverse dynamics on codes of the true tracks, or (predicted_codes) fine-tuned on the forward model's."""
+    name = "inverse_ft" if predicted_codes else "inverse"
+    out_path = os.path.join(args.out, name + ".pt")
+    tokenizer = forward = None
+    if not args.no_codes:
+        tok_path = args.tokenizer or os.path.join(args.out, "tokenizer.pt")
+        tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus)
+        tokenizer.to(args.device)
+    if predicted_codes:
+        if args.no_codes:
+            raise UserError("--predicted-codes fine-tunes on forward-model codes; it cannot be combined with --no-codes")
+        _, forward = load_stage(args.forward or os.path.join(args.out, "forward.pt"), "forward", corpus)
+        forward.to(args.device)
+    train_cfg = stage_train_config(preset, args, steps)
+    train_eps, val_eps = split_episodes(corpus, args.val_episodes)
+    train_eps = select_episodes(corpus, train_eps, need_actions=True, shots=args.shots,
+                                only_tasks=args.only_task, exclude_tasks=args.exclude_task)
+    val_eps = select_episodes(corpus, val_eps, need_actions=True)
+    frames = require_frames(corpus, train_eps, "inverse (episodes with actions)")
+    if corpus.dim("proprio") == 0:
+        raise DataError("inverse: expected key 'proprio' in the data, found none")
+    # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
+    act_norm = Normalizer.fit(corpus.gather("actions", frames))
+    prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
+    init = None
+    if predicted_codes:
+        init = load_checkpoint(args.init or os.path.join(args.out, "inverse.pt"), "inverse")
+        check_data_matches(init, corpus, args.init or "inverse.pt")
+        cfg = config_from_dict(InverseConfig, init["config"])
+        act_norm, prop_norm = Normalizer(**init["stats"]["actions"]), Normalizer(**init["stats"]["proprio"])
+    else:
+        cfg = replace(preset["inverse"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
+                      action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"), use_codes=not args.no_codes,
+                      codebook_size=tok_ckpt["config"]["codebook_size"] if tokenizer else preset["inverse"].codebook_size,
+                      vision=vision_config(preset["inverse"].vision, args))
+    model = build_model("inverse", cfg, init["model"] if init else None)
+    val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
+    tasks = np.array(corpus.tasks)
+    log(f"{name} | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} action episodes "
+        f"({len(frames)} frames), {len(val_eps)} held out | codes: "
+        f"{'none (inverse-only baseline)' if args.no_codes else 'forward-predicted' if predicted_codes else 'true tracks'}")
+
+    def make_batch(f):
+        actions, valid = corpus.action_chunks(f, cfg.T)
+        b = {"images": corpus.gather("images", f), "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
+             "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
+             "tasks": list(tasks[corpus.episode_of(f)])}
+        if tokenizer is not None and not predicted_codes:
+            b["tracks"] = tracks_batch(corpus, f)
+        return b
+
+    def codes_for(batch):
+        if not cfg.use_codes:
+            return None
+        with torch.no_grad():
+            if predicted_codes:
+                return forward.generate(batch["images"], batch["tasks"])
+            return tokenizer.encode(batch["tracks"])[1]
+
+    def loss_fn(model, batch):
+        loss, _ = model.loss(batch["images"], batch["proprio"], codes_for(batch), batch["actions"], batch["valid"])
+        return loss, {}
+
+    @torch.no_grad()
+    def eval_fn(model):
+        if len(val) == 0:
+            return {}
+        model.eval()
+        losses, err_norm, err_data, err_first = [], [], [], []
+        for chunk in batched(val, train_cfg.batch_size):
+            b = to_device(make_batch(chunk), args.device)
+            codes = codes_for(b)
+            loss, mean = model.loss(b["images"], b["proprio"], codes, b["actions"], b["valid"])
+            valid = b["valid"].bool()
+            losses.append(loss.item())
+            err_norm.append(((mean - b["actions"]) ** 2)[valid].mean().item())
+            data_err = (act_norm.inverse(mean.cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
+            err_data.append(data_err[valid.cpu().numpy()].mean())
+            err_first.append(data_err[:, 0].mean())
+        return {"val_nll": float(np.mean(losses)), "action_mse_norm": float(np.mean(err_norm)),
+                "action_mse": float(np.mean(err_data)), "action_mse_first": float(np.mean(err_first))}
+
+    extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": predicted_codes,
+             "stats": {"actions": act_norm.state(), "proprio": prop_norm.state()},
+             "protocol": {"shots": args.shots, "only_task": list(args.only_task), "exclude_task": list(args.exclude_task),
+                          "train_episodes": len(train_eps)}}
+    return fit(name, model, train_cfg, lambda rng: make_batch(rng.choice(frames, train_cfg.batch_size)), loss_fn,
+               eval_fn, out_path, extra, args.device, args.resume, args.seed)
+
+
+# -----------------------------------------------------------------------------
+# The composed policy: forward model -> codes -> inverse model -> action chunk -> temporal ensembling
+
+
+def strip_optimizer(ckpt):
+    return {k: v for k, v in ckpt.items() if k != "optimizer"}
+
+
+def write_policy(out_dir):
+    """Bundle the stage checkpoints in out_dir into out_dir/policy.pt (fine-tuned inverse if present)."""
+    inverse_path = os.path.join(out_dir, "inverse_ft.pt")
+    if not os.path.exists(inverse_path):
+        inverse_path = os.path.join(out_dir, "inverse.pt")
+    bundle = {"stage": "policy", "inverse": strip_optimizer(load_checkpoint(inverse_path, None))}
+    if bundle["inverse"]["config"]["use_codes"]:
+        bundle["tokenizer"] = strip_optimizer(load_checkpoint(os.path.join(out_dir, "tokenizer.pt"), "tokenizer"))
+        bundle["forward"] = strip_optimizer(load_checkpoint(os.path.join(out_dir, "forward.pt"), "forward"))
+    save_checkpoint(os.path.join(out_dir, "policy.pt"), bundle)
+    return os.path.join(out_dir, "policy.pt")
+
+
+class Policy:
+    """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data."""
+
+    def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,
+                 temperature=0.0, top_k=None):
+        self.device = pick_device(device or "auto")
+        self.inverse = model_from_checkpoint(inverse_ckpt).to(self.device)
+        cfg = self.inverse.cfg
+        self.uses_codes = cfg.use_codes
+        self.tokenizer = self.forward = None
+        if self.uses_codes:
+            if tokenizer_ckpt is None or forward_ckpt is None:
+                raise DataError("policy: the inverse model uses motion codes, so a tokenizer and a forward model are needed")
+            self.tokenizer = model_from_checkpoint(tokenizer_ckpt).to(self.device)
+            self.forward = model_from_checkpoint(forward_ckpt).to(self.device)
+        data = inverse_ckpt["data"]
+        self.views, self.img_size, self.horizon = list(data["views"]), tuple(data["img_size"]), cfg.T
+        self.action_dim, self.proprio_dim = cfg.action_dim, cfg.proprio_dim
+        self.act_norm = Normalizer(**inverse_ckpt["stats"]["actions"])
+        self.prop_norm = Normalizer(**inverse_ckpt["stats"]["proprio"])
+        self.temperature, self.top_k = temperature, top_k
+        self.ensembler = TemporalEnsembler(self.horizon, k)
+        self.last_tracks = None
+
+    @classmethod
+    def load(cls, path, device=None, **kwargs):
+        """`path`: DIR/policy.pt from --stage all, or a directory holding the stage checkpoints."""
+        if os.path.isdir(path):
+            bundle_path = os.path.join(path, "policy.pt")
+            if os.path.exists(bundle_path):
+                path = bundle_path
+            else:
+                inv = os.path.join(path, "inverse_ft.pt")
+                inv = inv if os.path.exists(inv) else os.path.join(path, "inverse.pt")
+                inverse = load_checkpoint(inv, None)
+                parts = {}
+                if inverse["config"]["use_codes"]:
+                    parts = {"tokenizer_ckpt": load_checkpoint(os.path.join(path, "tokenizer.pt"), "tokenizer"),
+                             "forward_ckpt": load_checkpoint(os.path.join(path, "forward.pt"), "forward")}
+                return cls(inverse, device=device, **parts, **kwargs)
+        bundle = load_checkpoint(path, "policy")
+        return cls(bundle["inverse"], bundle.get("tokenizer"), bundle.get("forward"), device=device, **kwargs)
+
+    def reset(self):
+        """A new episode: forget earlier chunks."""
+        self.ensembler.reset()
+        self.last_tracks = None
+
+    def _images(self, images):
+        images = np.asarray(images)
+        V = len(self.views)
+        if images.ndim != 4 or images.shape[0] != V or images.shape[-1] != 3:
+            raise UserError(f"policy.act: expected images ({V}, H, W, 3) for views {self.views}, found {images.shape}")
+        x = torch.as_tensor(images, device=self.device)[None]  # (1, V, H, W, 3)
+        if tuple(images.shape[1:3]) != self.img_size:
+            x = rearrange(x, "b v h w c -> (b v) c h w").float()
+            x = F.interpolate(x, size=self.img_size, mode="bilinear", antialias=True, align_corners=False)
+            x = rearrange(x.round().clamp(0, 255).to(torch.uint8), "(b v) c h w -> b v h w c", b=1)
+        return x
+
+    @torch.no_grad()
+    def predict_chunk(self, images, proprio, task):
+        """The model's action chunk (T, A) in data units for one observation, without ensembling."""
+        x = self._images(images)
+        proprio = np.asarray(proprio, dtype=np.float32).reshape(-1)
+        if proprio.shape != (self.proprio_dim,):
+            raise UserError(f"policy.act: expected proprio ({self.proprio_dim},), found {proprio.shape}")
+        codes = None
+        if self.uses_codes:
+            codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k)
+            start = self.tokenizer.start_points(1, self.device)
+            self.last_tracks = self.tokenizer.decode(codes, start)[0].cpu().numpy()  # (V, T, N, 2)
+        p = torch.as_tensor(self.prop_norm(proprio)[None], device=self.device)
+        mean, _ = self.inverse(x, p, codes)
+        return self.act_norm.inverse(mean[0].float().cpu().numpy())
+
+    def act(self, images, proprio, task):
+        return self.ensembler.step(self.predict_chunk(images, proprio, task)).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def count_params(stage, preset, views=2, img_size=(128, 128), action_dim=7, proprio_dim=9):
+    """Parameters of a stage's model for LIBERO-shaped data (2 views, 128x128, 7-d actions, 9-d proprio)."""
+    shape = {"views": views, "img_size": tuple(img_size)}
+    if stage == "tokenizer":
+        cfg = replace(preset["tokenizer"], **shape)
+    elif stage == "forward":
+        cfg = replace(preset["forward"], **shape)
+    else:
+        cfg = replace(preset["inverse"], action_dim=action_dim, proprio_dim=proprio_dim, **shape)
+    cfg = replace(cfg, vision=replace(cfg.vision, weights="")) if stage != "tokenizer" else cfg
+    return sum(p.numel() for p in build_model(stage, cfg).parameters())
+
+
+def load_corpus(paths):
+    return Corpus([load_dataset(p) for p in paths])
+
+
+def run(args):
+    preset = PRESETS[args.preset]
+    if args.count_params:
+        if args.stage == "all":
+            raise UserError("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
+        print(f"params: {count_params(args.stage, preset)}")
+        return
+    torch.manual_seed(args.seed)
+    corpus = load_corpus(args.data)
+    os.makedirs(args.out, exist_ok=True)
+    log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
+        f"{corpus.img_size[0]}x{corpus.img_size[1]}, {int(corpus.has_actions.sum())} episodes with actions | "
+        f"device {args.device} | preset {args.preset}")
+    if args.stage in ("tokenizer", "all"):
+        train_tokenizer(corpus, args, preset)
+    if args.stage in ("forward", "all") and not (args.stage == "all" and args.no_codes):
+        train_forward(corpus, args, preset)
+    if args.stage == "inverse":
+        train_inverse(corpus, args, preset, predicted_codes=args.predicted_codes)
+    if args.stage == "all":
+        train_inverse(corpus, args, preset)
+        if not args.no_codes:
+            ft_steps = args.finetune_steps if args.finetune_steps is not None else stage_train_config(preset, args).steps // 2
+            if ft_steps > 0:
+                train_inverse(corpus, args, preset, predicted_codes=True, steps=ft_steps)
+        log(f"policy: {write_policy(args.out)}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="AMPLIFY: train the motion tokenizer, forward and inverse dynamics.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # what to run
+    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"], required=True,
+                   help="which model to train; 'all' trains the three in order and writes OUT/policy.pt")
+    p.add_argument("--data", nargs="+", help="dataset(s): .npz or directory; several are concatenated "
+                   "(e.g. robot demos + action-free video); required unless --count-params")
+    p.add_argument("--out", default="runs/amplify", help="directory for checkpoints, metrics and images")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training sizes")
+    p.add_argument("--count-params", action="store_true", help="print 'params: <int>' for --stage and exit")
+    # training
+    p.add_argument("--steps", type=int, help="training steps per stage (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="default: the preset's")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    p.add_argument("--resume", action="store_true", help="continue each stage from its checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
+    p.add_argument("--val-episodes", type=int, default=1, help="episodes held out per task for evaluation")
+    p.add_argument("--vis", action="store_true", help="write PNGs of predicted vs true tracks at each evaluation")
+    # stage inputs
+    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: OUT/tokenizer.pt)")
+    p.add_argument("--forward", help="forward-model checkpoint for --predicted-codes (default: OUT/forward.pt)")
+    p.add_argument("--init", help="inverse checkpoint that --predicted-codes fine-tunes (default: OUT/inverse.pt)")
+    p.add_argument("--predicted-codes", action="store_true",
+                   help="inverse: fine-tune on codes predicted by the forward model (writes OUT/inverse_ft.pt)")
+    p.add_argument("--finetune-steps", type=int, help="--stage all: steps of that fine-tuning (default: steps/2)")
+    # data protocols (paper section 5): few-shot, zero-shot, cross-embodiment
+    p.add_argument("--shots", type=int, default=0, help="inverse: use only the first K action episodes of each task (0: all)")
+    p.add_argument("--only-task", action="append", default=[], help="train only on episodes of this task (repeatable)")
+    p.add_argument("--exclude-task", action="append", default=[], help="leave out episodes of this task (repeatable)")
+    p.add_argument("--no-codes", action="store_true",
+                   help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
+    # pretrained encoders (optional; the defaults train from scratch)
+    p.add_argument("--vision-weights", help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")
+    p.add_argument("--text-encoder", help="'hash' (default, from scratch) or a Hugging Face encoder such as t5-base")
+    return p
+
+
+def check_args(p, args):
+    """Args error checking: everything that can be known wrong before any work starts."""
+    if not args.count_params and not args.data:
+        p.error("--data is required unless --count-params")
+    for name in ("steps", "batch_size", "log_every", "eval_every"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "steps" else 1):
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, found {value}")
+    if args.shots < 0:
+        p.error(f"--shots: expected >= 0, found {args.shots}")
+    if args.predicted_codes and args.stage != "inverse":
+        p.error("--predicted-codes applies to --stage inverse (--stage all fine-tunes by itself)")
+    for path in args.data or []:
+        if not os.path.exists(path):
+            raise UserError(f"--data: path does not exist: {path}")
+    args.device = pick_device(args.device)
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        check_args(p, args)
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints on disk are whole; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
