@@ -239,8 +239,8 @@ def parse_config(raw):
     gripper = _section(raw.get("gripper", {}), "gripper", GripperConfig, {
         "kind": (("one of", ("robotiq", "none")), "none"), "host": ("str", ""), "port": ("int", 63352)})
     if not isinstance(raw["cameras"], list) or not raw["cameras"]:
-        raise ConfigError(f"config error: cameras: expected a non-empty list, "
-                          f"found {_typename(raw['cameras'])}")
+        found = "an empty list" if raw["cameras"] == [] else _typename(raw["cameras"])
+        raise ConfigError(f"config error: cameras: expected a non-empty list, found {found}")
     cameras = [_section(c, f"cameras[{i}]", CameraConfig, {
         "name": ("str", R), "kind": (("one of", ("opencv", "realsense")), R), "device": ("int|str", R),
         "width": ("int", 640), "height": ("int", 480), "fps": ("int", 30),
@@ -772,9 +772,10 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
             t2 = clock.now()
             target, grip = target_from(action, hold_rot, layout)
             target, event = safety.apply(target, prev)
+            grip = min(max(grip, 0.0), 1.0)
             if not dry_run:
                 robot.servo(target, cfg.period)
-                gripper.command(min(max(grip, 0.0), 1.0))
+                gripper.command(grip)
             prev = target
             t3 = clock.now()
             entry = {"step": step, "t": round(t0 - rate.start, 5), "obs_ms": round(1e3 * (t1 - t0), 3),
@@ -902,24 +903,11 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
 # Policy loading
 
 
-def pick_device(name):
-    if name != "auto":
-        return name
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_policy(path, device):
-    import inspect
-
+def load_policy(path, device="auto"):
+    """amplify.Policy on `device` ("auto": CUDA when present, else MPS or CPU; see amplify.pick_device)."""
     import amplify
 
-    if "device" in inspect.signature(amplify.Policy.load).parameters:
-        return amplify.Policy.load(path, device=device)
-    policy = amplify.Policy.load(path)
-    if hasattr(policy, "to"):
-        policy = policy.to(device) or policy
-    return policy
+    return amplify.Policy.load(path, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -1005,9 +993,9 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
     log_file = open(args.log, "a") if args.log else None
     try:
         if policy is None and args.record is None:
-            device = pick_device(args.device)
-            policy = load_policy(args.policy, device)
-            print(f"policy {args.policy} on {getattr(policy, 'device', device)}", file=sys.stderr)
+            policy = load_policy(args.policy, args.device)
+            print(f"policy {args.policy}: views {policy.views}, {policy.img_size[0]}x{policy.img_size[1]}, "
+                  f"device {policy.device}", file=sys.stderr)
         if policy is not None and args.record is None:
             check_policy(policy, cfg)
         if hardware is None:
@@ -1017,7 +1005,8 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
         wait_for_cameras(hw.cameras, cfg.control.camera_timeout_s)
 
         if args.record is not None:
-            keys = EnterKey() if interactive else None
+            # prompts only on a terminal; with stdin redirected, episodes follow back to back
+            keys = EnterKey() if interactive and sys.stdin.isatty() else None
 
             def wait_start(i):
                 if keys:
@@ -1056,5 +1045,12 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
             hw.close()
 
 
+def _sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt  # a supervisor's kill stops the arm exactly like Ctrl-C
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     sys.exit(main())

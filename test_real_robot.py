@@ -540,23 +540,30 @@ class TeleopRobot(FakeRobot):
         return np.array([0.1 * t, -0.5, 0.2 + 0.05 * t, 0.0, 3.14, 0.0])
 
 
-def test_record_with_and_without_actions_writes_a_dataset_amplify_loads(tmp_path):
+@pytest.fixture(scope="module")
+def robot_demos(tmp_path_factory):
+    """Two 1 s teleoperated episodes recorded through preprocess.py (LK tracker) at 64x64."""
     need("cv2")  # the "lk" tracker of preprocess.py
-    import amplify
-
-    cfg = rr.parse_config(config_dict(**{"control.episode_s": 1.0}))  # 20 frames an episode
+    cfg = rr.parse_config(config_dict(**{"record.img_size": [64, 64]}))  # 20 frames an episode
     clock = FakeClock()
     cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
     hw = rr.Hardware(TeleopRobot(clock), FakeGripper(), cams)
-    out = tmp_path / "robot_demos"
+    out = tmp_path_factory.mktemp("rec") / "robot_demos"
     rr.record(hw, cfg, str(out), "push the block", episodes=2, tracker="lk", clock=clock,
               kinesthetic=True)
     assert hw.robot.teach_calls == [True, False] and hw.robot.servo_calls == []
-    ds = amplify.load_dataset(str(out))
+    return str(out), cfg, clock, cams
+
+
+def test_record_with_and_without_actions_writes_a_dataset_amplify_loads(robot_demos, tmp_path):
+    import amplify
+
+    out, cfg, clock, cams = robot_demos
+    ds = amplify.load_dataset(out)
     assert ds.num_episodes == 2 and ds.tasks == ["push the block"] * 2
-    assert ds.meta["views"] == ["front", "left"]
+    assert ds.meta["views"] == ["front", "left"] and ds.meta["fps"] == 20
     images, proprio, actions = (np.asarray(ds.arrays[k]) for k in ("images", "proprio", "actions"))
-    assert images.shape == (40, 2, 32, 32, 3) and images.dtype == np.uint8
+    assert images.shape == (40, 2, 64, 64, 3) and images.dtype == np.uint8
     assert ds.arrays["tracks"].shape[:3] == (40, 2, 16)
     assert proprio.shape == (40, 4) and actions.shape == (40, 4)
     s, e = ds.episode_range(0)
@@ -571,7 +578,33 @@ def test_record_with_and_without_actions_writes_a_dataset_amplify_loads(tmp_path
               tracker="lk", clock=clock)
     ds = amplify.load_dataset(str(out))
     assert ds.num_episodes == 1 and ds.arrays["images"].shape[0] == 20
+    assert ds.meta["source"] == "real_human"
     assert "actions" not in ds.arrays or np.isnan(np.asarray(ds.arrays["actions"])).all()
+
+
+def test_policy_trained_on_recorded_demos_runs_in_the_loop(robot_demos, tmp_path):
+    """record -> amplify.py (inverse only, 1 step: the fastest real Policy) -> real_robot.main."""
+    out, _, _, _ = robot_demos
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "amplify.py"), "--stage", "inverse",
+                        "--no-codes", "--data", out, "--out", str(run), "--steps", "1",
+                        "--batch-size", "2", "--device", "cpu"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg_path = write_cfg(tmp_path)
+    for dry_run in (True, False):
+        _, clock, hw = rig()
+        log = tmp_path / f"steps_{dry_run}.jsonl"
+        argv = ["--config", cfg_path, "--policy", str(run), "--device", "cpu",
+                "--max-steps", "4", "--log", str(log)] + (["--dry-run"] if dry_run else [])
+        assert rr.main(argv, hardware=hw, clock=clock) == 0
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        assert len(entries) == 4 and all(np.isfinite(e["target"]).all() for e in entries)
+        assert len(hw.robot.servo_calls) == (0 if dry_run else 4) and hw.robot.stops == 1
+        prev = np.array([0.0, -0.5, 0.2])
+        for pose in hw.robot.servo_calls:  # whatever the untrained policy says, within limits
+            assert np.linalg.norm(pose[:3] - prev) <= 0.02 + 1e-9
+            prev = pose[:3]
 
 
 def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
