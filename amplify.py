@@ -1244,12 +1244,14 @@ def log(msg):
 
 
 def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, device, resume=False, seed=0,
-        on_eval=None):
+        on_eval=None, label=None):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
     batch_fn(rng) -> dict of numpy arrays; loss_fn(model, batch) -> (loss, {name: float});
     eval_fn(model) -> {name: float}; `extra` is stored in the checkpoint (config, stats, data shape).
+    `label` names the run in logs and metrics files (default: the stage).
     """
+    label = label or stage
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -1261,7 +1263,7 @@ def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, de
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
-        log(f"{stage} | resumed from {out_path} at step {step}")
+        log(f"{label} | resumed from {out_path} at step {step}")
 
     def save(step):
         payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -1290,15 +1292,15 @@ def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, de
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:
             rate = seen / max(1e-9, time.time() - t0)
             extras = "".join(f" | {k} {v:.4f}" for k, v in info.items())
-            log(f"{stage} | step {step}/{train_cfg.steps} | loss {loss.item():.4f}{extras} | "
+            log(f"{label} | step {step}/{train_cfg.steps} | loss {loss.item():.4f}{extras} | "
                 f"lr {get_lr(step - 1, train_cfg):.2e} | {rate:.1f} samples/s")
             t0, seen = time.time(), 0
         if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
             save(step)
             metrics = eval_fn(model)
             if metrics:
-                log(f"{stage} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                with open(os.path.join(os.path.dirname(out_path), f"{stage}_metrics.jsonl"), "a") as f:
+                log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                with open(os.path.join(os.path.dirname(out_path), f"{label}_metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             if on_eval is not None:
                 on_eval(model, step)
@@ -1556,8 +1558,8 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
              "stats": {"actions": act_norm.state(), "proprio": prop_norm.state()},
              "protocol": {"shots": args.shots, "only_task": list(args.only_task), "exclude_task": list(args.exclude_task),
                           "train_episodes": len(train_eps)}}
-    return fit(name, model, train_cfg, lambda rng: make_batch(rng.choice(frames, train_cfg.batch_size)), loss_fn,
-               eval_fn, out_path, extra, args.device, args.resume, args.seed)
+    return fit("inverse", model, train_cfg, lambda rng: make_batch(rng.choice(frames, train_cfg.batch_size)),
+               loss_fn, eval_fn, out_path, extra, args.device, args.resume, args.seed, label=name)
 
 
 # -----------------------------------------------------------------------------
@@ -1573,7 +1575,7 @@ def write_policy(out_dir):
     inverse_path = os.path.join(out_dir, "inverse_ft.pt")
     if not os.path.exists(inverse_path):
         inverse_path = os.path.join(out_dir, "inverse.pt")
-    bundle = {"stage": "policy", "inverse": strip_optimizer(load_checkpoint(inverse_path, None))}
+    bundle = {"stage": "policy", "inverse": strip_optimizer(load_checkpoint(inverse_path, "inverse"))}
     if bundle["inverse"]["config"]["use_codes"]:
         bundle["tokenizer"] = strip_optimizer(load_checkpoint(os.path.join(out_dir, "tokenizer.pt"), "tokenizer"))
         bundle["forward"] = strip_optimizer(load_checkpoint(os.path.join(out_dir, "forward.pt"), "forward"))
@@ -1615,7 +1617,7 @@ class Policy:
             else:
                 inv = os.path.join(path, "inverse_ft.pt")
                 inv = inv if os.path.exists(inv) else os.path.join(path, "inverse.pt")
-                inverse = load_checkpoint(inv, None)
+                inverse = load_checkpoint(inv, "inverse")
                 parts = {}
                 if inverse["config"]["use_codes"]:
                     parts = {"tokenizer_ckpt": load_checkpoint(os.path.join(path, "tokenizer.pt"), "tokenizer"),
