@@ -309,7 +309,8 @@ class MonotonicClock:
         return time.monotonic()
 
     def sleep_until(self, t):
-        # time.sleep oversleeps by 0.1-1 ms on a loaded machine: sleep most of the way, spin the rest
+        # time.sleep oversleeps (by milliseconds on a loaded machine): sleep most of the way, spin
+        # the last millisecond
         while True:
             dt = t - time.monotonic()
             if dt <= 0:
@@ -373,7 +374,7 @@ class SafetyFilter:
     on_violation = "refuse": a target outside the box or farther than one step is not executed;
       the arm holds the previous target for this tick (and moves again as soon as the policy
       proposes a reachable target). Stricter: a policy that drifts out of range freezes the arm.
-    The gripper command is clipped to [0, 1] in both modes. A non-finite action always stops.
+    A non-finite target always stops (SafetyStop). The loop clips the gripper to [0, 1].
     """
 
     def __init__(self, cfg: SafetyConfig):
@@ -604,21 +605,25 @@ class UR5:
 class RobotiqGripper:
     """Robotiq 2F gripper through the URCap socket (port 63352): ASCII lines 'SET <VAR> <int>'
     (answer 'ack') and 'GET <VAR>' (answer '<VAR> <int>'); POS 0 = open, 255 = closed.
-    Not testable without the gripper; kept small on purpose."""
+    `activate=False` (dry-run, teleoperated recording) only reads: activating an inactive
+    gripper makes it open and close fully, which is motion. Only the protocol is tested here
+    (against a local fake server); kept small on purpose."""
 
-    def __init__(self, host, port=63352, speed=255, force=100, timeout=1.0):
+    def __init__(self, host, port=63352, activate=True, speed=255, force=100, timeout=1.0):
         import socket
 
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self._last = None
-        self._send("SET ACT 1")  # activation; a no-op if already active
-        self._send(f"SET SPE {speed}")
-        self._send(f"SET FOR {force}")
-        self._send("SET GTO 1")
+        self.replies = self.sock.makefile("r")
+        self.active, self._last = activate, None
+        if activate:
+            self._send("SET ACT 1")  # a no-op if already active
+            self._send(f"SET SPE {speed}")
+            self._send(f"SET FOR {force}")
+            self._send("SET GTO 1")
 
     def _send(self, line):
         self.sock.sendall((line + "\n").encode())
-        reply = self.sock.recv(1024).decode().strip()
+        reply = self.replies.readline().strip()
         if line.startswith("SET") and reply != "ack":
             raise RuntimeError(f"gripper: '{line}' answered {reply!r}, expected 'ack'")
         return reply
@@ -628,12 +633,15 @@ class RobotiqGripper:
         return int(value) / 255.0
 
     def command(self, g):
+        if not self.active:
+            raise RuntimeError("gripper opened read-only (activate=False): no commands")
         pos = int(round(float(np.clip(g, 0.0, 1.0)) * 255))
         if pos != self._last:  # one socket round trip per change, not per tick
             self._send(f"SET POS {pos}")
             self._last = pos
 
     def close(self):
+        self.replies.close()
         self.sock.close()
 
 
@@ -657,12 +665,14 @@ class Hardware:
     cameras: dict  # name -> camera with read() -> Frame
 
     def close(self):
-        for cam in self.cameras.values():
-            cam.close()
-        if self.gripper is not None:
-            self.gripper.close()
-        if self.robot is not None:
-            self.robot.close()
+        """Close everything; one failing device does not keep the others open."""
+        for device in [self.robot, self.gripper, *self.cameras.values()]:
+            if device is None:
+                continue
+            try:
+                device.close()
+            except Exception as e:
+                print(f"WARNING: closing {type(device).__name__} failed: {e}", file=sys.stderr)
 
 
 def open_hardware(cfg: Config, *, robot="control"):
@@ -676,7 +686,8 @@ def open_hardware(cfg: Config, *, robot="control"):
             opened["cameras"][c.name] = opener(c)
         opened["robot"] = UR5(cfg.robot, control=robot == "control") if robot else None
         if robot and cfg.gripper.kind == "robotiq":
-            opened["gripper"] = RobotiqGripper(cfg.gripper.host, cfg.gripper.port)
+            opened["gripper"] = RobotiqGripper(cfg.gripper.host, cfg.gripper.port,
+                                               activate=robot == "control")
         else:
             opened["gripper"] = NullGripper() if robot else None
     except BaseException:
@@ -974,11 +985,15 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
                               "'task'), found none")
         if args.record is None and args.policy is None and policy is None:
             raise ConfigError("argument error: expected --policy (run) or --record OUT, found neither")
+        if args.record is not None and (args.policy or args.dry_run):
+            raise ConfigError("argument error: --record: expected no --policy/--dry-run "
+                              "(recording commands no motion), found them")
         if (args.no_actions or args.kinesthetic) and args.record is None:
-            raise ConfigError("argument error: --no-actions/--kinesthetic only apply with --record")
+            raise ConfigError("argument error: --no-actions/--kinesthetic: expected with --record, "
+                              "found without")
         if args.no_actions and args.kinesthetic:
-            raise ConfigError("argument error: --no-actions records without a robot; "
-                              "--kinesthetic needs one")
+            raise ConfigError("argument error: expected --no-actions (human, no robot) or "
+                              "--kinesthetic (robot in freedrive), found both")
         if args.episodes < 1:
             raise ConfigError(f"argument error: --episodes: expected >= 1, found {args.episodes}")
     except ConfigError as e:

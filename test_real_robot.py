@@ -631,6 +631,45 @@ def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
     assert ep["images"].shape == (20, 2, 32, 32, 3) and ep["task"] == "t"
 
 
+@pytest.mark.parametrize("flags, mode, source", [
+    ([], "read", "real_robot"),  # teleoperation: the robot is read, never commanded
+    (["--kinesthetic"], "control", "real_robot"),  # freedrive needs the control interface
+    (["--no-actions"], None, "real_human"),  # human demonstrations: no robot at all
+])
+def test_main_record_opens_only_what_it_needs(tmp_path, monkeypatch, flags, mode, source):
+    cfg_path = write_cfg(tmp_path)
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    opened = []
+
+    def hardware(cfg, robot_mode):
+        opened.append(robot_mode)
+        robot = TeleopRobot(clock) if robot_mode else None
+        return rr.Hardware(robot, FakeGripper() if robot_mode else None, cams)
+    written = {}
+
+    class FakePreprocess:
+        @staticmethod
+        def episodes_to_dataset(episodes, out, **kw):
+            written.update(episodes=list(episodes), out=out, **kw)
+            return {"episodes": len(written["episodes"])}
+    monkeypatch.setitem(sys.modules, "preprocess", FakePreprocess)
+    code = rr.main(["--config", cfg_path, "--record", str(tmp_path / "out"), "--episodes", "2",
+                    "--tracker", "lk"] + flags, hardware=hardware, clock=clock, interactive=False)
+    assert code == 0 and opened == [mode]
+    assert written["source"] == source and written["tracker"] == "lk" and len(written["episodes"]) == 2
+    assert ("actions" in written["episodes"][0]) == (mode is not None)
+
+
+def test_main_rejects_conflicting_flags(tmp_path, capsys):
+    cfg_path = write_cfg(tmp_path)
+    for argv in (["--record", "out", "--policy", "p.pt"], ["--no-actions", "--policy", "p.pt"],
+                 ["--record", "out", "--no-actions", "--kinesthetic"], []):
+        assert rr.main(["--config", cfg_path] + argv, hardware=pytest.fail) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "expected" in err[0] and "found" in err[0]
+
+
 # -----------------------------------------------------------------------------
 # Robotiq socket protocol against a local fake server (the real gripper cannot be tested here)
 
@@ -662,6 +701,19 @@ def test_robotiq_gripper_protocol():
     g.command(0.5)
     assert g.position() == pytest.approx(128 / 255)
     g.close()
-    server.close()
+    thread.join(timeout=5)
     assert received[:4] == ["SET ACT 1", "SET SPE 255", "SET FOR 100", "SET GTO 1"]
     assert received.count("SET POS 255") == 1 and "SET POS 128" in received
+
+    # read-only (dry-run): no activation (it would move the fingers), no commands
+    received.clear()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    g = rr.RobotiqGripper("127.0.0.1", server.getsockname()[1], activate=False)
+    assert g.position() == pytest.approx(128 / 255)
+    with pytest.raises(RuntimeError):
+        g.command(1.0)
+    g.close()
+    thread.join(timeout=5)
+    server.close()
+    assert received == ["GET POS"]
