@@ -964,9 +964,10 @@ def main(argv=None):
         summary["demos"] = sum(n for _, n in tasks)
 
     elif args.command == "videos":
-        for p in args.paths:  # unreadable or missing sources fail before any tracking
+        for p in args.paths:  # missing or unreadable sources fail before any tracking
             if not Path(p).exists():
                 raise DataError(f"{p}: expected a video file or a folder of frames, found nothing")
+            video_fps(p)  # reads the file's header: raises for what ffmpeg cannot open
         fps_seen = []
 
         def episodes():

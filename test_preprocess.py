@@ -426,9 +426,12 @@ def test_videos_subcommand_folder_of_frames_in_natural_order(tmp_path):
 
 
 def test_unreadable_video_rejected(tmp_path):
+    iio = need("imageio.v3")
+    need("imageio_ffmpeg")
+    iio.imwrite(tmp_path / "good.mp4", shifted_frames(4, 16), fps=10, plugin="FFMPEG", macro_block_size=1)
     (tmp_path / "broken.mp4").write_bytes(b"this is not a video")
-    result = run_cli("videos", tmp_path / "broken.mp4", "--task", "t", "--out", tmp_path / "out",
-                     "--tracker", "lk")
+    result = run_cli("videos", tmp_path / "good.mp4", tmp_path / "broken.mp4", "--task", "t",
+                     "--out", tmp_path / "out", "--tracker", "lk")
     assert_rejected(result, "broken.mp4", "cannot read video")
     assert leftovers(tmp_path, "out") == []
 
