@@ -191,6 +191,13 @@ def _check(value, kind, path):
     raise AssertionError(kind)
 
 
+def _kind_name(kind):
+    if isinstance(kind, tuple):
+        return f"one of {list(kind[1])}" if kind[0] == "one of" else f"a list of {kind[1]} {kind[0]}"
+    return {"number": "a number", "int": "an int", "str": "a string",
+            "int|str": "an int or a string"}[kind]
+
+
 def _section(raw, path, cls, spec):
     """Validate the dict `raw` against `spec` {key: (kind, default)} and build `cls`."""
     if not isinstance(raw, dict):
@@ -204,18 +211,12 @@ def _section(raw, path, cls, spec):
         where = f"{path}.{key}" if path else key
         if key not in raw:
             if default is _REQUIRED:
-                raise ConfigError(f"config error: missing key '{where}' (expected {kind_name(kind)})")
+                raise ConfigError(f"config error: missing key '{where}' (expected {_kind_name(kind)})")
             continue
         if raw[key] is None and default is None:  # optional keys may be null
             continue
         kwargs[key] = _check(raw[key], kind, where)
     return cls(**kwargs)
-
-
-def kind_name(kind):
-    if isinstance(kind, tuple):
-        return f"{kind[0]} {kind[1]}"
-    return kind
 
 
 def parse_config(raw):
@@ -282,7 +283,8 @@ def parse_config(raw):
         raise ConfigError("config error: gripper.host: expected a host name for kind 'robotiq', found ''")
     for c in cameras:
         if c.crop is not None and (c.crop[2] <= 0 or c.crop[3] <= 0):
-            raise ConfigError(f"config error: cameras '{c.name}'.crop: expected positive w, h, found {c.crop}")
+            raise ConfigError(f"config error: cameras '{c.name}'.crop: expected positive w, h, "
+                              f"found {c.crop}")
     return Config(robot, gripper, cameras, control, safety, record, task)
 
 
@@ -742,12 +744,13 @@ class EpisodeResult:
 
 
 def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=False,
-                on_step=None, max_steps=None):
+                on_step=None, max_steps=None, should_end=None):
     """One episode: cameras -> policy -> safety filter -> servoL, at cfg.control.rate_hz.
 
     Whatever ends the episode (time limit, exception, Ctrl-C, SafetyStop), the arm is stopped
     before this returns or raises. In dry-run the robot was opened read-only: no servo, no
-    gripper command. `on_step(entry)` receives each step's log entry as it happens.
+    gripper command. `on_step(entry)` receives each step's log entry as it happens;
+    `should_end()`, polled every tick, ends the episode early (the CLI: the operator pressed Enter).
     """
     clock = clock or MonotonicClock()
     ctl, layout = cfg.control, cfg.control.action
@@ -802,6 +805,8 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
                 raise OverrunBudget(f"{overruns} consecutive overruns of the {1e3 * cfg.period:.0f} ms "
                                     f"period (last latency {entry['latency_ms']:.1f} ms; "
                                     f"control.max_consecutive_overruns)")
+            if should_end is not None and should_end():
+                break
         finished = True
     finally:
         # every exit path (time limit, exception, Ctrl-C, SafetyStop) stops the arm; on a normal
@@ -825,8 +830,8 @@ def latency_summary(log, period):
     periods = np.diff(t) * 1e3 if len(t) > 1 else np.array([period * 1e3])
     overruns = sum(e["late_ms"] > 0 for e in log)
     events = {k: sum(e["event"] == k for e in log) for k in ("clamped", "refused")}
-    return (f"steps {len(log)} | latency ms p50 {np.percentile(lat, 50):.1f} p99 {np.percentile(lat, 99):.1f} "
-            f"max {lat.max():.1f} | period ms mean {periods.mean():.2f} std {periods.std():.2f} "
+    return (f"steps {len(log)} | latency ms p50 {np.percentile(lat, 50):.1f} "
+            f"p99 {np.percentile(lat, 99):.1f} max {lat.max():.1f} | period ms mean {periods.mean():.2f} std {periods.std():.2f} "
             f"(target {1e3 * period:.1f}) | overruns {overruns} | clamped {events['clamped']} "
             f"refused {events['refused']}")
 
@@ -929,7 +934,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="Run an AMPLIFY policy on a UR5, or record demonstrations.")
     p.add_argument("--config", required=True, help="JSON config (see real_robot.example.json)")
     p.add_argument("--task", default=None, help="task text (default: the config's 'task')")
-    p.add_argument("--episodes", type=int, default=1, help="episodes to run or record")
+    p.add_argument("--episodes", type=int, default=1,
+                   help="episodes to run or record, each control.episode_s long (Enter ends one early)")
     # running a policy
     p.add_argument("--policy", help="policy checkpoint (DIR/policy.pt from amplify.py --stage all)")
     p.add_argument("--dry-run", action="store_true",
@@ -943,7 +949,8 @@ def build_parser():
                    help="with --record: human demonstrations, cameras only (no robot, no actions)")
     p.add_argument("--kinesthetic", action="store_true",
                    help="with --record: put the arm in freedrive (teach mode) while recording")
-    p.add_argument("--tracker", default="auto", help="with --record: point tracker of preprocess.py")
+    p.add_argument("--tracker", default="auto", choices=["auto", "cotracker", "lk"],
+                   help="with --record: point tracker of preprocess.py (auto: CoTracker when available)")
     return p
 
 
@@ -1019,10 +1026,9 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
             hw = hardware(cfg, mode) if callable(hardware) else hardware
         wait_for_cameras(hw.cameras, cfg.control.camera_timeout_s)
 
+        # prompts only on a terminal; with stdin redirected, episodes follow back to back
+        keys = EnterKey() if interactive and sys.stdin.isatty() else None
         if args.record is not None:
-            # prompts only on a terminal; with stdin redirected, episodes follow back to back
-            keys = EnterKey() if interactive and sys.stdin.isatty() else None
-
             def wait_start(i):
                 if keys:
                     keys.wait(f"episode {i}: press Enter to start recording, Enter again to end it "
@@ -1038,9 +1044,13 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
             if log_file:
                 log_file.write(json.dumps(entry) + "\n")
         for ep in range(args.episodes):
+            if keys:
+                keys.wait(f"episode {ep}: reset the scene, press Enter to start, Enter again to end "
+                          f"it early (Ctrl-C: stop)")
             policy.reset()
             result = run_episode(policy, hw, cfg, task, clock=clock, dry_run=args.dry_run,
-                                 on_step=on_step, max_steps=args.max_steps)
+                                 on_step=on_step, max_steps=args.max_steps,
+                                 should_end=keys.pressed if keys else None)
             print(f"episode {ep}{' (dry run)' if args.dry_run else ''}: "
                   f"{latency_summary(result.log, cfg.period)}", file=sys.stderr)
         return 0

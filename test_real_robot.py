@@ -403,6 +403,13 @@ def test_dry_run_sends_no_motion():
     assert hw.robot.servo_calls == [] and hw.robot.moves == [] and hw.gripper.commands == []
 
 
+def test_should_end_ends_the_episode_early_and_stops():
+    cfg, clock, hw = rig()
+    res = rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock,
+                         should_end=lambda: len(hw.robot.servo_calls) >= 7)
+    assert res.steps == 7 and hw.robot.stops == 1
+
+
 def test_home_pose_is_reached_before_the_episode():
     home = [0.0, -0.45, 0.25, 0.0, 3.14, 0.0]
     cfg, clock, hw = rig(rr.parse_config(config_dict(**{"robot.home": home})))
