@@ -182,9 +182,11 @@ class CoTrackerTracker:
         self.batch = batch
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise FileNotFoundError(f"CoTracker checkpoint not found: {checkpoint}")
-        source = "local" if repo else "github"
+        # The hub entry builds the model from the repository's code; weights come from its
+        # release URL unless a local checkpoint is given (weights_only=True: no code from the file).
+        hub = dict(source="local") if repo else dict(source="github", trust_repo=True)
         model = torch.hub.load(repo or "facebookresearch/co-tracker", "cotracker3_offline",
-                               source=source, pretrained=checkpoint is None, verbose=False)
+                               pretrained=checkpoint is None, verbose=False, **hub)
         if checkpoint is not None:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.model.load_state_dict(state.get("model", state))
@@ -920,6 +922,16 @@ def build_parser():
     return parser
 
 
+def _print_bench(rows, tracker, args):
+    print(f"tracker {tracker.name}: {args.size}x{args.size} px, T=16, grid 20x20, "
+          f"{args.sequences} sequences x {args.frames} frames per speed (drift + rotation + zoom)")
+    print("| max motion (px/frame) | median error (px) | 90th pct error (px) | visible | frames/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['speed']:g} | {r['median_px']:.3f} | {r['p90_px']:.3f} | {r['visible']:.3f} "
+              f"| {r['frames_per_s']:.1f} |")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
@@ -929,84 +941,72 @@ def main(argv=None):
         if value is not None and value < (2 if name in ("T", "grid") else 1):
             raise DataError(f"--{name.replace('_', '-')}: expected a positive number"
                             f"{' >= 2' if name in ('T', 'grid') else ''}, found {value}")
-    tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
-                           cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
-                           batch=args.batch, log=log)
+    if args.command != "bench-tracker":
+        out = Path(args.out)
+        if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
+            raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
 
-    if args.command == "bench-tracker":
-        speeds = [float(s) for s in args.speeds.split(",")]
-        rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,
-                             speeds=speeds, seed=args.seed)
-        print(f"tracker {tracker.name}: {args.size}x{args.size} px, T=16, grid 20x20, "
-              f"{args.sequences} sequences x {args.frames} frames per speed (drift + rotation + zoom)")
-        print("| max motion (px/frame) | median error (px) | 90th pct error (px) | visible | frames/s |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['speed']:g} | {r['median_px']:.3f} | {r['p90_px']:.3f} | {r['visible']:.3f} "
-                  f"| {r['frames_per_s']:.1f} |")
-        return 0
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
-        raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    common = dict(tracker=tracker, T=args.T, grid=args.grid, progress=not args.no_progress,
-                  track_dtype=args.track_dtype, log=log)
-
+    # Sources: validate everything cheap first, so bad input fails before any slow work
+    extra = {}
     if args.command == "libero":
-        tasks = [check_libero(f) for f in args.files]  # every file validated before any tracking
+        demos = sum(check_libero(f)[1] for f in args.files)
         episodes = (ep for f in args.files for ep in read_libero(f, args.img_size))
-        summary = episodes_to_dataset(episodes, out, views=LIBERO_VIEWS, fps=TRAINING_FPS,
-                                      source="libero: " + ", ".join(Path(f).name for f in args.files),
-                                      extra_meta={"proprio": "joint positions (7) + gripper (2)",
-                                                  "actions": "delta end-effector pose (6) + gripper (1)"},
-                                      **common)
-        summary["demos"] = sum(n for _, n in tasks)
+        run = dict(views=LIBERO_VIEWS, fps=TRAINING_FPS,
+                   source="libero: " + ", ".join(Path(f).name for f in args.files),
+                   extra_meta={"proprio": "joint positions (7) + gripper (2)",
+                               "actions": "delta end-effector pose (6) + gripper (1)"})
+        extra["demos"] = demos
 
     elif args.command == "videos":
+        rates = []
         for p in args.paths:  # missing or unreadable sources fail before any tracking
             if not Path(p).exists():
                 raise DataError(f"{p}: expected a video file or a folder of frames, found nothing")
-            video_fps(p)  # reads the file's header: raises for what ffmpeg cannot open
-        fps_seen = []
-
-        def episodes():
-            for p in args.paths:
-                frames, fps = read_video(p)
-                fps = args.fps or fps or args.target_fps
-                if fps_seen and fps != fps_seen[0]:
-                    raise DataError(f"{p}: expected {fps_seen[0]} fps like {args.paths[0]}, found {fps} "
-                                    f"(pass --fps, or preprocess the two rates separately)")
-                fps_seen.append(fps)
-                yield {"images": fit_square(frames, args.img_size)[:, None], "task": args.task}
-
-        source_fps = args.fps
-        if source_fps is None:  # the rate decides the window span, so read it before tracking
-            source_fps = video_fps(args.paths[0]) or args.target_fps
-        summary = episodes_to_dataset(episodes(), out, views=[args.view], fps=args.target_fps,
-                                      source_fps=source_fps, source="videos: " + args.task, **common)
-        summary["source_fps"] = source_fps
+            rates.append(args.fps or video_fps(p) or args.target_fps)  # reads the file's header
+        if len(set(rates)) > 1:  # the rate decides the window span: one rate per dataset
+            raise DataError(f"videos: expected one frame rate, found {sorted(set(rates))} fps "
+                            f"(pass --fps, or preprocess each rate separately)")
+        episodes = ({"images": fit_square(read_video(p)[0], args.img_size)[:, None], "task": args.task}
+                    for p in args.paths)
+        run = dict(views=[args.view], fps=args.target_fps, source_fps=rates[0],
+                   source="videos: " + args.task)
+        extra["source_fps"] = rates[0]
 
     elif args.command == "metaworld":
         tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise DataError(f"metaworld: expected task names, found {args.tasks!r}")
         cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
-        record = {}
         with MetaWorldEnv(tasks[0], cameras=cameras, img_size=args.img_size) as env:
             fps = env.fps  # also checks the camera names before any rollout
+        record = {}
         episodes = metaworld_episodes(tasks, args.episodes, cameras=cameras, img_size=args.img_size,
                                       seed=args.seed, max_attempts=args.max_attempts, record=record)
-        summary = episodes_to_dataset(
-            episodes, out, views=cameras, fps=fps, source="metaworld: " + ",".join(tasks),
-            extra_meta={"proprio": "obs[:4]: hand xyz + gripper opening",
-                        "actions": "delta hand xyz + gripper effort, in [-1, 1]",
-                        "success": record}, **common)
+        run = dict(views=cameras, fps=fps, source="metaworld: " + ",".join(tasks),
+                   extra_meta={"proprio": "obs[:4]: hand xyz + gripper opening",
+                               "actions": "delta hand xyz + gripper effort, in [-1, 1]",
+                               "success": record})
+
+    tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
+                           cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
+                           batch=args.batch, log=log)
+    if args.command == "bench-tracker":
+        speeds = [float(s) for s in args.speeds.split(",")]
+        rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,
+                             speeds=speeds, seed=args.seed)
+        _print_bench(rows, tracker, args)
+        return 0
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = episodes_to_dataset(episodes, out, tracker=tracker, T=args.T, grid=args.grid,
+                                  progress=not args.no_progress, track_dtype=args.track_dtype,
+                                  log=log, **run)
+    summary.update(extra)
+    if args.command == "metaworld":
         attempts = sum(r["attempts"] for r in record.values())
         successes = sum(r["successes"] for r in record.values())
         summary["success_rate"] = round(successes / max(attempts, 1), 3)
         summary["attempts"] = attempts
-
     print(_summary_line(summary))
     return 0
 
