@@ -270,6 +270,20 @@ def test_episodes_to_dataset_writes_a_loadable_dataset(tmp_path, name):
     assert leftovers(tmp_path, name) == [name]  # no work directory left
 
 
+def test_float16_tracks_and_small_helpers(tmp_path):
+    out = tmp_path / "half"
+    P.episodes_to_dataset(small_episodes(1), out, views=["cam"], fps=20.0, source="t", tracker=ShiftTracker(),
+                          progress=False, track_dtype="float16")
+    tracks = amplify.load_dataset(str(out)).arrays["tracks"]
+    assert tracks.dtype == np.float16
+    np.testing.assert_allclose(tracks[:, 0, 0], np.broadcast_to(amplify.grid_points(20), (4, 400, 2)), atol=1e-3)
+    assert P.task_from_name("door-open-v3") == "door open" and P.task_from_name("pick-place") == "pick place"
+    frames = np.zeros((2, 30, 40, 3), np.uint8)
+    frames[:, :, 5:35] = 200  # the centred 30x30 square survives the crop
+    square = P.fit_square(frames, 15)
+    assert square.shape == (2, 15, 15, 3) and (square == 200).all()
+
+
 def test_interrupted_run_resumes_without_retracking(tmp_path):
     out = tmp_path / "ds"
     first = ShiftTracker()
