@@ -831,9 +831,10 @@ def latency_summary(log, period):
     overruns = sum(e["late_ms"] > 0 for e in log)
     events = {k: sum(e["event"] == k for e in log) for k in ("clamped", "refused")}
     return (f"steps {len(log)} | latency ms p50 {np.percentile(lat, 50):.1f} "
-            f"p99 {np.percentile(lat, 99):.1f} max {lat.max():.1f} | period ms mean {periods.mean():.2f} std {periods.std():.2f} "
-            f"(target {1e3 * period:.1f}) | overruns {overruns} | clamped {events['clamped']} "
-            f"refused {events['refused']}")
+            f"p99 {np.percentile(lat, 99):.1f} max {lat.max():.1f} | "
+            f"period ms mean {periods.mean():.2f} std {periods.std():.2f} "
+            f"(target {1e3 * period:.1f}) | overruns {overruns} | "
+            f"clamped {events['clamped']} refused {events['refused']}")
 
 
 # -----------------------------------------------------------------------------
