@@ -952,7 +952,7 @@ class ForwardDynamics(nn.Module):
 
     def logits(self, cond, prefix):
         """cond (B, n_cond, D), prefix codes (B, j), j < L -> logits for codes 1..j+1, (B, j+1, K)."""
-        start = torch.full_like(prefix[:, :1], self.K)
+        start = torch.full((cond.shape[0], 1), self.K, dtype=torch.long, device=cond.device)
         seq = torch.cat([start, prefix], dim=1)  # (B, j+1)
         x = torch.cat([cond, self.code_emb(seq) + self.code_pos[: seq.shape[1]]], dim=1)
         S = x.shape[1]

@@ -1,0 +1,522 @@
+"""Tests for amplify.py, on CPU, in a few minutes:  pytest test_amplify.py
+
+Three tiers: invariants (round trips, masks that do not leak, hand-computed metrics), tiny models
+that really learn (a small batch is overfit), and the command line run end to end for a few steps,
+including every kind of bad input it must refuse.
+"""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import amplify as A
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def assert_close(a, b, atol=1e-6, msg=""):
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    diff = (a - b).abs()
+    assert diff.max() <= atol, f"{msg} max diff {diff.max():.3g}, mean diff {diff.mean():.3g}"
+
+
+def tiny_data(episodes=4, frames=20, views=2, img=16, grid=5, seed=0, **kw):
+    return A.synthetic_dataset(episodes=episodes, frames=frames, views=views, img_size=img, grid=grid, seed=seed, **kw)
+
+
+# -----------------------------------------------------------------------------
+# FSQ
+
+
+def test_fsq_level_table_and_unknown_size():
+    assert A.fsq_levels(256) == [8, 6, 5]
+    assert A.fsq_levels(512) == [8, 8, 8]
+    assert A.fsq_levels(1024) == [8, 5, 5, 5]
+    assert A.fsq_levels(2048) == [8, 8, 6, 5]
+    assert A.fsq_levels(4096) == [7, 5, 5, 5, 5]
+    assert A.FSQ(A.fsq_levels(2048)).codebook_size == 1920
+    with pytest.raises(A.UserError, match="expected one of"):
+        A.fsq_levels(1000)
+
+
+def test_fsq_round_trip_every_index():
+    fsq = A.FSQ([8, 6, 5])
+    idx = torch.arange(fsq.codebook_size)
+    codes = fsq.indices_to_codes(idx)
+    assert codes.min() >= -1 and codes.max() <= 1
+    # Codes -> latents that bound() maps onto the codes' levels -> the same indices back.
+    half = torch.tensor([4.0, 3.0, 2.0])
+    target = codes * half  # the rounded level each code stands for
+    z = torch.linspace(-6, 6, 4001)[:, None].repeat(1, 3)
+    bounded = fsq.bound(z)
+    z_for = torch.stack([z[(bounded[:, i:i + 1] - target[:, i]).abs().argmin(0), i] for i in range(3)], -1)
+    codes2, idx2 = fsq(z_for)
+    assert torch.equal(idx2, idx)
+    assert_close(codes2, codes)
+
+
+def test_fsq_conventions_zero_maps_to_zero_first_level_least_significant():
+    fsq = A.FSQ([8, 5])
+    assert_close(fsq.bound(torch.zeros(2)), torch.zeros(2), 1e-6)
+    codes, idx = fsq(torch.zeros(1, 2))
+    assert_close(codes, torch.zeros(1, 2))
+    assert idx.item() == 4 + 2 * 8  # digits (4, 2): first level least significant
+    assert_close(fsq.indices_to_codes(torch.tensor([1])), torch.tensor([[-3 / 4, -1.0]]))
+
+
+def test_fsq_straight_through_gradient():
+    fsq = A.FSQ([8, 8, 8])
+    z = torch.randn(5, 3, requires_grad=True)
+    codes, _ = fsq(z)
+    codes.sum().backward()
+    assert z.grad is not None and (z.grad.abs() > 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Local-window codec
+
+
+def test_codec_round_trip_exact_when_steps_fit():
+    g = torch.Generator().manual_seed(0)
+    size, T, N = 64, 16, 30
+    start_px = torch.randint(16, 48, (N, 2), generator=g).float() + 0.3  # off-integer like the grid
+    steps = torch.randint(-3, 4, (T - 1, N, 2), generator=g).float()  # fits in the 15x15 window
+    px = torch.cat([start_px[None], start_px[None] + steps.cumsum(0)])
+    tracks = 2 * px / size - 1
+    classes = A.tracks_to_classes(tracks, size)
+    assert classes.shape == (T - 1, N) and classes.dtype == torch.long
+    assert_close(A.classes_to_tracks(tracks[0], classes, size), tracks, 1e-5)
+
+
+def test_codec_clamps_steps_larger_than_window_and_pins_class_layout():
+    size = 100
+    x0 = 2 * 50.2 / size - 1
+    def track(dx, dy):
+        return torch.tensor([[[x0, x0]], [[x0 + 2 * dx / size, x0 + 2 * dy / size]]])  # (T=2, N=1, 2)
+    assert A.tracks_to_classes(track(0, 0), size).item() == 112  # (W*W)//2 is "no motion"
+    assert A.tracks_to_classes(track(1, 0), size).item() == 113  # x is the fast axis
+    assert A.tracks_to_classes(track(0, 1), size).item() == 127
+    big = track(12, -20)
+    cls = A.tracks_to_classes(big, size)
+    assert cls.item() == (0 * 15) + (7 + 7)  # dy clamped to -7, dx to +7
+    back = A.classes_to_tracks(big[0], cls, size)
+    assert_close((back[1] - back[0]) * size / 2, torch.tensor([[7.0, -7.0]]), 1e-4)
+
+
+def test_codec_rectangular_images_and_edge_clamp():
+    h, w = 20, 40
+    t = torch.tensor([[[1.5, 0.0]], [[1.5, 0.0]]])  # outside the image: clamped to the last column
+    assert A.tracks_to_classes(t, (h, w)).item() == 112
+    step_y = torch.tensor([[[0.0, 0.0]], [[0.0, 2 * 1 / h]]])  # one pixel down in a 20-row image
+    assert A.tracks_to_classes(step_y, (h, w)).item() == 127
+
+
+def test_grid_points_convention():
+    pts = A.grid_points(20)
+    assert pts.shape == (400, 2)
+    assert_close(pts[0], [-1 + 1 / 20, -1 + 1 / 20])
+    assert_close(pts[1], [-1 + 1 / 20 + 0.1, -1 + 1 / 20])  # x (column) varies fastest
+    assert_close(pts[20], [-1 + 1 / 20, -1 + 1 / 20 + 0.1])
+
+
+# -----------------------------------------------------------------------------
+# Metrics and ensembling
+
+
+def test_track_metrics_hand_computed():
+    size = 10
+    gt = torch.zeros(3, 4, 2)
+    m = A.track_metrics(gt, gt, size)
+    assert m["mse"] == 0 and m["pixel_acc"] == 1 and m["delta_auc"] == 1
+    pred = gt.clone()
+    pred[..., 0] += 1.5 * 2 / size  # 1.5 pixels off in x, exact in y
+    m = A.track_metrics(pred, gt, size)
+    assert m["mse"] == pytest.approx((0.3 ** 2) / 2)
+    assert m["pixel_acc"] == pytest.approx(0.5)  # per coordinate: y right, x wrong
+    assert m["delta_auc"] == pytest.approx(0.5 + 0.5 * 0.9)  # x within tau for tau = 2..10
+    assert m["pixel_acc_euclid"] == pytest.approx(0.0)
+    assert m["delta_auc_euclid"] == pytest.approx(0.9)
+
+
+def test_temporal_ensembler_weights_oldest_first_and_expiry():
+    ens = A.TemporalEnsembler(horizon=3, k=0.5)
+    assert ens.step(np.zeros((3, 1)))[0] == 0
+    w = np.exp(-0.5 * np.arange(2))
+    assert ens.step(np.ones((3, 1)))[0] == pytest.approx(w[1] / w.sum())  # oldest (0) weighs most
+    a = ens.step(np.full((3, 1), 2.0))[0]
+    w = np.exp(-0.5 * np.arange(3))
+    assert a == pytest.approx((0 * w[0] + 1 * w[1] + 2 * w[2]) / w.sum())
+    a = ens.step(np.full((3, 1), 3.0))[0]  # the first chunk has run out
+    assert a == pytest.approx((1 * w[0] + 2 * w[1] + 3 * w[2]) / w.sum())
+    ens.reset()
+    assert ens.step(np.full((3, 1), 5.0))[0] == 5.0
+
+
+# -----------------------------------------------------------------------------
+# Models: masks, caching, shapes
+
+
+def small_forward(views=2, img=16, codebook=256):
+    torch.manual_seed(0)
+    cfg = A.ForwardConfig(d_model=32, n_layer=2, n_head=4, codebook_size=codebook, views=views, img_size=(img, img),
+                          vision=A.VisionConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)))
+    return A.ForwardDynamics(cfg).eval()
+
+
+def test_block_causal_mask():
+    m = A.block_causal_mask(3, 4)
+    assert m[:3, :3].all() and not m[:3, 3:].any()  # condition tokens see each other, not the codes
+    assert m[3:, :3].all()  # codes see the whole condition
+    assert torch.equal(m[3:, 3:], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_forward_mask_does_not_leak_the_future():
+    model = small_forward()
+    images = torch.randint(0, 255, (2, 2, 16, 16, 3), dtype=torch.uint8)
+    codes = torch.randint(0, model.K, (2, model.L))
+    with torch.no_grad():
+        cond = model.condition(images, ["open the drawer", "push the block"])
+        base = model.logits(cond, codes[:, :-1])  # logits[:, j] predicts code j from codes < j
+        for k in (0, 5, model.L - 2):
+            changed = codes.clone()
+            changed[:, k] = (changed[:, k] + 1) % model.K
+            out = model.logits(cond, changed[:, :-1])
+            assert_close(out[:, : k + 1], base[:, : k + 1], 1e-5, f"code {k} leaked into earlier positions")
+            assert (out[:, k + 1:] - base[:, k + 1:]).abs().max() > 1e-6  # and it does reach later ones
+
+
+def test_cached_and_uncached_sampling_agree():
+    model = small_forward()
+    images = torch.randint(0, 255, (3, 2, 16, 16, 3), dtype=torch.uint8)
+    tasks = ["a", "b c", "a"]
+    cached = model.generate(images, tasks, use_cache=True)
+    uncached = model.generate(images, tasks, use_cache=False)
+    assert cached.shape == (3, model.L)
+    assert torch.equal(cached, uncached)
+    s1 = model.generate(images, tasks, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    s2 = model.generate(images, tasks, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1),
+                        use_cache=False)
+    assert torch.equal(s1, s2)
+
+
+def test_paper_preset_parameter_counts_within_20_percent():
+    published = {"tokenizer": 31e6, "forward": 70e6, "inverse": 57e6}
+    for stage, n in published.items():
+        count = A.count_params(stage, A.PRESETS["paper"])
+        assert abs(count - n) / n < 0.2, f"{stage}: {count:,} vs {n:,.0f}"
+
+
+# -----------------------------------------------------------------------------
+# Tiny models really learn (a small batch is overfit)
+
+
+def overfit(model, loss_fn, steps, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_tokenizer_overfits_and_reconstructs():
+    torch.manual_seed(0)
+    arrays, meta = tiny_data(episodes=2, img=32, grid=5)
+    tracks = torch.as_tensor(arrays["tracks"][::3][:12])  # (B, V, T, N, 2)
+    model = A.MotionTokenizer(A.TokenizerConfig(d_model=64, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
+                                                grid=5))
+    losses = overfit(model, lambda: model.loss(tracks), 150)
+    assert losses[-1] < losses[0] / 10, losses[::25]
+    model.eval()
+    with torch.no_grad():
+        recon = model.decode(model.encode(tracks)[1], tracks[:, :, 0])
+    metrics = A.track_metrics(recon, tracks, 32)
+    assert metrics["delta_auc"] > 0.97, metrics
+
+
+def test_forward_overfits_codes():
+    model = small_forward()
+    model.train()
+    images = torch.randint(0, 255, (4, 2, 16, 16, 3), dtype=torch.uint8)
+    codes = torch.randint(0, model.K, (4, model.L), generator=torch.Generator().manual_seed(0))
+    tasks = ["t0", "t1", "t2", "t3"]
+    losses = overfit(model, lambda: model.loss(images, tasks, codes)[0], 120)
+    assert losses[-1] < losses[0] / 5, losses[::20]
+    model.eval()
+    assert torch.equal(model.generate(images, tasks), codes)
+
+
+def test_inverse_overfits_actions():
+    torch.manual_seed(0)
+    cfg = A.InverseConfig(d_model=32, n_head=4, codebook_size=256, views=1, img_size=(16, 16), action_dim=3,
+                          proprio_dim=2, vision=A.VisionConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)))
+    model = A.InverseDynamics(cfg)
+    B = 6
+    images = torch.randint(0, 255, (B, 1, 16, 16, 3), dtype=torch.uint8)
+    proprio = torch.randn(B, 2)
+    codes = torch.randint(0, 240, (B, 15))
+    actions = torch.randn(B, 16, 3)
+    valid = torch.ones(B, 16)
+    losses = overfit(model, lambda: model.loss(images, proprio, codes, actions, valid)[0], 200)
+    assert losses[-1] < losses[0] - 50, losses[::40]  # NLL falls far below the unit-Gaussian start
+    with torch.no_grad():  # still in train mode: BatchNorm statistics of this very batch
+        mean, _ = model(images, proprio, codes)
+    assert ((mean - actions) ** 2).mean() < 0.05
+
+
+def test_inverse_loss_discounts_and_masks():
+    cfg = A.InverseConfig(d_model=16, n_head=2, n_layer=1, codebook_size=256, views=1, img_size=(16, 16), action_dim=2,
+                          proprio_dim=2, T=4, vision=A.VisionConfig(widths=(4, 4, 4, 4), blocks=(1, 1, 1, 1)))
+    model = A.InverseDynamics(cfg).eval()
+    x = torch.zeros(1, 1, 16, 16, 3, dtype=torch.uint8)
+    p, codes, actions = torch.zeros(1, 2), torch.zeros(1, 3, dtype=torch.long), torch.randn(1, 4, 2)
+    with torch.no_grad():
+        mean, log_std = model(x, p, codes)
+        nll = -torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)[0]
+        full, _ = model.loss(x, p, codes, actions, torch.ones(1, 4))
+        masked, _ = model.loss(x, p, codes, actions, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    assert full.item() == pytest.approx(sum(0.99 ** k * nll[k].item() for k in range(4)), rel=1e-5)
+    assert masked.item() == pytest.approx(nll[0].item() + 0.99 * nll[1].item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Data: format, validation, protocols
+
+
+def test_dataset_round_trip_npz_and_directory(tmp_path):
+    arrays, meta = tiny_data()
+    for path in (tmp_path / "d.npz", tmp_path / "d"):
+        A.write_dataset(str(path), arrays, meta)
+        ds = A.load_dataset(str(path))
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(np.asarray(ds.arrays[key]), value)
+        assert ds.meta["views"] == meta["views"] and ds.num_episodes == 4
+        assert "action_stats" in ds.meta
+    assert isinstance(A.load_dataset(str(tmp_path / "d")).arrays["tracks"], np.memmap)
+
+
+def bad_variants(arrays):
+    a = {k: v.copy() for k, v in arrays.items()}
+    yield "missing key 'tracks'", {k: v for k, v in a.items() if k != "tracks"}
+    yield "'tracks' expected shape", {**a, "tracks": a["tracks"][:, :, :8]}
+    nan = a["tracks"].copy()
+    nan[3, 0, 2, 1, 0] = np.nan
+    yield "'tracks' expected finite", {**a, "tracks": nan}
+    yield "'episode_ends' expected strictly increasing", {**a, "episode_ends": a["episode_ends"][[1, 0, 2, 3]]}
+    yield "'images' expected dtype uint8", {**a, "images": a["images"].astype(np.float32)}
+    bad_actions = a["actions"].copy()
+    bad_actions[0, 0] = np.nan
+    yield "'actions' expected finite rows", {**a, "actions": bad_actions}
+
+
+def test_bad_datasets_are_rejected_and_old_data_is_kept(tmp_path):
+    arrays, meta = tiny_data()
+    path = tmp_path / "d"
+    A.write_dataset(str(path), arrays, meta)
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+    for message, bad in bad_variants(arrays):
+        with pytest.raises(A.DataError, match=message):
+            A.write_dataset(str(path), bad, meta)
+    with pytest.raises(A.DataError, match="missing key 'views'"):
+        A.write_dataset(str(path), arrays, {k: v for k, v in meta.items() if k != "views"})
+    assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # no temporary leftovers
+
+
+def test_protocols_few_shot_action_free_and_task_filters(tmp_path):
+    arrays, meta = tiny_data(episodes=6)
+    ends = arrays["episode_ends"]
+    arrays["actions"][ends[1]:ends[2]] = np.nan  # episode 2 is action-free video
+    A.write_dataset(str(tmp_path / "d.npz"), arrays, meta)
+    corpus = A.Corpus([A.load_dataset(str(tmp_path / "d.npz"))])
+    assert corpus.has_actions.tolist() == [True, True, False, True, True, True]
+    eps = list(range(6))
+    assert A.select_episodes(corpus, eps, need_actions=True) == [0, 1, 3, 4, 5]
+    assert A.select_episodes(corpus, eps, need_actions=True, shots=1) == [0, 1]  # first per task
+    right = corpus.tasks[0]
+    assert A.select_episodes(corpus, eps, exclude_tasks=[right]) == [1, 3, 5]
+    assert A.select_episodes(corpus, eps, only_tasks=[right]) == [0, 2, 4]
+    train, val = A.split_episodes(corpus, 1)
+    assert val == [4, 5] and train == [0, 1, 2, 3]
+    actions, valid = corpus.action_chunks(np.array([ends[0] - 2]), 16)
+    assert valid[0].tolist() == [True, True] + [False] * 14  # the chunk does not cross into the next episode
+
+
+def test_corpus_joins_datasets_and_rejects_mismatched_views(tmp_path):
+    a1, m1 = tiny_data(episodes=2)
+    a2, m2 = tiny_data(episodes=2, seed=1)
+    A.write_dataset(str(tmp_path / "a"), a1, m1)
+    A.write_dataset(str(tmp_path / "b.npz"), a2, m2)
+    corpus = A.Corpus([A.load_dataset(str(tmp_path / "a")), A.load_dataset(str(tmp_path / "b.npz"))])
+    n1 = len(a1["images"])
+    frames = np.array([n1 + 3, 1, n1 - 1])
+    np.testing.assert_array_equal(corpus.gather("images", frames), np.stack([a2["images"][3], a1["images"][1],
+                                                                              a1["images"][n1 - 1]]))
+    a3, m3 = tiny_data(episodes=2, views=1)
+    A.write_dataset(str(tmp_path / "c.npz"), a3, m3)
+    with pytest.raises(A.DataError, match="disagree on 'views'"):
+        A.Corpus([A.load_dataset(str(tmp_path / "a")), A.load_dataset(str(tmp_path / "c.npz"))])
+
+
+def test_draw_tracks_and_png(tmp_path):
+    img = np.zeros((20, 20, 3), np.uint8)
+    tracks = np.zeros((4, 2, 2), np.float32)
+    tracks[:, 0, 0] = np.linspace(-0.5, 0.5, 4)  # point 0 moves right, point 1 stays
+    out = A.draw_tracks(img, tracks)
+    assert out[10, 5:15].any() and not out[:8].any() and img.sum() == 0
+    A.write_png(str(tmp_path / "x.png"), out)
+    assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# The command line, end to end
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "amplify.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=HERE, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+FAST = ["--log-every", "2", "--eval-every", "3", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """--stage all on a small dataset: every stage runs, policy.pt appears."""
+    root = tmp_path_factory.mktemp("cli")
+    arrays, meta = tiny_data(episodes=4, frames=18, img=32, grid=5)
+    A.write_dataset(str(root / "data"), arrays, meta)
+    proc = run_cli("--stage", "all", "--data", root / "data", "--out", root / "run", "--steps", "4", "--vis", *FAST)
+    return root, proc
+
+
+def test_cli_stage_all_writes_policy_that_acts(trained):
+    root, proc = trained
+    for line in ("tokenizer | step 4/4", "forward | step 4/4", "inverse | step 4/4", "inverse_ft | step 2/2",
+                 "samples/s", "tokenizer | eval step 4", "delta_auc", "code_acc", "action_mse", "policy:"):
+        assert line in proc.stdout, line
+    run = root / "run"
+    assert {"tokenizer.pt", "forward.pt", "inverse.pt", "inverse_ft.pt", "policy.pt"} <= set(os.listdir(run))
+    assert any(f.startswith("vis_forward") and f.endswith(".png") for f in os.listdir(run))
+    policy = A.Policy.load(str(run / "policy.pt"))
+    assert policy.views == ["view0", "view1"] and policy.img_size == (32, 32) and policy.horizon == 16
+    policy.reset()
+    obs = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)  # resized to 32x32
+    actions = [policy.act(obs, np.zeros(9), "move the square right") for _ in range(3)]
+    assert all(a.shape == (7,) and a.dtype == np.float32 and np.isfinite(a).all() for a in actions)
+    assert policy.last_tracks.shape == (2, 16, 25, 2)
+    assert len(policy.ensembler.chunks) == 3
+    with pytest.raises(A.UserError, match="expected images"):
+        policy.act(obs[:1], np.zeros(9), "x")
+
+
+def test_policy_acts_in_data_units(trained):
+    root, _ = trained
+    ckpt = A.load_checkpoint(str(root / "run" / "inverse.pt"), "inverse")
+    ds = A.load_dataset(str(root / "data"))
+    train_frames = np.arange(ds.episode_range(1)[1])  # episodes 0 and 1 train; 2 and 3 are held out (one per task)
+    np.testing.assert_allclose(ckpt["stats"]["actions"]["mean"], ds.arrays["actions"][train_frames].mean(0), atol=1e-5)
+    policy = A.Policy.load(str(root / "run"))
+    chunk = policy.predict_chunk(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "x")
+    normalized = (chunk - policy.act_norm.mean) / policy.act_norm.std
+    with torch.no_grad():
+        p = torch.as_tensor(policy.prop_norm(np.zeros(9, np.float32))[None])
+        x = torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8)
+        mean, _ = policy.inverse(x, p, policy.forward.generate(x, ["x"]))
+    assert_close(normalized, mean[0], 1e-4)
+
+
+def test_cli_each_stage_and_resume(trained, tmp_path):
+    root, _ = trained
+    data, out = root / "data", tmp_path / "run"
+    run_cli("--stage", "tokenizer", "--data", data, "--out", out, "--steps", "3", *FAST)
+    run_cli("--stage", "forward", "--data", data, "--out", out, "--steps", "3", *FAST)
+    run_cli("--stage", "inverse", "--data", data, "--out", out, "--steps", "3", "--shots", "1", *FAST)
+    run_cli("--stage", "inverse", "--data", data, "--out", out, "--steps", "2", "--predicted-codes", *FAST)
+    run_cli("--stage", "inverse", "--data", data, "--out", tmp_path / "bc", "--steps", "2", "--no-codes", *FAST)
+    assert A.load_checkpoint(str(out / "inverse.pt"), "inverse")["protocol"]["train_episodes"] == 2
+    assert A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")["predicted_codes"] is True
+    bc = A.Policy.load(str(tmp_path / "bc"))
+    assert bc.forward is None and bc.act(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "x").shape == (7,)
+    # Resume: 3 steps then 3 more equals 6 in one go (batches come from (seed, step)).
+    proc = run_cli("--stage", "tokenizer", "--data", data, "--out", out, "--steps", "6", "--resume", *FAST)
+    assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
+    run_cli("--stage", "tokenizer", "--data", data, "--out", tmp_path / "once", "--steps", "6", *FAST)
+    a = A.load_checkpoint(str(out / "tokenizer.pt"), "tokenizer")
+    b = A.load_checkpoint(str(tmp_path / "once" / "tokenizer.pt"), "tokenizer")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert_close(a["model"][k], b["model"][k], 1e-5, k)
+
+
+def test_count_params_cli():
+    proc = run_cli("--stage", "inverse", "--preset", "paper", "--count-params")
+    assert proc.stdout.strip().startswith("params: ")
+    assert abs(int(proc.stdout.split()[1]) - 57e6) / 57e6 < 0.2
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            h.update(f.encode())
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def assert_refused(proc, *phrases):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+
+
+def test_cli_rejects_bad_input_and_leaves_files_alone(trained, tmp_path):
+    root, _ = trained
+    run, data = root / "run", root / "data"
+    digest = tree_digest(run)
+    assert_refused(run_cli("--stage", "tokenizer", "--data", tmp_path / "nope", "--out", run, check=False),
+                   "does not exist")
+    arrays, meta = tiny_data(episodes=4, frames=18, img=32, grid=5)
+    nan = dict(arrays, tracks=arrays["tracks"].copy())
+    nan["tracks"][5, 1, 3, 2, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", meta_json=np.array(__import__("json").dumps(meta)), **nan)
+    assert_refused(run_cli("--stage", "tokenizer", "--data", tmp_path / "nan.npz", "--out", run, check=False),
+                   "'tracks'", "finite", "frame 5")
+    unordered = dict(arrays, episode_ends=arrays["episode_ends"][[0, 2, 1, 3]])
+    np.savez(tmp_path / "ends.npz", meta_json=np.array(__import__("json").dumps(meta)), **unordered)
+    assert_refused(run_cli("--stage", "tokenizer", "--data", tmp_path / "ends.npz", "--out", run, check=False),
+                   "'episode_ends'", "increasing")
+    missing = {k: v for k, v in arrays.items() if k != "images"}
+    np.savez(tmp_path / "missing.npz", meta_json=np.array(__import__("json").dumps(meta)), **missing)
+    assert_refused(run_cli("--stage", "tokenizer", "--data", tmp_path / "missing.npz", "--out", run, check=False),
+                   "missing key 'images'")
+    # A checkpoint of another stage where a tokenizer is expected.
+    assert_refused(run_cli("--stage", "forward", "--data", data, "--out", run, "--tokenizer", run / "forward.pt",
+                           check=False), "expected stage 'tokenizer'", "found 'forward'")
+    # A checkpoint trained with other views / image size than the data.
+    one_view, meta1 = tiny_data(episodes=4, frames=18, img=32, grid=5, views=1)
+    A.write_dataset(str(tmp_path / "oneview"), one_view, meta1)
+    assert_refused(run_cli("--stage", "forward", "--data", tmp_path / "oneview", "--out", run, check=False),
+                   "views=['view0', 'view1']", "views=['view0']")
+    other_size, meta2 = tiny_data(episodes=4, frames=18, img=16, grid=5)
+    A.write_dataset(str(tmp_path / "small"), other_size, meta2)
+    assert_refused(run_cli("--stage", "inverse", "--data", tmp_path / "small", "--out", run, check=False),
+                   "img_size=[32, 32]", "img_size=[16, 16]")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert_refused(run_cli("--stage", "forward", "--data", data, "--out", run, "--tokenizer", tmp_path / "junk.pt",
+                           check=False), "could not read")
+    assert tree_digest(run) == digest
