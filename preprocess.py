@@ -523,23 +523,27 @@ def check_libero(path):
     except OSError as e:
         raise DataError(f"{path}: cannot open as hdf5 ({e})") from None
     with f:
+        demos = _libero_demos(f, path)
         try:
             task = json.loads(f["data"].attrs["problem_info"])["language_instruction"]
         except (KeyError, ValueError, TypeError):
             raise DataError(f"{path}: expected attribute data.problem_info (JSON with "
                             f"'language_instruction'), not found") from None
-        demos = _libero_demos(f, path)
         for d in demos:
-            g, F = f["data"][d], None
+            g, F, hw = f["data"][d], None, None
             for key, tail in LIBERO_KEYS.items():
                 if key not in g:
                     raise DataError(f"{path}: data/{d}/{key}: expected, missing")
                 shape = g[key].shape
                 F = shape[0] if F is None else F
-                want = tail if tail is not None else (shape[1], shape[2], 3) if len(shape) == 4 else ("H", "W", 3)
-                if shape[0] != F or tuple(shape[1:]) != tuple(want) or shape[0] < 1:
+                if tail is None:  # an image stream: uint8 (F, H, W, 3), both views the same size
+                    hw = hw or (tuple(shape[1:3]) if len(shape) == 4 else ("H", "W"))
+                    tail = (*hw, 3)
+                    if g[key].dtype != np.uint8:
+                        raise DataError(f"{path}: data/{d}/{key}: expected uint8, found {g[key].dtype}")
+                if shape[0] != F or tuple(shape[1:]) != tuple(tail) or shape[0] < 1:
                     raise DataError(f"{path}: data/{d}/{key}: expected shape ({F}, "
-                                    f"{', '.join(map(str, want))}), found {shape}")
+                                    f"{', '.join(map(str, tail))}), found {shape}")
     return " ".join(str(task).split()), len(demos)
 
 
