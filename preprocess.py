@@ -205,8 +205,9 @@ class CoTrackerTracker:
             clip = video[torch.from_numpy(idx)].to(self.device)  # (B, S, 3, H, W)
             with torch.no_grad():
                 tr, vi = self.model(clip, queries=q[None].expand(len(starts), N, 3).to(self.device))
+            vi = vi > 0.5 if vi.is_floating_point() else vi.bool()  # the predictor thresholds at 0.9
             tracks[starts] = tr.float().cpu().numpy()
-            vis[starts] = vi.reshape(len(starts), span, N).bool().cpu().numpy()
+            vis[starts] = vi.reshape(len(starts), span, N).cpu().numpy()
         tracks[:, 0] = queries  # the query point is where the window starts, exactly
         return _hold_past_end(tracks, vis)
 
