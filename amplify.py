@@ -1263,11 +1263,12 @@ def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, de
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"])  # dropout continues the same random stream
         log(f"{label} | resumed from {out_path} at step {step}")
 
     def save(step):
         payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                   "train": asdict(train_cfg), **extra}
+                   "rng": torch.get_rng_state(), "train": asdict(train_cfg), **extra}
         text = getattr(model, "text", None)
         if text is not None and text.cache:
             payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
