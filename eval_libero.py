@@ -246,16 +246,19 @@ def run_episode(env, policy, task_text, init_state, max_steps, video_path=None):
     """One closed-loop episode from init state `init_state`.
 
     Stops at the first step the environment reports success, when it reports done, or after
-    `max_steps` policy steps. Returns {"success", "length", "seconds"}.
+    `max_steps` policy steps. Returns {"success", "length", "seconds", "policy_seconds"}; the
+    last is the time spent in `policy.act`, the rest is simulation, rendering and resets.
     """
     t0 = time.time()
     policy.reset()
     obs = env.reset(init_state)
     check_compatible(policy, env, obs)
     low, high = action_bounds(env)
-    frames, success, length = [], False, 0
+    frames, success, length, policy_seconds = [], False, 0, 0.0
     for length in range(1, max_steps + 1):
+        t_act = time.time()
         action = policy.act(obs["images"], obs["proprio"], task_text)
+        policy_seconds += time.time() - t_act
         if video_path is not None:
             frames.append(video_frame(obs["images"], policy.last_tracks))
         obs, success, done = env.step(np.clip(action, low, high))
@@ -263,7 +266,8 @@ def run_episode(env, policy, task_text, init_state, max_steps, video_path=None):
             break
     if video_path is not None:
         write_video(video_path, frames)
-    return {"success": bool(success), "length": length, "seconds": time.time() - t0}
+    return {"success": bool(success), "length": length, "seconds": time.time() - t0,
+            "policy_seconds": policy_seconds}
 
 
 # -----------------------------------------------------------------------------
@@ -303,7 +307,7 @@ _worker_runner = None
 
 def _init_worker(policy_path, suite, render_size, seed, threads):
     global _worker_runner
-    torch.set_num_threads(threads)  # K workers x all cores each would thrash the CPU
+    torch.set_num_threads(threads)
     _worker_runner = Runner(amplify.Policy.load(policy_path), suite, render_size, seed)
 
 
@@ -348,9 +352,14 @@ def summarize(episodes, settings, seconds, complete):
         },
         "suites": suites,
         "tasks": list(tasks.values()),
-        "episodes": [{k: e[k] for k in ("suite", "task", "episode", "init_state", "success", "length", "seconds", "video")}
+        "episodes": [{k: e[k] for k in ("suite", "task", "episode", "init_state", "success", "length", "seconds",
+                                           "policy_seconds", "video")}
                      for e in episodes],
-        "throughput": {"env_steps": steps, "seconds": seconds, "steps_per_s": steps / seconds if seconds > 0 else None},
+        "throughput": {
+            "env_steps": steps, "seconds": seconds, "steps_per_s": steps / seconds if seconds > 0 else None,
+            # share of the episodes' time spent in policy.act (the rest: simulator, rendering, resets)
+            "policy_share": (sum(e["policy_seconds"] for e in episodes) / max(sum(e["seconds"] for e in episodes), 1e-9)
+                             if episodes else None)},
     }
 
 
@@ -363,10 +372,11 @@ def write_json(path, payload):
 
 
 def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_steps=None, workers=1,
-             video=None, render_size=128, seed=0, log=lambda line: print(line, flush=True)):
+             video=None, render_size=128, seed=0, threads=1, log=lambda line: print(line, flush=True)):
     """Evaluate `policy_path` on `tasks` (keys from resolve_tasks) and write `out/results.json`.
 
-    Returns the results dict. `max_steps=None` uses each environment's default budget.
+    Returns the results dict. `max_steps=None` uses each environment's default budget. `threads`:
+    torch threads per process.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,7 +395,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
         "policy": str(Path(policy_path).resolve()), "suite": suite, "tasks": list(tasks),
         "episodes_per_task": episodes, "max_steps": max_steps if max_steps else "environment default",
         "init_states": "episode i starts from init state i" if suite != METAWORLD else "episode i uses task variant i",
-        "seed": seed, "workers": workers, "render_size": render_size, "video": video,
+        "seed": seed, "workers": workers, "torch_threads": threads, "render_size": render_size, "video": video,
         "settle_steps": SETTLE_STEPS if suite != METAWORLD else 0,
         "policy_views": list(policy.views), "policy_img_size": list(np.atleast_1d(policy.img_size).tolist()),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
@@ -406,6 +416,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
         write_json(out / "results.json", summarize(records, settings, elapsed, complete=False))
 
     if workers <= 1:
+        torch.set_num_threads(threads)
         runner = Runner(policy, suite, render_size, seed)
         try:
             for job in jobs:
@@ -415,7 +426,6 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
     else:
         # spawn, not fork: a forked MuJoCo/EGL context (and torch's thread pool) is not safe to share.
         ctx = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // workers)
         with ctx.Pool(workers, initializer=_init_worker,
                       initargs=(str(policy_path), suite, render_size, seed, threads)) as pool:
             for rec in pool.imap_unordered(_run_in_worker, jobs):
@@ -461,6 +471,11 @@ def main(argv=None):
     # output and throughput
     p.add_argument("--out", required=True, help="output directory for results.json (and videos/)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each with its own environment")
+    # Batch-1 inference gains little from intra-op threads, and on a busy CPU torch's spinning
+    # threads cost more than they give (measured: 18 vs 1 steps/s on Meta-World, 2 shared cores).
+    # Cores are better spent on --workers.
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (more can help a big policy on an idle CPU)")
     p.add_argument("--video", nargs="?", const="mp4", default=None, choices=["mp4", "gif"],
                    help="write a video per episode with the predicted tracks drawn on (default format mp4)")
     args = p.parse_args(argv)
@@ -472,11 +487,13 @@ def main(argv=None):
         p.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     try:
         tasks = resolve_tasks(args.suite, args.tasks)
         results = evaluate(args.policy, args.suite, tasks, args.out, episodes=args.episodes,
                            max_steps=args.max_steps, workers=args.workers, video=args.video,
-                           render_size=args.render_size, seed=args.seed)
+                           render_size=args.render_size, seed=args.seed, threads=args.threads)
     except (UsageError, amplify.UserError) as e:
         p.exit(2, f"eval_libero.py: error: {e}\n")
     o = results["overall"]

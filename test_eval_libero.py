@@ -32,13 +32,16 @@ def run_eval(*args, timeout=600):
 
 
 def make_checkpoint(root, views, action_dim, proprio_dim):
-    """Tiny policy with the given views/dims: synthetic data, `amplify.py --stage all --steps 3`."""
+    """Tiny policy with the given views/dims: synthetic data, `amplify.py --stage all --steps 3`.
+
+    32x32 images keep training fast; the policy resizes the 128x128 frames the simulators render.
+    """
     arrays, meta = amplify.synthetic_dataset(episodes=2, frames=20, views=len(views), img_size=32,
                                              action_dim=action_dim, proprio_dim=proprio_dim)
     meta["views"] = list(views)
     amplify.write_dataset(str(root / "data"), arrays, meta)
     cmd = [sys.executable, str(HERE / "amplify.py"), "--stage", "all", "--data", str(root / "data"),
-           "--out", str(root / "run"), "--steps", "3"]
+           "--out", str(root / "run"), "--steps", "3", "--batch-size", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "run" / "policy.pt"
@@ -105,7 +108,7 @@ def test_summarize_rates_per_task_suite_and_overall():
     def ep(task_index, episode, success, length):
         return {"suite": "libero_goal", "task": task_index, "task_index": task_index, "name": f"t{task_index}",
                 "language": "do it", "episode": episode, "init_state": episode, "success": success,
-                "length": length, "seconds": 1.0, "video": None, "max_steps": 500}
+                "length": length, "seconds": 1.0, "policy_seconds": 0.25, "video": None, "max_steps": 500}
 
     records = [ep(1, 1, False, 500), ep(0, 0, True, 120), ep(1, 0, True, 80), ep(0, 1, True, 200),
                ep(1, 2, False, 500), ep(0, 2, False, 500)]
@@ -118,6 +121,7 @@ def test_summarize_rates_per_task_suite_and_overall():
     assert r["overall"] == {"success_rate": pytest.approx(0.5), "episodes": 6, "successes": 3}
     assert [(e["task"], e["episode"]) for e in r["episodes"]] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert r["throughput"]["env_steps"] == 1900 and r["throughput"]["steps_per_s"] == pytest.approx(190.0)
+    assert r["throughput"]["policy_share"] == pytest.approx(0.25)
 
 
 def cli_error(capsys, *args):
