@@ -586,7 +586,7 @@ class InverseConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 8  # the tokenizer's (B*V*N*L, 225) logits dominate a CPU step: keep B small
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 20
@@ -878,7 +878,9 @@ class TextEncoder(nn.Module):
         if self._hf is None:
             from transformers import AutoModel, AutoTokenizer
             model = AutoModel.from_pretrained(self.name)
-            self._hf = (AutoTokenizer.from_pretrained(self.name), getattr(model, "get_encoder", lambda: model)().eval())
+            if getattr(model.config, "is_encoder_decoder", False):  # T5: only its encoder embeds text
+                model = model.get_encoder()
+            self._hf = (AutoTokenizer.from_pretrained(self.name), model.eval())
         tokenizer, model = self._hf
         with torch.no_grad():
             batch = tokenizer(list(tasks), return_tensors="pt", padding=True)
@@ -1084,6 +1086,10 @@ class Corpus:
 
     def episode_of(self, frames):
         return np.searchsorted(self.ep_end, frames, side="right")
+
+    def tasks_of(self, frames):
+        """Task text of each frame, as Python strings (they end up as checkpoint dict keys)."""
+        return [self.tasks[e] for e in self.episode_of(frames)]
 
     def gather(self, key, frames):
         """Rows `frames` (any shape) of array `key` across datasets, stacked in that shape."""
@@ -1427,12 +1433,11 @@ def train_forward(corpus, args, preset):
     model = ForwardDynamics(cfg)
     log(f"forward | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
         f"{len(val_eps)} held out | tokenizer {tok_path}")
-    tasks = np.array(corpus.tasks)
 
     def batch_fn(rng):
         f = rng.choice(frames, train_cfg.batch_size)
         return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f),
-                "tasks": list(tasks[corpus.episode_of(f)])}
+                "tasks": corpus.tasks_of(f)}
 
     def loss_fn(model, batch):
         with torch.no_grad():
@@ -1448,7 +1453,7 @@ def train_forward(corpus, args, preset):
         losses, accs, preds, gts = [], [], [], []
         for chunk in batched(val, train_cfg.batch_size):
             b = to_device({"images": corpus.gather("images", chunk), "tracks": tracks_batch(corpus, chunk)}, args.device)
-            chunk_tasks = list(tasks[corpus.episode_of(chunk)])
+            chunk_tasks = corpus.tasks_of(chunk)
             codes = tokenizer.encode(b["tracks"])[1]
             loss, acc = model.loss(b["images"], chunk_tasks, codes)
             losses.append(loss.item())
@@ -1462,7 +1467,7 @@ def train_forward(corpus, args, preset):
     def on_eval(model, step):
         if args.vis and len(val):
             b = to_device({"images": corpus.gather("images", val[:1]), "tracks": tracks_batch(corpus, val[:1])}, args.device)
-            codes = model.generate(b["images"], list(tasks[corpus.episode_of(val[:1])]))
+            codes = model.generate(b["images"], corpus.tasks_of(val[:1]))
             with torch.no_grad():
                 pred = tokenizer.decode(codes, b["tracks"][:, :, 0])[0].cpu().numpy()
             vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_forward_{step:06d}.png"))
@@ -1510,7 +1515,6 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
                       vision=vision_config(preset["inverse"].vision, args))
     model = build_model("inverse", cfg, init["model"] if init else None)
     val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
-    tasks = np.array(corpus.tasks)
     log(f"{name} | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} action episodes "
         f"({len(frames)} frames), {len(val_eps)} held out | codes: "
         f"{'none (inverse-only baseline)' if args.no_codes else 'forward-predicted' if predicted_codes else 'true tracks'}")
@@ -1519,7 +1523,7 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
         actions, valid = corpus.action_chunks(f, cfg.T)
         b = {"images": corpus.gather("images", f), "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
              "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
-             "tasks": list(tasks[corpus.episode_of(f)])}
+             "tasks": corpus.tasks_of(f)}
         if tokenizer is not None and not predicted_codes:
             b["tracks"] = tracks_batch(corpus, f)
         return b

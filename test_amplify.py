@@ -543,3 +543,49 @@ def test_cli_rejects_bad_input_and_leaves_files_alone(trained, tmp_path):
     assert_refused(run_cli("--stage", "forward", "--data", data, "--out", run, "--tokenizer", tmp_path / "junk.pt",
                            check=False), "could not read")
     assert tree_digest(run) == digest
+
+
+# -----------------------------------------------------------------------------
+# Pretrained encoders (optional): real loading code, on weights the test makes
+
+
+def test_hugging_face_text_encoder_from_a_local_model(trained, tmp_path, monkeypatch):
+    """--text-encoder PATH: frozen, mean-pooled, cached in the checkpoint; new tasks embed lazily."""
+    from conftest import need
+    transformers = need("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "move", "the", "square", "right", "down", "reach"]
+    model_dir = tmp_path / "tiny-bert"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(vocab))
+    transformers.BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(str(model_dir))
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(str(model_dir))
+    root, _ = trained
+    out = tmp_path / "run"
+    for stage in ("tokenizer", "forward", "inverse"):
+        run_cli("--stage", stage, "--data", root / "data", "--out", out, "--steps", "2", "--text-encoder", model_dir, *FAST)
+    ckpt = A.load_checkpoint(str(out / "forward.pt"), "forward")
+    assert ckpt["config"]["text_encoder"] == str(model_dir) and ckpt["config"]["text_dim"] == 16
+    assert set(ckpt["text_cache"]) == {"move the square right", "move the square down"}
+    policy = A.Policy.load(str(out))
+    assert "reach" not in policy.forward.text.cache
+    policy.act(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "reach")
+    assert policy.forward.text.cache["reach"].shape == (16,)
+
+
+def test_resnet18_weights_load_from_a_state_dict(tmp_path):
+    torch.manual_seed(0)
+    source = A.ResNet((64, 128, 256, 512), (2, 2, 2, 2))
+    state = {**source.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "resnet18.pt")
+    target = A.ResNet((64, 128, 256, 512), (2, 2, 2, 2))
+    A.load_resnet18_weights(target, str(tmp_path / "resnet18.pt"))
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+    with pytest.raises(A.UserError, match="ResNet-18 weights need widths"):
+        A.load_resnet18_weights(A.ResNet((16, 32, 64, 128), (1, 1, 1, 1)), str(tmp_path / "resnet18.pt"))
+    with pytest.raises(A.UserError, match="expected 'torchvision', 'timm' or an existing file"):
+        A.load_resnet18_weights(target, str(tmp_path / "missing.pt"))
