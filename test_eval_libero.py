@@ -54,9 +54,9 @@ def libero_policy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def libero_env():
-    need("libero")
-    env = eval_libero.LiberoEnv("libero_object", 0)
+def libero_env(libero_policy):
+    """libero_object task 0, built as the evaluation builds it for this policy."""
+    env = eval_libero.make_env("libero_object", 0, amplify.Policy.load(libero_policy), seed=0)
     yield env
     env.close()
 
@@ -170,6 +170,13 @@ def test_bad_task_names_are_rejected_with_the_valid_ones(capsys, tmp_path, suite
     assert task in err and valid in err, err
 
 
+def test_more_episodes_than_init_states_is_rejected_before_any_rollout(capsys, tmp_path):
+    need("libero")
+    err = cli_error(capsys, "--policy", tmp_path / "none.pt", "--suite", "libero_goal", "--tasks", "0",
+                    "--episodes", "51", "--out", tmp_path)
+    assert len(err.strip().splitlines()) == 1 and "50 init states" in err, err
+
+
 def test_missing_policy_is_one_line_error(capsys, tmp_path):
     need("libero")
     err = cli_error(capsys, "--policy", tmp_path / "none.pt", "--suite", "libero_goal", "--tasks", "0", "--out", tmp_path)
@@ -223,7 +230,8 @@ def test_metaworld_rollout_in_parallel_workers(metaworld_policy, metaworld_spec,
 
 
 def test_libero_observation_reaches_policy_as_preprocess_writes_it(libero_policy, libero_env, tmp_path):
-    """The eval path's policy inputs equal the frames that preprocess.py's LIBERO path writes."""
+    """The eval path's policy inputs equal the frames that preprocess.py's LIBERO path writes,
+    resized to the policy's training size the same way (128 -> 32 here)."""
     h5py = need("h5py")
     policy = Recorder(amplify.Policy.load(libero_policy), env=libero_env)
     eval_libero.run_episode(libero_env, policy, libero_env.task_text, init_state=0, max_steps=3)
@@ -241,15 +249,18 @@ def test_libero_observation_reaches_policy_as_preprocess_writes_it(libero_policy
         obs["gripper_states"] = np.stack([r["robot0_gripper_qpos"] for r in raws])
         data["demo_0/actions"] = np.stack([c["action"] for c in policy.calls]).astype(np.float64)
     proc = subprocess.run([sys.executable, str(HERE / "preprocess.py"), "libero", str(demo), "--out",
-                           str(tmp_path / "ds"), "--tracker", "lk", "--no-progress"], capture_output=True, text=True, timeout=600, cwd=HERE)
+                           str(tmp_path / "ds"), "--tracker", "lk", "--no-progress",
+                           "--img-size", str(policy.img_size[0])], capture_output=True, text=True, timeout=600, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = amplify.load_dataset(str(tmp_path / "ds"))
     assert ds.meta["views"] == list(policy.views)
+    assert policy.calls[0]["images"].shape == (2, *policy.img_size, 3)
     np.testing.assert_array_equal(ds.arrays["images"][:3], np.stack([c["images"] for c in policy.calls]))
     np.testing.assert_array_equal(ds.arrays["proprio"][:3], np.stack([c["proprio"] for c in policy.calls]))
     assert ds.tasks[0] == policy.calls[0]["task"]
     # and upright: LIBERO renders upside down, the policy sees the flipped frame
-    np.testing.assert_array_equal(policy.calls[0]["images"][0], raws[0]["agentview_image"][::-1])
+    upright = preprocess.fit_square(raws[0]["agentview_image"][None, ::-1], policy.img_size[0])[0]
+    np.testing.assert_array_equal(policy.calls[0]["images"][0], upright)
 
 
 def test_actions_are_clipped_to_the_valid_range(libero_policy, libero_env):
