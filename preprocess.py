@@ -8,6 +8,8 @@ kinds of source into the dataset format that `amplify.py --data` reads:
   python preprocess.py libero libero_object/*.hdf5 --out data/libero_object        # demonstrations
   python preprocess.py videos clips/*.mp4 --task "pick up the cup" --out data/human  # action-free
   python preprocess.py bench-tracker                                               # tracker accuracy
+  python preprocess.py libero f.hdf5 --shard 0/2 --out s0   # machine 1 (--shard 1/2 --out s1: machine 2)
+  python preprocess.py merge s0 s1 --out data/joined                               # = the unsharded run
 
 Notable features
 - Trackers: CoTracker3 (offline model, torch.hub or a local clone + checkpoint) when it loads,
@@ -21,8 +23,12 @@ Notable features
 - Conventions pinned by tests: grid exact at t = 0, windows past the episode end repeat the last
   frame (zero motion), (x, y) = (column, row) normalised with u = 2 * pixel / size - 1, where pixel
   (row i, column j) has its centre at (j, i) (OpenCV's and CoTracker's convention).
-- Output through `amplify.write_dataset` (temporary name, then rename). Tracked episodes are kept
-  in `<out>.work/` until the dataset is written, so an interrupted run resumes where it stopped.
+- Sharding: `--shard i/n` processes episodes k with k % n == i (source order) as a dataset of its
+  own; `merge` checks the shards belong together and restores the original order, streaming one
+  episode at a time into memory-mapped .npy files.
+- Output written one episode at a time (np.lib.format.open_memmap, or `amplify.write_dataset` for
+  .npz) under a temporary name, then renamed. Tracked episodes are kept in `<out>.work/` until the
+  dataset is written, so an interrupted run resumes where it stopped.
 
 Shapes: F frames, V views, H, W image size, T window length, S source frames a window spans,
 N = grid * grid points, A action dim, P proprio dim.
@@ -392,8 +398,8 @@ def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=
             raise DataError("no episodes to write (expected at least one, found 0)")
         if resumed:
             log(f"resumed: {resumed} of {len(names)} episodes were already tracked in {work}")
-        summary = _assemble(names, out, work, views, T, grid, fps, source_fps, source,
-                            tracker.name, extra_meta)
+        summary = _assemble(names, out, views, T, grid, fps, source_fps, source, tracker.name,
+                            extra_meta)
     except DataError:
         if created:  # bad input: leave nothing behind
             shutil.rmtree(work, ignore_errors=True)
@@ -416,8 +422,8 @@ def _progress(it, enabled):
     return tqdm(it, desc="episodes", unit="ep", file=sys.stderr)
 
 
-def _assemble(names, out, work, views, T, grid, fps, source_fps, source, tracker_name, extra_meta):
-    """Concatenate the per-episode files into memory-mapped arrays and write the dataset."""
+def _assemble(names, out, views, T, grid, fps, source_fps, source, tracker_name, extra_meta):
+    """Concatenate the per-episode files into the dataset, one episode in memory at a time."""
     lengths, tasks, count, dims = [], [], {"actions": 0, "proprio": 0}, {}
     for p in names:
         with np.load(p, allow_pickle=False) as z:
@@ -434,44 +440,205 @@ def _assemble(names, out, work, views, T, grid, fps, source_fps, source, tracker
     if 0 < count["proprio"] < len(names):
         raise DataError(f"proprio: expected in every episode or none, found in "
                         f"{count['proprio']} of {len(names)}")
-    has = {k: c > 0 for k, c in count.items()}
     F, (V, H, W) = int(sum(lengths)), first[1:4]
-    from numpy.lib.format import open_memmap
+    layout = {"images": (np.uint8, (V, H, W, 3)), "tracks": (track_dtype, (V, T, grid * grid, 2)),
+              "vis": (np.bool_, (V, T, grid * grid))}
+    layout.update({k: (np.float32, (dims[k],)) for k in count if count[k]})
+    stats = {"moving": 0, "visible": 0}
 
-    arrays = {
-        "images": open_memmap(work / "all_images.npy", "w+", np.uint8, (F, V, H, W, 3)),
-        "tracks": open_memmap(work / "all_tracks.npy", "w+", track_dtype, (F, V, T, grid * grid, 2)),
-        "vis": open_memmap(work / "all_vis.npy", "w+", bool, (F, V, T, grid * grid)),
-    }
-    for k in has:
-        if has[k]:
-            arrays[k] = open_memmap(work / f"all_{k}.npy", "w+", np.float32, (F, dims[k]))
-            arrays[k][:] = np.nan
-    start, moving, visible = 0, 0, 0
-    for p, n in zip(names, lengths):
-        with np.load(p, allow_pickle=False) as z:
-            for k in arrays:
-                if k in z.files:
-                    arrays[k][start:start + n] = z[k]
-            disp = (z["tracks"].astype(np.float32) - z["tracks"][:, :, :1]) * np.array([W, H]) / 2
-            moving += int((np.linalg.norm(disp, axis=-1).max(axis=2) > 1.0).sum())  # > 1 px in window
-            visible += int(z["vis"].sum())
-        start += n
-    arrays["episode_ends"] = np.cumsum(lengths).astype(np.int64)
-    arrays["tasks"] = np.array(tasks)
+    def episodes():
+        for p in names:
+            with np.load(p, allow_pickle=False) as z:
+                ep = {k: z[k] for k in layout if k in z.files}
+            disp = (ep["tracks"].astype(np.float32) - ep["tracks"][:, :, :1]) * np.array([W, H]) / 2
+            stats["moving"] += int((np.linalg.norm(disp, axis=-1).max(axis=2) > 1.0).sum())  # > 1 px
+            stats["visible"] += int(ep["vis"].sum())
+            yield ep
+
     meta = {"views": views, "img_size": [int(H), int(W)], "T": T, "grid": grid, "fps": float(fps),
             "source_fps": float(source_fps or fps), "source": source, "tracker": tracker_name,
             "coordinates": "normalized (x, y), u = 2 * pixel / size - 1, pixel centres at integers"}
-    # action_stats / proprio_stats: computed by amplify.write_dataset over the non-NaN rows
+    # action_stats / proprio_stats: computed by write_streaming over the non-NaN rows
     meta.update(extra_meta or {})
-    for a in arrays.values():
-        if isinstance(a, np.memmap):
-            a.flush()
-    amplify.write_dataset(str(out), arrays, meta)
+    write_streaming(out, layout, lengths, tasks, episodes(), meta)
     return {"episodes": len(names), "frames": F, "views": V,
-            "moving_fraction": round(moving / (F * V * grid * grid), 4),
-            "visible_fraction": round(visible / (F * V * T * grid * grid), 4),
+            "moving_fraction": round(stats["moving"] / (F * V * grid * grid), 4),
+            "visible_fraction": round(stats["visible"] / (F * V * T * grid * grid), 4),
             "tracker": tracker_name, "out": str(out)}
+
+
+def write_streaming(out, layout, lengths, tasks, episodes, meta):
+    """Write a dataset one episode at a time, so no more than one episode's arrays are in memory.
+
+    layout: key -> (dtype, per-frame shape) of the frame-axis arrays; lengths: frames per episode;
+    episodes: yields one dict of arrays per episode, in order (actions an episode lacks stay NaN,
+    SPEC 6). A directory is filled through np.lib.format.open_memmap in a temporary directory next
+    to `out`, validated, then renamed into place (an old dataset at `out` stays whole until then);
+    a .npz goes through amplify.write_dataset from the same memory-mapped arrays.
+    """
+    import tempfile
+    from numpy.lib.format import open_memmap
+
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    F = int(sum(lengths))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the renamed dataset private
+    try:
+        arrays = {k: open_memmap(tmp / f"{k}.npy", "w+", dtype, (F, *shape))
+                  for k, (dtype, shape) in layout.items()}
+        for k in ("actions", "proprio"):
+            if k in arrays:
+                arrays[k][:] = np.nan
+        start = 0
+        for n, ep in zip(lengths, episodes):
+            for k, a in ep.items():
+                arrays[k][start:start + n] = a
+            start += n
+        if start != F:
+            raise DataError(f"write_streaming: expected {F} frames from {len(lengths)} episodes, found {start}")
+        for a in arrays.values():
+            a.flush()
+        arrays["episode_ends"] = np.cumsum(lengths).astype(np.int64)
+        arrays["tasks"] = np.array(tasks, dtype=str)
+        meta = dict(meta)
+        for key, stats_key in (("actions", "action_stats"), ("proprio", "proprio_stats")):
+            if key in arrays and stats_key not in meta:
+                meta[stats_key] = amplify.array_stats(arrays[key])
+        if str(out).endswith(".npz"):
+            amplify.write_dataset(str(out), arrays, meta)
+            return
+        amplify.validate_dataset(arrays, meta)  # in chunks
+        for k in ("episode_ends", "tasks"):
+            np.save(tmp / f"{k}.npy", arrays[k], allow_pickle=False)
+        (tmp / "meta.json").write_text(json.dumps(
+            meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        del arrays  # close the memory maps before the rename
+        old = out.with_name(f"{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old:  # swap: the old dataset stays whole until the new one is in place
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Shards: `--shard i/n` tracks episodes k with k % n == i; `merge` joins the n shards
+# Each shard is a complete dataset whose meta["shard"] = {"index": i, "count": n, "episodes": [k...]}
+# (k: the episode's index in the unsharded run), so the merge can restore the original order.
+
+SHARD_CHECKED_FIRST = ("views", "img_size", "T", "grid", "fps", "tracker")  # then every other key
+SHARD_FREE_KEYS = ("shard", "action_stats", "proprio_stats")  # per shard; stats are recomputed
+
+
+def parse_shard(text):
+    """"i/n" -> (i, n), 0-based: this run processes the episodes k with k % n == i."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not int(m[1]) < int(m[2]):
+        raise DataError(f"--shard: expected i/n with 0 <= i < n (e.g. 0/4), found {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def shard_indices(total, shard):
+    """Indices of the episodes (of `total`, in source order) that shard (i, n) processes."""
+    if shard is None:
+        return list(range(total))
+    i, n = shard
+    if n > total:  # some shard would be empty, and an empty dataset is not a dataset
+        raise DataError(f"--shard {i}/{n}: expected at most {total} shards for {total} episodes, found {n}")
+    return list(range(i, total, n))
+
+
+def _shard_info(path, meta):
+    info = meta.get("shard")
+    if not isinstance(info, dict) or not {"index", "count", "episodes"} <= set(info):
+        raise DataError(f"{path}: meta 'shard': expected a dataset written with --shard i/n, "
+                        f"found {info!r}")
+    return int(info["index"]), int(info["count"]), [int(k) for k in info["episodes"]]
+
+
+def merge_shards(paths, out, *, log=None):
+    """Join the n shards of one run (any order) into one dataset in the original episode order.
+
+    Every check runs before anything is written: the shards must be exactly 0/n .. n-1/n, agree
+    on every meta key (views, img_size, T, grid, fps, tracker, source, ...) and on array dtypes
+    and widths. Arrays are copied one episode at a time (directory shards are memory-mapped; .npz
+    shards are read whole, as .npz is meant for small sets). action_stats and proprio_stats are
+    recomputed over the merged rows, so the result equals the unsharded run.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.time()
+    out = Path(out)
+    for p in paths:
+        if Path(p).absolute() == out.absolute():
+            raise DataError(f"--out: expected a path other than the shards, found the shard {p}")
+    sets = [amplify.load_dataset(str(p)) for p in paths]
+    infos = [_shard_info(p, ds.meta) for p, ds in zip(paths, sets)]
+
+    # the set: n shards, each index once
+    n = infos[0][1]
+    seen = {}
+    for p, (i, count, _) in zip(paths, infos):
+        if count != n:
+            raise DataError(f"shard count: expected {n} (as in {paths[0]}), found {count} in {p}")
+        if i in seen:
+            raise DataError(f"shard {i}/{n} given twice: {seen[i]} and {p}")
+        seen[i] = p
+    missing = [f"{i}/{n}" for i in range(n) if i not in seen]
+    if missing:
+        raise DataError(f"missing shards: expected all of 0/{n} .. {n - 1}/{n}, missing {', '.join(missing)}")
+
+    # the same run: meta and arrays agree
+    ref = sets[0].meta
+    keys = list(SHARD_CHECKED_FIRST) + sorted(set().union(*(ds.meta for ds in sets)) - set(SHARD_CHECKED_FIRST))
+    for key in keys:
+        if key in SHARD_FREE_KEYS:
+            continue
+        for p, ds in zip(paths[1:], sets[1:]):
+            if ds.meta.get(key) != ref.get(key):
+                raise DataError(f"meta '{key}' differs between shards: {ref.get(key)!r} in {paths[0]}, "
+                                f"{ds.meta.get(key)!r} in {p}")
+    layout = {}
+    for key in ("images", "tracks", "vis", "actions", "proprio"):
+        have = [(p, ds.arrays[key]) for p, ds in zip(paths, sets) if key in ds.arrays]
+        if not have:
+            continue
+        if key != "actions" and len(have) != len(sets):  # actions may be absent (NaN rows), not these
+            lacking = next(p for p, ds in zip(paths, sets) if key not in ds.arrays)
+            raise DataError(f"'{key}': expected in every shard like {have[0][0]}, missing in {lacking}")
+        p0, a0 = have[0]
+        for p, a in have[1:]:
+            if a.dtype != a0.dtype or a.shape[1:] != a0.shape[1:]:
+                raise DataError(f"'{key}' differs between shards: {a0.dtype} {a0.shape[1:]} in {p0}, "
+                                f"{a.dtype} {a.shape[1:]} in {p}")
+        layout[key] = (a0.dtype, a0.shape[1:])
+
+    # the original order: shard episode lists must tile 0..E-1
+    order = sorted((k, s, e) for s, (_, _, ks) in enumerate(infos) for e, k in enumerate(ks))
+    for p, ds, (i, _, ks) in zip(paths, sets, infos):
+        if len(ks) != ds.num_episodes:
+            raise DataError(f"{p}: meta 'shard' lists {len(ks)} episodes, expected {ds.num_episodes}")
+    if [k for k, _, _ in order] != list(range(len(order))):
+        raise DataError(f"shard episodes: expected indices 0..{len(order) - 1} once each, found "
+                        f"{[k for k, _, _ in order][:12]}")
+
+    lengths = [int(np.diff(sets[s].episode_range(e))[0]) for _, s, e in order]
+    tasks = [sets[s].tasks[e] for _, s, e in order]
+
+    def episodes():
+        for _, s, e in order:
+            a, b = sets[s].episode_range(e)
+            yield {k: v[a:b] for k, v in sets[s].arrays.items() if k in layout}
+
+    meta = {k: v for k, v in ref.items() if k not in SHARD_FREE_KEYS}
+    write_streaming(out, layout, lengths, tasks, episodes(), meta)
+    return {"episodes": len(order), "frames": int(sum(lengths)), "shards": n, "out": str(out),
+            "seconds": round(time.time() - t0, 2)}
 
 
 # -----------------------------------------------------------------------------
@@ -548,13 +715,18 @@ def check_libero(path):
     return " ".join(str(task).split()), len(demos)
 
 
-def read_libero(path, img_size=None):
-    """Yield the episodes of one LIBERO hdf5 file (call check_libero first for clear errors)."""
+def read_libero(path, img_size=None, demos=None):
+    """Yield the episodes of one LIBERO hdf5 file (call check_libero first for clear errors).
+
+    demos: positions in the file's demo order (demo_0, demo_1, ...) to read; None reads all.
+    """
     import h5py
 
     task, _ = check_libero(path)
     with h5py.File(path, "r") as f:
-        for d in _libero_demos(f, path):
+        for j, d in enumerate(_libero_demos(f, path)):
+            if demos is not None and j not in demos:
+                continue  # another shard's: its images are never read
             g = f["data"][d]
             views = [upright_libero(g[f"obs/{v}_rgb"][()]) for v in LIBERO_VIEWS]  # (F, H, W, 3) each
             if img_size:
@@ -695,9 +867,12 @@ class MetaWorldEnv:
         self.action_dim = int(self.env.action_space.shape[0])
         self.max_steps = int(self.env.max_path_length)
         self.fps = 1.0 / float(self.env.dt)
+        self.render_images = True  # False: obs["images"] is None (a rollout only for its outcome)
         self._state, self._steps = None, 0
 
     def _obs(self):
+        if not self.render_images:
+            return {"images": None, "proprio": np.asarray(self._state[:4], np.float32)}
         images = []
         for cam in self.cameras:
             self.renderer.update_scene(self.env.data, camera=cam)
@@ -742,18 +917,27 @@ class MetaWorldEnv:
 
 
 def metaworld_episodes(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128, seed=0,
-                       max_attempts=None, record=None):
+                       max_attempts=None, record=None, shard=None, indices=None):
     """Yield `episodes` successful scripted-expert episodes per task (failures are dropped).
 
     Frame t holds the observation before action t; the episode stops at the first success.
     `record` (a dict) receives per-task attempts and successes, for the success rate.
+    shard (i, n): yield only the kept episodes whose index k (counting kept episodes over all
+    tasks, in order) has k % n == i. Every shard still rolls out every attempt, since only the
+    outcome says which index the next success gets, but renders only its own: the union of the
+    shards is the unsharded run, episode for episode (resets are seeded, MuJoCo is deterministic).
+    `indices` (a list) receives k of each yielded episode.
     """
     record = record if record is not None else {}
+    i_shard, n_shard = shard or (0, 1)
+    k = 0  # index of the next kept episode in the unsharded run
     for task in tasks:
         with MetaWorldEnv(task, seed=seed, cameras=cameras, img_size=img_size) as env:
             stat = record.setdefault(env.name, {"attempts": 0, "successes": 0})
             kept = 0
             while kept < episodes and stat["attempts"] < (max_attempts or 3 * episodes):
+                mine = k % n_shard == i_shard
+                env.render_images = mine
                 obs = env.reset(stat["attempts"])
                 stat["attempts"] += 1
                 images, proprio, actions, success = [], [], [], False
@@ -768,8 +952,12 @@ def metaworld_episodes(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128
                 if success:
                     stat["successes"] += 1
                     kept += 1
-                    yield {"images": np.stack(images), "proprio": np.stack(proprio),
-                           "actions": np.stack(actions), "task": env.task_text}
+                    k += 1
+                    if mine:
+                        if indices is not None:
+                            indices.append(k - 1)
+                        yield {"images": np.stack(images), "proprio": np.stack(proprio),
+                               "actions": np.stack(actions), "task": env.task_text}
 
 
 # -----------------------------------------------------------------------------
@@ -881,6 +1069,9 @@ def _common(p):
     p.add_argument("--track-dtype", default="float32", choices=["float32", "float16"],
                    help="float16 halves the size of the tracks; error < 0.05 px at 128 px")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="process only episodes k with k %% N == I (0-based), as a dataset of its own; "
+                        "join the N shards with the merge subcommand")
 
 
 def build_parser():
@@ -912,6 +1103,10 @@ def build_parser():
     p.add_argument("--img-size", type=int, default=128, help="rendered image size")
     p.add_argument("--seed", type=int, default=0, help="benchmark seed (goal variations, resets)")
     _common(p)
+
+    p = sub.add_parser("merge", help="join the datasets written with --shard 0/N .. N-1/N into one")
+    p.add_argument("shards", nargs="+", help="the N shard datasets (directories or .npz), any order")
+    p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
 
     p = sub.add_parser("bench-tracker", help="tracker accuracy on frames with known motion")
     p.add_argument("--tracker", default="lk", choices=["auto", "cotracker", "lk"])
@@ -950,12 +1145,21 @@ def main(argv=None):
         out = Path(args.out)
         if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
             raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
+    if args.command == "merge":
+        print(_summary_line(merge_shards(args.shards, out, log=log)))
+        return 0
 
     # Sources: validate everything cheap first, so bad input fails before any slow work
     extra = {}
     if args.command == "libero":
-        demos = sum(check_libero(f)[1] for f in args.files)
-        episodes = (ep for f in args.files for ep in read_libero(f, args.img_size))
+        counts = [check_libero(f)[1] for f in args.files]
+        demos = sum(counts)
+        keep = shard_indices(demos, shard)  # global demo indices, over the files in order
+        offsets = np.cumsum([0] + counts)
+        picks = [{k - offsets[j] for k in keep if offsets[j] <= k < offsets[j + 1]} for j in range(len(counts))]
+        episodes = (ep for f, pick in zip(args.files, picks) if pick
+                    for ep in read_libero(f, args.img_size, demos=pick))
         run = dict(views=LIBERO_VIEWS, fps=TRAINING_FPS,
                    source="libero: " + ", ".join(Path(f).name for f in args.files),
                    extra_meta={"proprio": "joint positions (7) + gripper (2)",
@@ -971,8 +1175,9 @@ def main(argv=None):
         if len(set(rates)) > 1:  # the rate decides the window span: one rate per dataset
             raise DataError(f"videos: expected one frame rate, found {sorted(set(rates))} fps "
                             f"(pass --fps, or preprocess each rate separately)")
-        episodes = ({"images": fit_square(read_video(p)[0], args.img_size)[:, None], "task": args.task}
-                    for p in args.paths)
+        keep = shard_indices(len(args.paths), shard)
+        episodes = ({"images": fit_square(read_video(args.paths[k])[0], args.img_size)[:, None],
+                     "task": args.task} for k in keep)
         run = dict(views=[args.view], fps=args.target_fps, source_fps=rates[0],
                    source="videos: " + args.task)
         extra["source_fps"] = rates[0]
@@ -984,9 +1189,10 @@ def main(argv=None):
         cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
         with MetaWorldEnv(tasks[0], cameras=cameras, img_size=args.img_size) as env:
             fps = env.fps  # also checks the camera names before any rollout
-        record = {}
+        record, keep = {}, []  # both filled while the episodes are recorded
         episodes = metaworld_episodes(tasks, args.episodes, cameras=cameras, img_size=args.img_size,
-                                      seed=args.seed, max_attempts=args.max_attempts, record=record)
+                                      seed=args.seed, max_attempts=args.max_attempts, record=record,
+                                      shard=shard, indices=keep)
         run = dict(views=cameras, fps=fps, source="metaworld: " + ",".join(tasks),
                    extra_meta={"proprio": "obs[:4]: hand xyz + gripper opening",
                                "actions": "delta hand xyz + gripper effort, in [-1, 1]",
@@ -1002,6 +1208,10 @@ def main(argv=None):
         _print_bench(rows, tracker, args)
         return 0
 
+    if shard is not None:
+        run["extra_meta"] = {**run.get("extra_meta", {}),
+                             "shard": {"index": shard[0], "count": shard[1], "episodes": keep}}
+        extra["shard"] = f"{shard[0]}/{shard[1]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = episodes_to_dataset(episodes, out, tracker=tracker, T=args.T, grid=args.grid,
                                   progress=not args.no_progress, track_dtype=args.track_dtype,

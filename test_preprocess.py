@@ -522,3 +522,95 @@ def test_bench_tracker_command_prints_table(capsys):
     assert "tracker lk" in out and "| median error (px) |" in out
     median = float(out.strip().splitlines()[-1].split("|")[2])
     assert median < 0.5
+
+
+# -----------------------------------------------------------------------------
+# --shard i/n and merge
+
+
+def test_shards_merged_equal_the_unsharded_run(tmp_path):
+    need("cv2")
+    a = write_libero(tmp_path / "a.hdf5", demos=3)
+    b = write_libero(tmp_path / "b.hdf5", demos=2, instruction="open the drawer")
+    run = ["libero", a, b, "--tracker", "lk", "--no-progress", "--out"]
+    assert P.main([*map(str, run), str(tmp_path / "full")]) == 0
+    assert P.main([*map(str, run), str(tmp_path / "s0"), "--shard", "0/2"]) == 0
+    assert P.main([*map(str, run), str(tmp_path / "s1.npz"), "--shard", "1/2"]) == 0
+    s0 = amplify.load_dataset(str(tmp_path / "s0"))  # each shard is a dataset of its own
+    assert s0.meta["shard"] == {"index": 0, "count": 2, "episodes": [0, 2, 4]} and s0.num_episodes == 3
+    full = amplify.load_dataset(str(tmp_path / "full"))
+    for out in ("merged", "merged.npz"):  # shards in any order
+        assert P.main(["merge", str(tmp_path / "s1.npz"), str(tmp_path / "s0"), "--out", str(tmp_path / out)]) == 0
+        merged = amplify.load_dataset(str(tmp_path / out))
+        assert sorted(merged.arrays) == sorted(full.arrays) and merged.meta == full.meta
+        for key, x in full.arrays.items():
+            assert merged.arrays[key].dtype == x.dtype, key
+            np.testing.assert_array_equal(merged.arrays[key], x, err_msg=key)
+    assert full.tasks == ["put the bowl on the plate"] * 3 + ["open the drawer"] * 2
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".") or p.endswith(".work")]
+
+
+@pytest.mark.parametrize("spec", ["2/2", "-1/2", "1", "a/b", "0/0"])
+def test_bad_shard_spec_rejected(tmp_path, spec):
+    src = write_libero(tmp_path / "a.hdf5", demos=3)
+    with pytest.raises(amplify.DataError, match=r"--shard: expected i/n with 0 <= i < n .* found"):
+        P.main(["libero", str(src), f"--shard={spec}", "--out", str(tmp_path / "out")])
+    with pytest.raises(amplify.DataError, match="expected at most 3 shards for 3 episodes, found 4"):
+        P.main(["libero", str(src), "--shard", "3/4", "--out", str(tmp_path / "out")])
+    assert leftovers(tmp_path, "out") == []
+
+
+def shard_set(tmp_path, n=2, change=None):
+    """Shard datasets of one small run, written directly (the merge checks only what is on disk)."""
+    arrays, meta = amplify.synthetic_dataset(episodes=4, frames=3, views=1, img_size=8, grid=2, T=4)
+    ends = arrays["episode_ends"]
+    paths = []
+    for i in range(n):
+        eps = list(range(i, len(ends), n))
+        rows = np.concatenate([np.arange(ends[e] - 3, ends[e]) for e in eps])
+        part = {k: v[rows] for k, v in arrays.items() if k not in ("episode_ends", "tasks")}
+        part.update(episode_ends=np.arange(1, len(eps) + 1) * 3, tasks=arrays["tasks"][eps])
+        shard_meta = {**meta, "fps": 20.0, "tracker": "lk", "shard": {"index": i, "count": n, "episodes": eps}}
+        shard_meta.update((change or {}).get(i, {}))
+        amplify.write_dataset(str(tmp_path / f"s{i}"), part, shard_meta)
+        paths.append(str(tmp_path / f"s{i}"))
+    return paths, arrays
+
+
+def test_merge_restores_order_and_rejects_mismatched_shards(tmp_path):
+    paths, arrays = shard_set(tmp_path)
+    P.merge_shards(paths[::-1], tmp_path / "ok", log=lambda m: None)
+    merged = amplify.load_dataset(str(tmp_path / "ok"))
+    for key in ("images", "tracks", "actions", "episode_ends"):
+        np.testing.assert_array_equal(merged.arrays[key], arrays[key])
+    assert "shard" not in merged.meta
+    cases = [({1: {"fps": 10.0}}, ["meta 'fps' differs between shards", "20.0", "10.0"]),
+             ({1: {"tracker": "cotracker3_offline"}}, ["meta 'tracker'", "'lk'", "'cotracker3_offline'"]),
+             ({1: {"views": ["wrist"]}}, ["meta 'views' differs", "['wrist']"]),
+             ({1: {"shard": {"index": 0, "count": 2, "episodes": [1, 3]}}}, ["shard 0/2 given twice"]),
+             ({1: {"shard": {"index": 1, "count": 3, "episodes": [1, 3]}}}, ["shard count: expected 2", "found 3"]),
+             ({0: {"shard": None}}, ["meta 'shard': expected a dataset written with --shard"])]
+    for k, (change, words) in enumerate(cases):
+        d = tmp_path / f"case{k}"
+        d.mkdir()
+        bad, _ = shard_set(d, change=change)
+        with pytest.raises(amplify.DataError) as e:
+            P.merge_shards(bad, d / "out", log=lambda m: None)
+        for w in words:
+            assert w in str(e.value), (w, str(e.value))
+        assert "\n" not in str(e.value) and not (d / "out").exists()
+        assert sorted(os.listdir(d)) == ["s0", "s1"]  # nothing written, not even a temporary
+    with pytest.raises(amplify.DataError, match="missing shards: expected all of 0/2 .. 1/2, missing 1/2"):
+        P.merge_shards(paths[:1], tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_metaworld_shard_episodes_match_the_unsharded_run():
+    need("metaworld")
+    kw = dict(cameras=["corner"], img_size=8)
+    full = list(P.metaworld_episodes(["reach-v3"], 2, **kw))
+    picked = []
+    shard = list(P.metaworld_episodes(["reach-v3"], 2, shard=(1, 2), indices=picked, **kw))
+    assert picked == [1] and len(shard) == 1  # episode 0 was rolled out without rendering, not kept
+    for key in ("images", "actions", "proprio"):
+        np.testing.assert_array_equal(shard[0][key], full[1][key])
