@@ -258,6 +258,16 @@ def _row_bytes(a):
     return int(a.itemsize * np.prod(a.shape[1:], dtype=np.int64))
 
 
+def _read_rows(a, rows):
+    """a[rows] as a private copy. For a memmap, read the file directly: pages touched through the
+    mapping would stay in this process's resident memory, and a scan would pull in the whole file."""
+    if isinstance(a, np.memmap) and a.filename:
+        count = (rows.stop - rows.start) * int(np.prod(a.shape[1:], dtype=np.int64))
+        flat = np.fromfile(a.filename, dtype=a.dtype, count=count, offset=a.offset + rows.start * _row_bytes(a))
+        return flat.reshape((-1,) + a.shape[1:])
+    return np.asarray(a[rows])
+
+
 def validate_dataset(arrays, meta):
     """Raise DataError naming the key and expected vs found; big arrays are checked in chunks."""
     for key in REQUIRED_KEYS:
@@ -298,7 +308,7 @@ def validate_dataset(arrays, meta):
             check(key, a.dtype == np.float32 and a.ndim == 2 and a.shape[0] == F_, f"float32 ({F_}, dim)",
                   f"{a.dtype} {a.shape}")
     for rows in _chunks(F_, _row_bytes(tracks)):
-        bad = ~np.isfinite(tracks[rows])
+        bad = ~np.isfinite(_read_rows(tracks, rows))
         if bad.any():
             frame = rows.start + int(np.argwhere(bad)[0][0])
             raise DataError(f"dataset: 'tracks' expected finite values, found NaN/inf at frame {frame}")
@@ -1246,15 +1256,52 @@ def to_device(batch, device):
 
 
 def log(msg):
-    print(msg, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(msg, flush=True)
 
 
-def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, device, resume=False, seed=0,
-        on_eval=None, label=None):
+@dataclass
+class Distributed:
+    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+
+def init_distributed(device):
+    """Join the torchrun job if there is one: NCCL on GPUs, gloo on CPU. Returns (Distributed, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(), device
+    import torch.distributed as dist
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), world, local_rank), device
+
+
+class StageLoss(nn.Module):
+    """Wraps a model and its loss so DistributedDataParallel sees the loss computation as forward()."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def fit(stage, model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path, extra, device, resume=False, seed=0,
+        on_eval=None, label=None, ddp=Distributed()):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
-    batch_fn(rng) -> dict of numpy arrays; loss_fn(model, batch) -> (loss, {name: float});
-    eval_fn(model) -> {name: float}; `extra` is stored in the checkpoint (config, stats, data shape).
+    Each step draws a global batch of `train_cfg.batch_size` frames from `frames` with an RNG seeded
+    by (seed, step), so a resumed run replays exactly and every torchrun rank draws the same batch
+    and trains on its own slice of it. make_batch(frames) -> dict of arrays; loss_fn(model, batch)
+    -> (loss, {name: float}); eval_fn(model) -> {name: float}; `extra` goes into the checkpoint.
     `label` names the run in logs and metrics files (default: the stage).
     """
     label = label or stage
@@ -1271,6 +1318,13 @@ def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, de
         step = int(ckpt["step"])
         torch.set_rng_state(ckpt["rng"])  # dropout continues the same random stream
         log(f"{label} | resumed from {out_path} at step {step}")
+    net = StageLoss(model, loss_fn)
+    if ddp.world > 1:
+        if train_cfg.batch_size % ddp.world:
+            raise UserError(f"--batch-size: expected a multiple of the {ddp.world} ranks, found {train_cfg.batch_size}")
+        if device.type == "cuda":  # batch statistics over the global batch, as in a single-process run
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(step):
         payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -1283,26 +1337,31 @@ def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, de
     use_amp = device.type == "cuda"
     t0, seen = time.time(), 0
     while step < train_cfg.steps:
-        model.train()
+        net.train()
         for group in opt.param_groups:
             group["lr"] = get_lr(step, train_cfg)
-        batch = to_device(batch_fn(np.random.default_rng([seed, step])), device)  # (seed, step): resume replays exactly
+        batch_frames = np.random.default_rng([seed, step]).choice(frames, train_cfg.batch_size)
+        batch = to_device(make_batch(batch_frames[ddp.rank::ddp.world]), device)  # this rank's slice
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, info = loss_fn(model, batch)
+            loss, info = net(batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP, gradients are averaged across ranks here
         if train_cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         opt.step()
         step += 1
         seen += train_cfg.batch_size
         if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            loss_value = loss.detach().float()
+            if ddp.world > 1:
+                torch.distributed.all_reduce(loss_value)
+                loss_value /= ddp.world
             rate = seen / max(1e-9, time.time() - t0)
             extras = "".join(f" | {k} {v:.4f}" for k, v in info.items())
-            log(f"{label} | step {step}/{train_cfg.steps} | loss {loss.item():.4f}{extras} | "
+            log(f"{label} | step {step}/{train_cfg.steps} | loss {loss_value.item():.4f}{extras} | "
                 f"lr {get_lr(step - 1, train_cfg):.2e} | {rate:.1f} samples/s")
             t0, seen = time.time(), 0
-        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+        if (step % train_cfg.eval_every == 0 or step == train_cfg.steps) and ddp.rank == 0:
             save(step)
             metrics = eval_fn(model)
             if metrics:
@@ -1311,9 +1370,23 @@ def fit(stage, model, train_cfg, batch_fn, loss_fn, eval_fn, out_path, extra, de
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             if on_eval is not None:
                 on_eval(model, step)
-    if step == 0 or not os.path.exists(out_path):
+    if ddp.rank == 0 and (step == 0 or not os.path.exists(out_path)):
         save(step)
+    if ddp.world > 1:
+        check_ranks_agree(model, label)
     return model
+
+
+def check_ranks_agree(model, label):
+    """After DDP training every rank must hold the same weights; say so in the log."""
+    import torch.distributed as dist
+    mine = torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
+    rank0 = mine.clone()
+    dist.broadcast(rank0, 0)  # gloo broadcasts CPU tensors; NCCL needs them on the GPU
+    diff = (mine - rank0).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    log(f"{label} | ddp: {dist.get_world_size()} ranks, max weight difference {diff.item():.3g}")
+    dist.barrier()  # rank 0 has written the checkpoint the next stage reads
 
 
 def eval_frames(corpus, episodes, n):
@@ -1358,8 +1431,8 @@ def train_tokenizer(corpus, args, preset):
     log(f"tokenizer | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
         f"{len(val_eps)} held out | codebook {model.fsq.codebook_size}")
 
-    def batch_fn(rng):
-        return {"tracks": tracks_batch(corpus, rng.choice(frames, train_cfg.batch_size))}
+    def make_batch(f):
+        return {"tracks": tracks_batch(corpus, f)}
 
     def loss_fn(model, batch):
         return model.loss(batch["tracks"]), {}
@@ -1388,8 +1461,8 @@ def train_tokenizer(corpus, args, preset):
             vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_tokenizer_{step:06d}.png"))
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus)}
-    return fit("tokenizer", model, train_cfg, batch_fn, loss_fn, eval_fn, os.path.join(args.out, "tokenizer.pt"),
-               extra, args.device, args.resume, args.seed, on_eval)
+    return fit("tokenizer", model, train_cfg, frames, make_batch, loss_fn, eval_fn,
+               os.path.join(args.out, "tokenizer.pt"), extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp)
 
 
 def load_stage(path, stage, corpus):
@@ -1434,10 +1507,8 @@ def train_forward(corpus, args, preset):
     log(f"forward | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
         f"{len(val_eps)} held out | tokenizer {tok_path}")
 
-    def batch_fn(rng):
-        f = rng.choice(frames, train_cfg.batch_size)
-        return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f),
-                "tasks": corpus.tasks_of(f)}
+    def make_batch(f):
+        return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
 
     def loss_fn(model, batch):
         with torch.no_grad():
@@ -1473,8 +1544,8 @@ def train_forward(corpus, args, preset):
             vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_forward_{step:06d}.png"))
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path)}
-    return fit("forward", model, train_cfg, batch_fn, loss_fn, eval_fn, os.path.join(args.out, "forward.pt"),
-               extra, args.device, args.resume, args.seed, on_eval)
+    return fit("forward", model, train_cfg, frames, make_batch, loss_fn, eval_fn, os.path.join(args.out, "forward.pt"),
+               extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp)
 
 
 def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
@@ -1563,8 +1634,8 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
              "stats": {"actions": act_norm.state(), "proprio": prop_norm.state()},
              "protocol": {"shots": args.shots, "only_task": list(args.only_task), "exclude_task": list(args.exclude_task),
                           "train_episodes": len(train_eps)}}
-    return fit("inverse", model, train_cfg, lambda rng: make_batch(rng.choice(frames, train_cfg.batch_size)),
-               loss_fn, eval_fn, out_path, extra, args.device, args.resume, args.seed, label=name)
+    return fit("inverse", model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path, extra, args.device,
+               args.resume, args.seed, label=name, ddp=args.ddp)
 
 
 # -----------------------------------------------------------------------------
@@ -1610,7 +1681,7 @@ class Policy:
         self.prop_norm = Normalizer(**inverse_ckpt["stats"]["proprio"])
         self.temperature, self.top_k = temperature, top_k
         self.ensembler = TemporalEnsembler(self.horizon, k)
-        self.last_tracks = None
+        self._last_codes, self._last_tracks = None, None
 
     @classmethod
     def load(cls, path, device=None, **kwargs):
@@ -1634,7 +1705,17 @@ class Policy:
     def reset(self):
         """A new episode: forget earlier chunks."""
         self.ensembler.reset()
-        self.last_tracks = None
+        self._last_codes, self._last_tracks = None, None
+
+    @property
+    def last_tracks(self):
+        """(V, T, N, 2) tracks decoded from the latest predicted codes, or None. Decoded on first
+        access only: a control loop that never draws them does not pay for the decoder."""
+        if self._last_tracks is None and self._last_codes is not None:
+            with torch.no_grad():
+                start = self.tokenizer.start_points(1, self.device)
+                self._last_tracks = self.tokenizer.decode(self._last_codes, start)[0].cpu().numpy()
+        return self._last_tracks
 
     def _images(self, images):
         images = np.asarray(images)
@@ -1658,14 +1739,106 @@ class Policy:
         codes = None
         if self.uses_codes:
             codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k)
-            start = self.tokenizer.start_points(1, self.device)
-            self.last_tracks = self.tokenizer.decode(codes, start)[0].cpu().numpy()  # (V, T, N, 2)
+            self._last_codes, self._last_tracks = codes, None
         p = torch.as_tensor(self.prop_norm(proprio)[None], device=self.device)
         mean, _ = self.inverse(x, p, codes)
         return self.act_norm.inverse(mean[0].float().cpu().numpy())
 
     def act(self, images, proprio, task):
         return self.ensembler.step(self.predict_chunk(images, proprio, task)).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: throughput, memory, sampling latency; ratios against baselines measured in the same run
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource  # Unix; ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, device, reps):
+    """Median seconds of `reps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench(args):
+    """Print `name: value` lines for the preset on LIBERO-shaped inputs (2 views, 128x128, A=7, P=9)."""
+    preset, device = PRESETS[args.preset], args.device
+    B = args.batch_size or (preset["train"].batch_size if device.type == "cuda" else 8)
+    reps = args.steps or 5
+    V, size, A_, P = 2, (128, 128), 7, 9
+    torch.manual_seed(args.seed)
+    tok_cfg = replace(preset["tokenizer"], views=V, img_size=size)
+    fwd_cfg = replace(preset["forward"], views=V, img_size=size, vision=replace(preset["forward"].vision, weights=""))
+    inv_cfg = replace(preset["inverse"], views=V, img_size=size, action_dim=A_, proprio_dim=P,
+                      vision=replace(preset["inverse"].vision, weights=""))
+    models = {"tokenizer": MotionTokenizer(tok_cfg), "forward": ForwardDynamics(fwd_cfg),
+              "inverse": InverseDynamics(inv_cfg)}
+    start = torch.as_tensor(grid_points(tok_cfg.grid))
+    steps = torch.randint(-2, 3, (B, V, tok_cfg.T - 1, tok_cfg.grid ** 2, 2)).float() * 2 / size[0]
+    tracks = torch.cat([start.expand(B, V, 1, -1, -1), start + steps.cumsum(2)], dim=2).to(device)
+    images = torch.randint(0, 256, (B, V, *size, 3), dtype=torch.uint8, device=device)
+    tasks = [f"task {i % 4}" for i in range(B)]
+    K, L = models["forward"].K, tok_cfg.T - 1
+    codes = torch.randint(0, K, (B, L), device=device)
+    proprio, actions = torch.randn(B, P, device=device), torch.randn(B, inv_cfg.T, A_, device=device)
+    valid = torch.ones(B, inv_cfg.T, device=device)
+    losses = {"tokenizer": lambda m: m.loss(tracks),
+              "forward": lambda m: m.loss(images, tasks, codes)[0],
+              "inverse": lambda m: m.loss(images, proprio, codes, actions, valid)[0]}
+    print(f"device: {device} | preset: {args.preset} | batch: {B} | threads: {torch.get_num_threads()}", flush=True)
+    use_amp = device.type == "cuda"
+    for name, model in models.items():
+        model.to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def train_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = losses[name](model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        seconds = timed(train_step, device, reps)
+        print(f"{name}_params: {sum(p.numel() for p in model.parameters())}")
+        print(f"{name}_train_samples_per_s: {B / seconds:.2f}")
+        print(f"{name}_peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
+        del opt
+    forward = models["forward"].eval()
+    one_image, one_task = images[:1], tasks[:1]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        cached = forward.generate(one_image, one_task, use_cache=True)
+        uncached = forward.generate(one_image, one_task, use_cache=False)
+        t_cached = timed(lambda: forward.generate(one_image, one_task, use_cache=True), device, reps)
+        t_uncached = timed(lambda: forward.generate(one_image, one_task, use_cache=False), device, reps)
+    print(f"sample_ms_cached: {1000 * t_cached:.1f}")
+    print(f"sample_ms_uncached: {1000 * t_uncached:.1f}")
+    print(f"kv_cache_speedup: {t_uncached / t_cached:.2f}")
+    print(f"kv_cache_identical_codes: {bool(torch.equal(cached, uncached))}", flush=True)
+    data = {"views": [f"view{v}" for v in range(V)], "img_size": list(size), "T": tok_cfg.T, "grid": tok_cfg.grid}
+    stats = {"actions": {"mean": [0.0] * A_, "std": [1.0] * A_}, "proprio": {"mean": [0.0] * P, "std": [1.0] * P}}
+    ckpt = {name: {"stage": name, "config": asdict(m.cfg), "model": m.state_dict(), "data": data, "stats": stats}
+            for name, m in models.items()}
+    policy = Policy(ckpt["inverse"], ckpt["tokenizer"], ckpt["forward"], device=str(device))
+    obs, prop = images[0].cpu().numpy(), np.zeros(P, dtype=np.float32)
+    t_policy = timed(lambda: policy.act(obs, prop, "task 0"), device, reps)
+    print(f"policy_step_ms: {1000 * t_policy:.1f}")
+    print(f"policy_hz: {1 / t_policy:.1f}")
+    print(f"peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1691,12 +1864,15 @@ def load_corpus(paths):
 
 def run(args):
     preset = PRESETS[args.preset]
+    if args.bench:
+        return bench(args)
     if args.count_params:
         if args.stage == "all":
             raise UserError("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
         print(f"params: {count_params(args.stage, preset)}")
         return
     torch.manual_seed(args.seed)
+    args.ddp, args.device = init_distributed(args.device)
     corpus = load_corpus(args.data)
     os.makedirs(args.out, exist_ok=True)
     log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
@@ -1714,20 +1890,23 @@ def run(args):
             ft_steps = args.finetune_steps if args.finetune_steps is not None else stage_train_config(preset, args).steps // 2
             if ft_steps > 0:
                 train_inverse(corpus, args, preset, predicted_codes=True, steps=ft_steps)
-        log(f"policy: {write_policy(args.out)}")
+        if args.ddp.rank == 0:
+            log(f"policy: {write_policy(args.out)}")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="AMPLIFY: train the motion tokenizer, forward and inverse dynamics.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # what to run
-    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"], required=True,
+    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"],
                    help="which model to train; 'all' trains the three in order and writes OUT/policy.pt")
     p.add_argument("--data", nargs="+", help="dataset(s): .npz or directory; several are concatenated "
                    "(e.g. robot demos + action-free video); required unless --count-params")
     p.add_argument("--out", default="runs/amplify", help="directory for checkpoints, metrics and images")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training sizes")
     p.add_argument("--count-params", action="store_true", help="print 'params: <int>' for --stage and exit")
+    p.add_argument("--bench", action="store_true", help="print throughput, memory and latency figures for --preset "
+                   "(--steps: timed repetitions, --batch-size: training batch) and exit")
     # training
     p.add_argument("--steps", type=int, help="training steps per stage (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="default: the preset's")
@@ -1760,6 +1939,11 @@ def build_parser():
 
 def check_args(p, args):
     """Args error checking: everything that can be known wrong before any work starts."""
+    if args.bench:
+        args.device = pick_device(args.device)
+        return
+    if args.stage is None:
+        p.error("--stage is required (unless --bench)")
     if not args.count_params and not args.data:
         p.error("--data is required unless --count-params")
     for name in ("steps", "batch_size", "log_every", "eval_every"):

@@ -589,3 +589,69 @@ def test_resnet18_weights_load_from_a_state_dict(tmp_path):
         A.load_resnet18_weights(A.ResNet((16, 32, 64, 128), (1, 1, 1, 1)), str(tmp_path / "resnet18.pt"))
     with pytest.raises(A.UserError, match="expected 'torchvision', 'timm' or an existing file"):
         A.load_resnet18_weights(target, str(tmp_path / "missing.pt"))
+
+
+# -----------------------------------------------------------------------------
+# Scale: torchrun DDP on CPU, datasets larger than memory, the benchmark command
+
+
+def test_torchrun_two_cpu_ranks_match_a_single_process(trained, tmp_path):
+    """Two gloo ranks each train on half of the global batch: same losses, same weights."""
+    root, _ = trained
+    common = ["--stage", "tokenizer", "--data", root / "data", "--steps", "3", "--batch-size", "4",
+              "--log-every", "1", "--eval-every", "3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(HERE, "amplify.py"), *map(str, common), "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = run_cli(*common, "--out", tmp_path / "one")
+    losses = [line.split("| loss ")[1].split()[0] for line in proc.stdout.splitlines() if "| loss " in line]
+    assert losses == [line.split("| loss ")[1].split()[0] for line in single.stdout.splitlines() if "| loss " in line]
+    assert len(losses) == 3
+    assert "ddp: 2 ranks, max weight difference 0" in proc.stdout  # both ranks hold identical weights
+    assert proc.stdout.count("tokenizer | step 1/3") == 1  # only rank 0 logs
+    a = A.load_checkpoint(str(tmp_path / "ddp" / "tokenizer.pt"), "tokenizer")
+    b = A.load_checkpoint(str(tmp_path / "one" / "tokenizer.pt"), "tokenizer")
+    for k in a["model"]:
+        assert_close(a["model"][k], b["model"][k], 1e-4, k)  # all-reduce sums in another order
+
+
+BIG_DATA_SCRIPT = r"""
+import json, os, resource, sys
+import numpy as np
+import amplify as A
+path = sys.argv[1]
+os.makedirs(path)
+F, V, T, N, H = 29500, 2, 16, 400, 64   # tracks: 29500 * 2 * 16 * 400 * 2 * 4 bytes = 3.0 GB
+# Sparse files: the arrays take no disk until written, but every byte is read back as data.
+tracks = np.lib.format.open_memmap(os.path.join(path, "tracks.npy"), "w+", np.float32, (F, V, T, N, 2))
+images = np.lib.format.open_memmap(os.path.join(path, "images.npy"), "w+", np.uint8, (F, V, H, H, 3))
+tracks[-1, 0, 3, :5] = 0.25  # some motion in the very last window
+del tracks, images
+np.save(os.path.join(path, "episode_ends.npy"), np.linspace(F // 100, F, 100).astype(np.int64))
+np.save(os.path.join(path, "tasks.npy"), np.array(["a", "b"] * 50))
+with open(os.path.join(path, "meta.json"), "w") as f:
+    json.dump({"views": ["a", "b"], "img_size": [H, H], "T": T, "grid": 20}, f)
+assert os.path.getsize(os.path.join(path, "tracks.npy")) > 3e9
+A.main(["--stage", "tokenizer", "--data", path, "--out", path + "-run", "--steps", "3", "--batch-size", "4",
+        "--eval-every", "3", "--log-every", "1"])
+print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def test_training_on_a_3gb_tracks_file_stays_under_1_5gb_resident(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", BIG_DATA_SCRIPT, str(tmp_path / "big")], capture_output=True,
+                          text=True, cwd=HERE, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokenizer | step 3/3" in proc.stdout and "eval step 3" in proc.stdout
+    peak = float(proc.stdout.split("peak_rss_mb")[1])
+    assert peak < 1536, f"peak resident memory {peak:.0f} MB"
+
+
+def test_bench_prints_its_figures():
+    proc = run_cli("--bench", "--steps", "1", "--batch-size", "2")
+    figures = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "|" not in line)
+    for name in ("tokenizer_train_samples_per_s", "forward_train_samples_per_s", "inverse_train_samples_per_s",
+                 "peak_memory_mb", "sample_ms_cached", "sample_ms_uncached", "kv_cache_speedup", "policy_step_ms"):
+        assert float(figures[name]) > 0, name
+    assert figures["kv_cache_identical_codes"] == "True"
