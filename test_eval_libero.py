@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -23,12 +24,14 @@ import preprocess
 from conftest import need
 
 HERE = Path(__file__).resolve().parent
+torch.set_num_threads(1)  # batch-1 inference; extra threads only contend on a shared CPU
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_eval(*args, timeout=600):
     """Run eval_libero.py as a user would; returns the CompletedProcess."""
     cmd = [sys.executable, str(HERE / "eval_libero.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
 
 
 def make_checkpoint(root, views, action_dim, proprio_dim):
@@ -42,7 +45,7 @@ def make_checkpoint(root, views, action_dim, proprio_dim):
     amplify.write_dataset(str(root / "data"), arrays, meta)
     cmd = [sys.executable, str(HERE / "amplify.py"), "--stage", "all", "--data", str(root / "data"),
            "--out", str(root / "run"), "--steps", "3", "--batch-size", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "run" / "policy.pt"
 
@@ -249,9 +252,9 @@ def test_libero_observation_reaches_policy_as_preprocess_writes_it(libero_policy
         obs["joint_states"] = np.stack([r["robot0_joint_pos"] for r in raws])
         obs["gripper_states"] = np.stack([r["robot0_gripper_qpos"] for r in raws])
         data["demo_0/actions"] = np.stack([c["action"] for c in policy.calls]).astype(np.float64)
-    proc = subprocess.run([sys.executable, str(HERE / "preprocess.py"), "libero", str(demo), "--out",
-                           str(tmp_path / "ds"), "--tracker", "lk", "--no-progress",
-                           "--img-size", str(policy.img_size[0])], capture_output=True, text=True, timeout=600, cwd=HERE)
+    cmd = [sys.executable, str(HERE / "preprocess.py"), "libero", str(demo), "--out", str(tmp_path / "ds"),
+           "--tracker", "lk", "--no-progress", "--img-size", str(policy.img_size[0])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ds = amplify.load_dataset(str(tmp_path / "ds"))
     assert ds.meta["views"] == list(policy.views)
