@@ -1295,14 +1295,15 @@ class StageLoss(nn.Module):
 
 
 def fit(stage, model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path, extra, device, resume=False, seed=0,
-        on_eval=None, label=None, ddp=Distributed()):
+        on_eval=None, label=None, ddp=Distributed(), compile=False):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
     Each step draws a global batch of `train_cfg.batch_size` frames from `frames` with an RNG seeded
     by (seed, step), so a resumed run replays exactly and every torchrun rank draws the same batch
     and trains on its own slice of it. make_batch(frames) -> dict of arrays; loss_fn(model, batch)
     -> (loss, {name: float}); eval_fn(model) -> {name: float}; `extra` goes into the checkpoint.
-    `label` names the run in logs and metrics files (default: the stage).
+    `label` names the run in logs and metrics files (default: the stage). `compile`: torch.compile
+    the training step (worth it for long GPU runs; the first steps pay for compilation).
     """
     label = label or stage
     model.to(device)
@@ -1325,6 +1326,8 @@ def fit(stage, model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path,
         if device.type == "cuda":  # batch statistics over the global batch, as in a single-process run
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)
 
     def save(step):
         payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -1462,7 +1465,7 @@ def train_tokenizer(corpus, args, preset):
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus)}
     return fit("tokenizer", model, train_cfg, frames, make_batch, loss_fn, eval_fn,
-               os.path.join(args.out, "tokenizer.pt"), extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp)
+               os.path.join(args.out, "tokenizer.pt"), extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp, compile=args.compile)
 
 
 def load_stage(path, stage, corpus):
@@ -1545,7 +1548,7 @@ def train_forward(corpus, args, preset):
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path)}
     return fit("forward", model, train_cfg, frames, make_batch, loss_fn, eval_fn, os.path.join(args.out, "forward.pt"),
-               extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp)
+               extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp, compile=args.compile)
 
 
 def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
@@ -1635,7 +1638,7 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
              "protocol": {"shots": args.shots, "only_task": list(args.only_task), "exclude_task": list(args.exclude_task),
                           "train_episodes": len(train_eps)}}
     return fit("inverse", model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path, extra, args.device,
-               args.resume, args.seed, label=name, ddp=args.ddp)
+               args.resume, args.seed, label=name, ddp=args.ddp, compile=args.compile)
 
 
 # -----------------------------------------------------------------------------
@@ -1914,6 +1917,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue each stage from its checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
     p.add_argument("--val-episodes", type=int, default=1, help="episodes held out per task for evaluation")
