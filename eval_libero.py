@@ -181,13 +181,13 @@ class LiberoEnv:
     """
 
     def __init__(self, suite, task_id, views=LIBERO_VIEWS, img_size=LIBERO_RENDER_SIZE, seed=0):
-        bench = libero_benchmark(suite)
-        from libero.libero import get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
         unknown = [v for v in views if v not in LIBERO_VIEWS]
         if unknown:
             raise UsageError(f"policy views {list(views)} are not LIBERO views {list(LIBERO_VIEWS)}")
         self.view_index = [LIBERO_VIEWS.index(v) for v in views]
+        bench = libero_benchmark(suite)
+        from libero.libero import get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
         task = bench.get_task(task_id)
         self.name = task.name
         self.init_states = bench.get_task_init_states(task_id)
@@ -427,7 +427,6 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
     torch threads per process.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if suite == METAWORLD:
         names = {t: t for t in tasks}
     else:
@@ -438,8 +437,7 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
             if episodes > n:
                 raise UsageError(f"--episodes {episodes}: {suite} task {t} ({names[t]}) has {n} init states")
     policy = load_policy(policy_path)
-    if video:
-        (out / "videos").mkdir(exist_ok=True)
+    (out / "videos" if video else out).mkdir(parents=True, exist_ok=True)
     jobs = []
     for ti, task in enumerate(tasks):
         for ep in range(episodes):
@@ -520,19 +518,19 @@ def main(argv=None):
                    help="LIBERO: task indices in benchmark order or task names (default: all tasks of the suite); "
                         "metaworld: task names such as door-open-v3 (required); space- or comma-separated")
     # protocol
-    p.add_argument("--episodes", type=int, default=EPISODES_PER_TASK, help="episodes per task; episode i uses init state i")
+    p.add_argument("--episodes", type=int, default=EPISODES_PER_TASK, help=f"episodes per task (default: {EPISODES_PER_TASK}); episode i uses init state i")
     p.add_argument("--max-steps", type=int, default=None,
                    help=f"policy steps per episode (default: {LIBERO_MAX_STEPS} on LIBERO, max_path_length on Meta-World)")
     p.add_argument("--seed", type=int, default=0, help="seeds the policy per episode; Meta-World: variations of MT1(seed=1000 + SEED), "
                         "held out from preprocess.py's demonstrations (seed 0)")
     # output and throughput
     p.add_argument("--out", required=True, help="output directory for results.json (and videos/)")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each with its own environment")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes, each with its own environment (default: 1)")
     # Batch-1 inference gains little from intra-op threads, and on a busy CPU torch's spinning
     # threads cost more than they give (measured: 18 vs 1 steps/s on Meta-World, 2 shared cores).
     # Cores are better spent on --workers.
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (more can help a big policy on an idle CPU)")
+                   help="torch threads per process (default: 1; more can help a big policy on an idle CPU)")
     p.add_argument("--video", nargs="?", const="mp4", default=None, choices=["mp4", "gif"],
                    help="write a video per episode with the predicted tracks drawn on (default format mp4)")
     args = p.parse_args(argv)

@@ -180,6 +180,13 @@ def test_more_episodes_than_init_states_is_rejected_before_any_rollout(capsys, t
     assert len(err.strip().splitlines()) == 1 and "50 init states" in err, err
 
 
+def test_policy_for_other_views_is_rejected(capsys, tmp_path, metaworld_policy):
+    need("libero")
+    err = cli_error(capsys, "--policy", metaworld_policy, "--suite", "libero_object", "--tasks", "0",
+                    "--episodes", "1", "--out", tmp_path)
+    assert len(err.strip().splitlines()) == 1 and "not LIBERO views" in err, err
+
+
 def test_missing_policy_is_one_line_error(capsys, tmp_path):
     need("libero")
     err = cli_error(capsys, "--policy", tmp_path / "none.pt", "--suite", "libero_goal", "--tasks", "0", "--out", tmp_path)
