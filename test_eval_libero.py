@@ -37,7 +37,8 @@ def run_eval(*args, timeout=600):
 def make_checkpoint(root, views, action_dim, proprio_dim):
     """Tiny policy with the given views/dims: synthetic data, `amplify.py --stage all --steps 3`.
 
-    32x32 images keep training fast; the policy resizes the 128x128 frames the simulators render.
+    32x32 images keep training fast; evaluation brings the simulators' frames to that size the way
+    preprocess.py would have written them.
     """
     arrays, meta = amplify.synthetic_dataset(episodes=2, frames=20, views=len(views), img_size=32,
                                              action_dim=action_dim, proprio_dim=proprio_dim)
@@ -97,7 +98,7 @@ class Recorder:
 
     def act(self, images, proprio, task):
         action = self.policy.act(images, proprio, task)
-        raw = None if self.env is None else self.env.raw_obs
+        raw = None if self.env is None else {k: np.array(v) for k, v in self.env.raw_obs.items()}
         self.calls.append({"images": images.copy(), "proprio": proprio.copy(), "task": task, "raw": raw,
                            "action": action * self.scale})
         return action * self.scale
@@ -247,12 +248,15 @@ def test_libero_observation_reaches_policy_as_preprocess_writes_it(libero_policy
     policy = Recorder(amplify.Policy.load(libero_policy), env=libero_env)
     eval_libero.run_episode(libero_env, policy, libero_env.task_text, init_state=0, max_steps=3)
     assert len(policy.calls) == 3
-    # A demonstration file as LIBERO stores one: simulator images as rendered (upside down).
+    # A demonstration file as LIBERO stores one: simulator images as rendered (upside down), the
+    # bddl file's problem info (with the instruction) as an attribute.
+    from libero.libero.envs.bddl_utils import get_problem_info
+    bddl = eval_libero.libero_benchmark("libero_object").get_task_bddl_file_path(0)
     demo = tmp_path / "pick_up_the_alphabet_soup_demo.hdf5"
     raws = [c["raw"] for c in policy.calls]
     with h5py.File(demo, "w") as f:
         data = f.create_group("data")
-        data.attrs["problem_info"] = json.dumps({"language_instruction": libero_env.task_text})
+        data.attrs["problem_info"] = json.dumps(get_problem_info(bddl))
         obs = data.create_group("demo_0/obs")
         obs["agentview_rgb"] = np.stack([r["agentview_image"] for r in raws])
         obs["eye_in_hand_rgb"] = np.stack([r["robot0_eye_in_hand_image"] for r in raws])
@@ -285,5 +289,6 @@ def test_actions_are_clipped_to_the_valid_range(libero_policy, libero_env):
         del libero_env.step
     assert len(sent) == 2
     for a, c in zip(sent, policy.calls):
+        assert np.abs(c["action"]).max() > 1.0  # the probe did leave the range
         assert a.min() >= -1.0 and a.max() <= 1.0
         np.testing.assert_array_equal(a, np.clip(c["action"], -1.0, 1.0))
