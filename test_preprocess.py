@@ -169,6 +169,40 @@ def test_lk_forward_backward_check_marks_unmatchable_points_invisible():
     assert vis[0, 1:].mean() < 0.5
 
 
+def moving_patch_on_flat_wall(F=10, size=64, side=16, speed=1):
+    """A textured square sliding right over a flat grey wall -> frames, (F, 2) patch top-left (x, y)."""
+    patch = textured(4 * side, seed=3)[:side, :side]  # detail coarser than a pixel
+    frames = np.full((F, size, size, 3), 128, np.uint8)
+    corners = np.array([(8 + speed * t, 24) for t in range(F)])
+    for t, (x, y) in enumerate(corners):
+        frames[t, y:y + side, x:x + side] = patch
+    return frames, corners
+
+
+def test_lk_static_flat_background_stays_put_next_to_a_moving_object():
+    # Was: wall points near the object followed it (coarse pyramid levels see its motion, a flat
+    # patch cannot pull them back, the backward pass drifts back alike so the FB check passed).
+    need("cv2")
+    F, size, side, span = 10, 64, 16, 8
+    frames, corners = moving_patch_on_flat_wall(F, size, side)
+    queries = P.grid_pixels(size, size, 20)
+    tracker = P.LKTracker()
+    tracks, vis = tracker.track(frames, queries, span)
+    margin = tracker.window(size, size) // 2 + 2  # its window (and gradients) never touch the object
+    for s in range(F):
+        seen = corners[s:s + span]  # (x, y) of the patch during window s
+        lo, hi = seen.min(0) - margin, seen.max(0) + side - 1 + margin
+        wall = ~((queries >= lo) & (queries <= hi)).all(1)
+        on = ((queries >= corners[s] + 3) & (queries <= corners[s] + side - 4)).all(1)
+        assert wall.sum() > 300 and on.sum() >= 4
+        np.testing.assert_array_equal(tracks[s][:, wall], np.broadcast_to(queries[wall], (span, wall.sum(), 2)))
+        assert not vis[s][1:F - s, wall].any()  # flat: nothing to track, so not visible (real steps)
+        k = np.minimum(np.arange(span), F - 1 - s)
+        err = np.abs(tracks[s][:, on] - (queries[on] + np.stack([k, 0 * k], 1)[:, None])).max(-1)
+        assert np.median(err) < 0.1 and vis[s][:, on].mean() > 0.9  # the object is still followed
+        assert err[vis[s][:, on]].max() < 1.0
+
+
 def test_bench_tracker_lk_accuracy():
     need("cv2")
     rows = P.bench_tracker(P.LKTracker(), size=48, frames=8, sequences=1, speeds=(1.0,), T=8)
