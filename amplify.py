@@ -1391,13 +1391,19 @@ def data_shape(corpus):
     return {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
 
 
+def video_episodes(corpus, args, train_cfg, stage):
+    """Tokenizer and forward model: every episode, actions or not (video is enough), less held-out ones.
+    Returns (train episodes, held-out episodes, training frames, evaluation frames)."""
+    train_eps, val_eps = split_episodes(corpus, args.val_episodes)
+    train_eps = select_episodes(corpus, train_eps, only_tasks=args.only_task, exclude_tasks=args.exclude_task)
+    return train_eps, val_eps, require_frames(corpus, train_eps, stage), eval_frames(corpus, val_eps,
+                                                                                      train_cfg.eval_samples)
+
+
 def train_tokenizer(corpus, args, preset):
     cfg = replace(preset["tokenizer"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T, grid=corpus.grid)
     train_cfg = stage_train_config(preset, args)
-    train_eps, val_eps = split_episodes(corpus, args.val_episodes)
-    train_eps = select_episodes(corpus, train_eps, only_tasks=args.only_task, exclude_tasks=args.exclude_task)
-    frames = require_frames(corpus, train_eps, "tokenizer")
-    val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
+    train_eps, val_eps, frames, val = video_episodes(corpus, args, train_cfg, "tokenizer")
     model = MotionTokenizer(cfg)
     log(f"tokenizer | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
         f"{len(val_eps)} held out | codebook {model.fsq.codebook_size}")
@@ -1470,10 +1476,7 @@ def train_forward(corpus, args, preset):
         cfg = replace(cfg, text_encoder=args.text_encoder,
                       text_dim=pretrained_text_dim(args.text_encoder) if args.text_encoder != "hash" else 0)
     train_cfg = stage_train_config(preset, args)
-    train_eps, val_eps = split_episodes(corpus, args.val_episodes)  # every episode: video needs no actions
-    train_eps = select_episodes(corpus, train_eps, only_tasks=args.only_task, exclude_tasks=args.exclude_task)
-    frames = require_frames(corpus, train_eps, "forward")
-    val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
+    train_eps, val_eps, frames, val = video_episodes(corpus, args, train_cfg, "forward")
     model = ForwardDynamics(cfg)
     log(f"forward | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
         f"{len(val_eps)} held out | tokenizer {tok_path}")
