@@ -137,9 +137,10 @@ class LKTracker:
     patch, or an edge's aperture problem) and the point is reported invisible.
 
     win_size None: 15 px for 128 px images, scaled with the image side (7 px at 64), so the window
-    covers the same part of the scene whatever the resolution. Trade-off: fast motion
-    (> ~window/2 px per frame at the coarsest level) is lost, textureless parts of moving objects
-    are held still (and reported invisible); bench-tracker measures the cost.
+    covers the same part of the scene whatever the resolution. Trade-offs: fast motion
+    (> ~window/2 px per frame at the coarsest level) is lost; a textureless point of a moving
+    object follows its neighbourhood only where the window shows the motion, else it is held
+    (reported invisible either way); bench-tracker measures the cost on textured scenes.
     """
 
     name = "lk"
@@ -189,9 +190,13 @@ class LKTracker:
         col, row = np.clip(np.rint(p0), 0, [w - 1, h - 1]).astype(int).T
         still = cv2.boxFilter(cv2.absdiff(nxt, prev).astype(np.float32), -1, (win, win),
                               borderType=cv2.BORDER_REFLECT)[row, col]
-        stay = ~found | (still <= np.where(found, err[:, 0], np.inf))  # ties (flat, static): stay
+        # Ties stay (a flat, static patch: both residuals 0). No noise margin: on a noisy flat
+        # wall LK still fits the noise, but a margin held the textureless points of moving-camera
+        # views (gripperPOV) that LK moves with the scene; such points are invisible either way.
+        textured = texture[row, col] >= self.min_eig
+        stay = ~found | (still <= np.where(found, err[:, 0], np.inf))
         unchanged = still <= 0.5  # the window is the same to within half a grey level: seen there
-        trusted = (trusted | (stay & unchanged)) & (texture[row, col] >= self.min_eig)
+        trusted = (trusted | (stay & unchanged)) & textured
         p1 = np.where(stay[:, None], p0, p1)
         p1 = np.clip(p1, 0, [w - 1, h - 1])
         return p1, trusted
