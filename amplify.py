@@ -1921,6 +1921,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a busy machine "
+                   "1 is often much faster, as spinning threads compete for the cores")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
     p.add_argument("--val-episodes", type=int, default=1, help="episodes held out per task for evaluation")
@@ -1946,6 +1948,10 @@ def build_parser():
 
 def check_args(p, args):
     """Args error checking: everything that can be known wrong before any work starts."""
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads: expected a positive integer, found {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.bench:
         args.device = pick_device(args.device)
         return
