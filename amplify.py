@@ -1780,6 +1780,15 @@ def timed(fn, device, reps):
     return float(np.median(times))
 
 
+def bench_train_step(model, opt, loss_fn, use_amp):
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss = loss_fn(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def bench(args):
     """Print `name: value` lines for the preset on LIBERO-shaped inputs (2 views, 128x128, A=7, P=9)."""
     preset, device = PRESETS[args.preset], args.device
@@ -1812,18 +1821,10 @@ def bench(args):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-
-        def train_step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = losses[name](model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        seconds = timed(train_step, device, reps)
+        seconds = timed(lambda: bench_train_step(model, opt, losses[name], use_amp), device, reps)
         print(f"{name}_params: {sum(p.numel() for p in model.parameters())}")
         print(f"{name}_train_samples_per_s: {B / seconds:.2f}")
         print(f"{name}_peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
-        del opt
     forward = models["forward"].eval()
     one_image, one_task = images[:1], tasks[:1]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
