@@ -1451,7 +1451,7 @@ def load_stage(path, stage, corpus):
 def stage_train_config(preset, args, steps=None):
     cfg = preset["train"]
     overrides = {"steps": steps if steps is not None else args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                 "eval_every": args.eval_every, "log_every": args.log_every}
+                 "eval_every": args.eval_every, "log_every": args.log_every, "eval_samples": args.eval_samples}
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -1927,6 +1927,7 @@ def build_parser():
     p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
     p.add_argument("--val-episodes", type=int, default=1, help="episodes held out per task for evaluation")
+    p.add_argument("--eval-samples", type=int, help="held-out windows scored per evaluation (default: the preset's)")
     p.add_argument("--vis", action="store_true", help="write PNGs of predicted vs true tracks at each evaluation")
     # stage inputs
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: OUT/tokenizer.pt)")
@@ -1960,7 +1961,7 @@ def check_args(p, args):
         p.error("--stage is required (unless --bench)")
     if not args.count_params and not args.data:
         p.error("--data is required unless --count-params")
-    for name in ("steps", "batch_size", "log_every", "eval_every"):
+    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, found {value}")
