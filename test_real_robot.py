@@ -614,11 +614,8 @@ def test_policy_trained_on_recorded_demos_runs_in_the_loop(robot_demos, tmp_path
             prev = pose[:3]
 
 
-def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
-    cfg = rr.parse_config(config_dict())
-    clock = FakeClock()
-    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
-    hw = rr.Hardware(TeleopRobot(clock), FakeGripper(), cams)
+def fake_preprocess(monkeypatch):
+    """Stand in for preprocess.episodes_to_dataset; returns the dict it fills with what it was given."""
     written = {}
 
     class FakePreprocess:
@@ -627,6 +624,15 @@ def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
             written.update(episodes=list(episodes), out=out, **kw)
             return {"episodes": len(written["episodes"])}
     monkeypatch.setitem(sys.modules, "preprocess", FakePreprocess)
+    return written
+
+
+def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
+    cfg = rr.parse_config(config_dict())
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    hw = rr.Hardware(TeleopRobot(clock), FakeGripper(), cams)
+    written = fake_preprocess(monkeypatch)
 
     def wait_start(i):
         if i == 2:
@@ -653,14 +659,7 @@ def test_main_record_opens_only_what_it_needs(tmp_path, monkeypatch, flags, mode
         opened.append(robot_mode)
         robot = TeleopRobot(clock) if robot_mode else None
         return rr.Hardware(robot, FakeGripper() if robot_mode else None, cams)
-    written = {}
-
-    class FakePreprocess:
-        @staticmethod
-        def episodes_to_dataset(episodes, out, **kw):
-            written.update(episodes=list(episodes), out=out, **kw)
-            return {"episodes": len(written["episodes"])}
-    monkeypatch.setitem(sys.modules, "preprocess", FakePreprocess)
+    written = fake_preprocess(monkeypatch)
     code = rr.main(["--config", cfg_path, "--record", str(tmp_path / "out"), "--episodes", "2",
                     "--tracker", "lk"] + flags, hardware=hardware, clock=clock, interactive=False)
     assert code == 0 and opened == [mode]
