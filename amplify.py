@@ -17,7 +17,8 @@ Notable features
   - `--preset cpu` trains in minutes on a laptop; `--preset paper` builds the Table 10 models.
   - Self-describing, atomically written checkpoints (config, normalization stats, step), and
     `--resume` continues a stage exactly where it stopped (batches are drawn from (seed, step)).
-  - Forward-model sampling with a key/value cache.
+  - Forward-model sampling with a key/value cache; torchrun data parallelism; datasets larger
+    than memory (memory-mapped, validated in chunks).
 
 Examples (DIR holds the checkpoints of all stages):
   python amplify.py --stage tokenizer --data data.npz --out DIR
@@ -26,6 +27,8 @@ Examples (DIR holds the checkpoints of all stages):
   python amplify.py --stage inverse   --data data.npz --out DIR --predicted-codes   # fine-tune
   python amplify.py --stage all       --data data.npz --out DIR       # all of it -> DIR/policy.pt
   python amplify.py --stage forward --preset paper --count-params
+  python amplify.py --bench --preset paper                           # throughput, memory, latency
+  torchrun --nproc_per_node=4 amplify.py --stage all --data D --out DIR   # data-parallel, GPUs or CPU
 
 Shape legend
   B batch, V camera views, T horizon (frames in a track window, 16), N points (400 = 20x20 grid),
