@@ -1655,16 +1655,22 @@ def strip_optimizer(ckpt):
     return {k: v for k, v in ckpt.items() if k != "optimizer"}
 
 
-def write_policy(out_dir):
-    """Bundle the stage checkpoints in out_dir into out_dir/policy.pt (fine-tuned inverse if present)."""
+def stage_checkpoints(out_dir):
+    """The checkpoints a policy needs from a training directory, without optimizer state: the
+    fine-tuned inverse model if present, and the tokenizer and forward model if it uses codes."""
     inverse_path = os.path.join(out_dir, "inverse_ft.pt")
     if not os.path.exists(inverse_path):
         inverse_path = os.path.join(out_dir, "inverse.pt")
-    bundle = {"stage": "policy", "inverse": strip_optimizer(load_checkpoint(inverse_path, "inverse"))}
-    if bundle["inverse"]["config"]["use_codes"]:
-        bundle["tokenizer"] = strip_optimizer(load_checkpoint(os.path.join(out_dir, "tokenizer.pt"), "tokenizer"))
-        bundle["forward"] = strip_optimizer(load_checkpoint(os.path.join(out_dir, "forward.pt"), "forward"))
-    save_checkpoint(os.path.join(out_dir, "policy.pt"), bundle)
+    parts = {"inverse": strip_optimizer(load_checkpoint(inverse_path, "inverse"))}
+    if parts["inverse"]["config"]["use_codes"]:
+        for stage in ("tokenizer", "forward"):
+            parts[stage] = strip_optimizer(load_checkpoint(os.path.join(out_dir, stage + ".pt"), stage))
+    return parts
+
+
+def write_policy(out_dir):
+    """Bundle the stage checkpoints in out_dir into out_dir/policy.pt."""
+    save_checkpoint(os.path.join(out_dir, "policy.pt"), {"stage": "policy", **stage_checkpoints(out_dir)})
     return os.path.join(out_dir, "policy.pt")
 
 
@@ -1700,14 +1706,8 @@ class Policy:
             if os.path.exists(bundle_path):
                 path = bundle_path
             else:
-                inv = os.path.join(path, "inverse_ft.pt")
-                inv = inv if os.path.exists(inv) else os.path.join(path, "inverse.pt")
-                inverse = load_checkpoint(inv, "inverse")
-                parts = {}
-                if inverse["config"]["use_codes"]:
-                    parts = {"tokenizer_ckpt": load_checkpoint(os.path.join(path, "tokenizer.pt"), "tokenizer"),
-                             "forward_ckpt": load_checkpoint(os.path.join(path, "forward.pt"), "forward")}
-                return cls(inverse, device=device, **parts, **kwargs)
+                parts = stage_checkpoints(path)
+                return cls(parts["inverse"], parts.get("tokenizer"), parts.get("forward"), device=device, **kwargs)
         bundle = load_checkpoint(path, "policy")
         return cls(bundle["inverse"], bundle.get("tokenizer"), bundle.get("forward"), device=device, **kwargs)
 
