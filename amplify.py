@@ -1530,7 +1530,7 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
     name = "inverse_ft" if predicted_codes else "inverse"
     out_path = os.path.join(args.out, name + ".pt")
     tokenizer = forward = None
-    if not args.no_codes:
+    if not args.no_codes and not predicted_codes:  # codes of the true tracks need the tokenizer
         tok_path = args.tokenizer or os.path.join(args.out, "tokenizer.pt")
         tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus)
         tokenizer.to(args.device)
@@ -1547,16 +1547,16 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
     frames = require_frames(corpus, train_eps, "inverse (episodes with actions)")
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
-    # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
-    act_norm = Normalizer.fit(corpus.gather("actions", frames))
-    prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
     init = None
-    if predicted_codes:
+    if predicted_codes:  # fine-tuning keeps the model's config and normalization
         init = load_checkpoint(args.init or os.path.join(args.out, "inverse.pt"), "inverse")
         check_data_matches(init, corpus, args.init or "inverse.pt")
         cfg = config_from_dict(InverseConfig, init["config"])
         act_norm, prop_norm = Normalizer(**init["stats"]["actions"]), Normalizer(**init["stats"]["proprio"])
     else:
+        # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
+        act_norm = Normalizer.fit(corpus.gather("actions", frames))
+        prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
         cfg = replace(preset["inverse"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"), use_codes=not args.no_codes,
                       codebook_size=tok_ckpt["config"]["codebook_size"] if tokenizer else preset["inverse"].codebook_size,
@@ -1572,7 +1572,7 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
         b = {"images": corpus.gather("images", f), "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
              "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
              "tasks": corpus.tasks_of(f)}
-        if tokenizer is not None and not predicted_codes:
+        if tokenizer is not None:
             b["tracks"] = tracks_batch(corpus, f)
         return b
 
