@@ -19,6 +19,12 @@ Notable features
     `--resume` continues a stage exactly where it stopped (batches are drawn from (seed, step)).
   - Forward-model sampling with a key/value cache; torchrun data parallelism; datasets larger
     than memory (memory-mapped, validated in chunks).
+  - Trainable from Python too: train_tokenizer / train_forward / train_inverse take dataclass
+    configs, and the three models share one `loss(...) -> (loss, metrics)` contract.
+
+Around this file: preprocess.py makes datasets (and writes them), bench.py measures speed,
+eval_libero.py and real_robot.py run policies; they share this file's atomic_write,
+resize_images, load_policy and UserError.
 
 Examples (DIR holds the checkpoints of all stages):
   python amplify.py --stage tokenizer --data data.npz --out DIR
@@ -27,13 +33,15 @@ Examples (DIR holds the checkpoints of all stages):
   python amplify.py --stage inverse   --data data.npz --out DIR --predicted-codes   # fine-tune
   python amplify.py --stage all       --data data.npz --out DIR       # all of it -> DIR/policy.pt
   python amplify.py --stage forward --preset paper --count-params
-  python amplify.py --bench --preset paper                           # throughput, memory, latency
+  python bench.py --preset paper                                     # throughput, memory, latency
   torchrun --nproc_per_node=4 amplify.py --stage all --data D --out DIR   # data-parallel, GPUs or CPU
 
-Shape legend
+Shape legend (einops names in lower case)
   B batch, V camera views, T horizon (frames in a track window, 16), N points (400 = 20x20 grid),
-  L motion codes per window (T-1), D model width, A action dim, P proprio dim, H, W image size,
-  K codebook size, C local-window classes (W*W, 225).
+  L motion codes per window (T-1), D model width, A action dim, P proprio dim,
+  H x W_img image height and width (einops: h w), C image or feature-map channels,
+  W local-window side (15), Cw local-window classes (W*W = 225), K codebook size,
+  xy the (x, y) coordinate axis of a track point (size 2), nh attention heads, hs head size (D / nh).
 """
 
 from __future__ import annotations
@@ -44,7 +52,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -82,19 +89,59 @@ def as_tensor(x, dtype=None):
     return x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x), dtype=dtype)
 
 
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path) and rename the result over `path`, so `path` is never half-written."""
+def atomic_write(path, write_fn, directory=False):
+    """Call write_fn(tmp) on a temporary file (or directory) next to `path`, then rename it over
+    `path`: readers see the old version or the new one, never half of one. The temporary name keeps
+    the file's extension, for writers that go by it (np.savez, imageio). Every file this project
+    writes (checkpoints, datasets, results, videos) goes through here."""
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
+    parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    os.close(fd)
+    prefix, suffix = f".{name}.", ".tmp" + os.path.splitext(name)[1]
+    if directory:
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+        os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~umask)  # mkstemp/mkdtemp would make it private
+    old = None
     try:
         write_fn(tmp)
+        if directory and os.path.exists(path):  # a directory cannot be renamed over: move the old aside
+            old = f"{path}.old-{os.getpid()}"
+            os.replace(path, old)
         os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not os.path.exists(path):
+            os.replace(old, path)  # put the old version back
+            old = None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover is not None and os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def resize_images(images, size):
+    """uint8 (..., H, W_img, 3) -> uint8 (..., h, w, 3), size = (h, w) or an int: antialiased bilinear.
+
+    The project's one image resize: preprocessing (preprocess.fit_square), the real robot's cameras
+    and Policy.act all call it, so a policy sees pixels exactly as its training data had them.
+    numpy in, numpy out; tensors stay on their device.
+    """
+    h, w = size_hw(size)
+    if tuple(images.shape[-3:-1]) == (h, w):
+        return images
+    x = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
+    lead = x.shape[:-3]
+    x = rearrange(x.reshape(-1, *x.shape[-3:]), "b h w c -> b c h w").float()  # (B', 3, H, W_img)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    x = rearrange(x.round().clamp(0, 255).to(torch.uint8), "b c h w -> b h w c").reshape(*lead, h, w, 3)
+    return x if torch.is_tensor(images) else x.numpy()
 
 
 def grid_points(grid=20):
@@ -109,17 +156,23 @@ def grid_points(grid=20):
 
 
 @dataclass
-class TokenizerConfig:
+class ModelConfig:
+    """What every model has: transformer sizes, and the data shape (filled in from the data, so a
+    checkpoint alone rebuilds the model)."""
     d_model: int = 64
-    n_layer: int = 2  # encoder layers; the decoder has as many
+    n_layer: int = 2
     n_head: int = 4
     dropout: float = 0.0
-    codebook_size: int = 512  # FSQ target size; the real size is prod(fsq_levels(...))
-    window: int = 15  # W: the decoder classifies each step into W x W pixel moves
-    # Filled in from the data, so a checkpoint alone rebuilds the model:
+    codebook_size: int = 512  # FSQ target size, the tokenizer's; the real size is prod(fsq_levels(...))
     views: int = 2
     img_size: tuple = (128, 128)
-    T: int = 16
+    T: int = 16  # frames in a track window; also the length of an action chunk
+
+
+@dataclass
+class TokenizerConfig(ModelConfig):
+    """n_layer encoder layers and as many decoder layers."""
+    window: int = 15  # W: the decoder classifies each step into W x W pixel moves
     grid: int = 20
 
 
@@ -134,34 +187,18 @@ class VisionConfig:
 
 
 @dataclass
-class ForwardConfig:
-    d_model: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    dropout: float = 0.0
-    codebook_size: int = 512  # must match the tokenizer's
+class ForwardConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text_encoder: str = "hash"  # "hash": hashed bag of words trained from scratch; else a Hugging Face model name/path
     text_buckets: int = 4096
     text_dim: int = 0  # width of the pretrained text embedding (set when the model is first built)
-    views: int = 2
-    img_size: tuple = (128, 128)
-    T: int = 16
 
 
 @dataclass
-class InverseConfig:
-    d_model: int = 64
-    n_layer: int = 2
-    n_head: int = 4
-    dropout: float = 0.0
-    codebook_size: int = 512
+class InverseConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
     gamma: float = 0.99  # discount of the NLL over the action chunk
     use_codes: bool = True  # False: the "inverse only" behaviour-cloning baseline (no motion codes)
-    views: int = 2
-    img_size: tuple = (128, 128)
-    T: int = 16  # the action chunk is as long as a track window
     action_dim: int = 7
     proprio_dim: int = 9
 
@@ -312,14 +349,14 @@ class Attention(nn.Module):
         across calls, so during sampling each new token costs one row instead of the whole prefix.
         """
         context = x if context is None else context
-        q = rearrange(self.q(x), "b l (h e) -> b h l e", h=self.n_head)
-        k, v = rearrange(self.kv(context), "b s (two h e) -> two b h s e", two=2, h=self.n_head)
+        q = rearrange(self.q(x), "b l (nh hs) -> b nh l hs", nh=self.n_head)  # (B, nh, Lq, hs)
+        k, v = rearrange(self.kv(context), "b s (two nh hs) -> two b nh s hs", two=2, nh=self.n_head)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(rearrange(y, "b h l e -> b l (h e)"))
+        return self.out(rearrange(y, "b nh l hs -> b l (nh hs)"))
 
 
 class Block(nn.Module):
@@ -378,33 +415,34 @@ class MotionTokenizer(nn.Module):
         """tracks (B, V, T, N, 2) normalized -> codes (B, L, n_levels), indices (B, L)."""
         h, w = self.cfg.img_size
         vel = (tracks[:, :, 1:] - tracks[:, :, :-1]) * tracks.new_tensor([w, h]) / 2  # (B, V, L, N, 2) in pixels: O(1) inputs
-        x = self.vel_in(rearrange(vel, "b v l n c -> b l (v n c)")) + self.enc_pos  # (B, L, D)
+        x = self.vel_in(rearrange(vel, "b v l n xy -> b l (v n xy)")) + self.enc_pos  # (B, L, D)
         for block in self.encoder:
             x = block(x, mask=self.causal)  # causal: code l summarizes motion up to step l only
         return self.fsq(self.to_latent(self.enc_ln(x)))
 
     def decode_logits(self, codes):
-        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, C)."""
+        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
         cfg = self.cfg
         memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
         queries = rearrange(self.view_emb[:, None] + self.point_emb[None], "v n d -> (v n) d")
         x = repeat(queries, "s d -> b s d", b=codes.shape[0])  # (B, V*N, D)
         for block in self.decoder:
             x = block(x, context=memory)
-        logits = self.head(self.dec_ln(x))  # (B, V*N, L*C)
-        return rearrange(logits, "b (v n) (l c) -> b v l n c", v=cfg.views, l=cfg.T - 1)
+        logits = self.head(self.dec_ln(x))  # (B, V*N, L*Cw)
+        return rearrange(logits, "b (v n) (l cw) -> b v l n cw", v=cfg.views, l=cfg.T - 1)
 
     def forward(self, tracks):
         codes, indices = self.encode(tracks)
         return self.decode_logits(codes), indices
 
     def loss(self, tracks):
-        """Cross-entropy of every point's every step against its true local-window class."""
+        """Cross-entropy of every point's every step against its true local-window class -> (loss, {})."""
         logits, _ = self(tracks)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
         # Flatten in the decoder's native (b v n l) order: a view, not a copy of the biggest tensor.
-        return F.cross_entropy(rearrange(logits, "b v l n c -> (b v n l) c"),
+        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v n l) cw"),
                                rearrange(target, "b v l n -> (b v n l)"))
+        return loss, {}
 
     def decode(self, indices, start):
         """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2): argmax window, summed up."""
@@ -414,7 +452,7 @@ class MotionTokenizer(nn.Module):
     def start_points(self, batch, device=None):
         """The 20x20 grid every window starts from, (B, V, N, 2)."""
         pts = torch.as_tensor(grid_points(self.cfg.grid), device=device)
-        return repeat(pts, "n c -> b v n c", b=batch, v=self.cfg.views)
+        return repeat(pts, "n xy -> b v n xy", b=batch, v=self.cfg.views)
 
 
 # -----------------------------------------------------------------------------
@@ -624,10 +662,10 @@ class ForwardDynamics(nn.Module):
         return self.head(self.ln_f(x[:, self.n_cond:]))
 
     def loss(self, images, tasks, codes):
-        """Teacher-forced cross-entropy on the frozen tokenizer's codes (B, L); also returns accuracy."""
+        """Teacher-forced cross-entropy on the frozen tokenizer's codes (B, L) -> (loss, {"code_acc"})."""
         logits = self.logits(self.condition(images, tasks), codes[:, :-1])  # (B, L, K)
         loss = F.cross_entropy(rearrange(logits, "b l k -> (b l) k"), codes.reshape(-1))
-        return loss, (logits.argmax(-1) == codes).float().mean()
+        return loss, {"code_acc": (logits.argmax(-1) == codes).float().mean().detach()}
 
     @torch.no_grad()
     def generate(self, images, tasks, temperature=0.0, top_k=None, use_cache=True, generator=None):
@@ -687,11 +725,16 @@ class InverseDynamics(nn.Module):
         return mean, log_std.clamp(-7.0, 2.0)
 
     def loss(self, images, proprio, codes, actions, valid):
-        """sum_k gamma^k NLL(a_{t+k}), averaged over the batch; valid (B, T) masks steps past the episode end."""
+        """sum_k gamma^k NLL(a_{t+k}), averaged over the batch -> (loss, {"action_mse_norm"}).
+
+        valid (B, T) masks steps past the episode end; action_mse_norm is the mean's squared error
+        on the valid steps, in normalized units.
+        """
         mean, log_std = self(images, proprio, codes)
         nll = -torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)  # (B, T)
         discount = self.cfg.gamma ** torch.arange(self.cfg.T, device=nll.device, dtype=nll.dtype)
-        return (nll * discount * valid).sum(1).mean(), mean
+        mse = (((mean - actions) ** 2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+        return (nll * discount * valid).sum(1).mean(), {"action_mse_norm": mse.detach()}
 
 
 # -----------------------------------------------------------------------------
@@ -777,44 +820,6 @@ def validate_dataset(arrays, meta):
             raise DataError("dataset: 'actions' expected finite rows or all-NaN rows (no actions), found a partial NaN/inf row")
 
 
-def write_dataset(path, arrays, meta):
-    """Validate, then write `arrays` + `meta` as path.npz or a directory; atomic either way."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    if "tasks" in arrays:
-        arrays["tasks"] = arrays["tasks"].astype(str)
-    if "episode_ends" in arrays:
-        arrays["episode_ends"] = arrays["episode_ends"].astype(np.int64)
-    meta = dict(meta)
-    for key, stats_key in (("actions", "action_stats"), ("proprio", "proprio_stats")):
-        if key in arrays and stats_key not in meta:
-            meta[stats_key] = array_stats(arrays[key])
-    validate_dataset(arrays, meta)
-    meta_json = json.dumps(meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    if str(path).endswith(".npz"):
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, meta_json=np.array(meta_json), **arrays)
-        atomic_write(path, write)
-        return
-    path = os.path.abspath(path)
-    tmp_dir = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path) or ".")
-    try:
-        for key, value in arrays.items():
-            np.save(os.path.join(tmp_dir, key + ".npy"), value, allow_pickle=False)
-        with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
-            f.write(meta_json)
-        old = None
-        if os.path.exists(path):  # swap: the old dataset stays whole until the new one is in place
-            old = path + ".old-" + str(os.getpid())
-            os.replace(path, old)
-        os.replace(tmp_dir, path)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp_dir):
-            shutil.rmtree(tmp_dir)
-
-
 def array_stats(a):
     """Mean, std, min, max per column over rows without NaN (rows of NaN mean 'no actions')."""
     a = np.asarray(a, dtype=np.float64)
@@ -873,64 +878,6 @@ def load_dataset(path):
         meta = json.loads(str(arrays.pop("meta_json")))
     validate_dataset(arrays, meta)
     return Dataset(arrays, meta, path)
-
-
-def synthetic_dataset(episodes=4, frames=24, views=2, img_size=32, action_dim=7, proprio_dim=9, T=16, grid=20,
-                      seed=0, tasks=None):
-    """Small data for tests and smoke runs: a bright square moves with the action, tracks follow it.
-
-    Points on the square move with it, the rest stay: the tracker output a real scene would give.
-    The motion is driven by the first two action dims, so all three stages have something to learn.
-    """
-    rng = np.random.default_rng(seed)
-    h, w = size_hw(img_size)
-    tasks = tasks or ["move the square right", "move the square down"]
-    pts = grid_points(grid)  # (N, 2)
-    all_images, all_tracks, all_actions, all_proprio, ends, names = [], [], [], [], [], []
-    yy, xx = np.mgrid[0:h, 0:w]
-    for e in range(episodes):
-        task = tasks[e % len(tasks)]
-        direction = np.array([1.0, 0.0]) if e % len(tasks) == 0 else np.array([0.0, 1.0])
-        pos = rng.uniform(-0.6, -0.2, size=2)  # square centre, normalized (x, y)
-        centres, actions = [], []
-        for t in range(frames):
-            speed = 1.5 * 2 / min(h, w)  # about 1.5 pixels a frame
-            act = np.zeros(action_dim, dtype=np.float32)
-            act[:2] = direction * (1.0 if t < frames * 2 // 3 else 0.0)
-            act[2:] = rng.normal(0, 0.05, size=action_dim - 2)
-            centres.append(pos.copy())
-            actions.append(act)
-            pos = np.clip(pos + act[:2] * speed, -0.9, 0.9)
-        centres = np.array(centres)  # (F, 2)
-        half = 0.3
-        for t in range(frames):
-            img = np.full((views, h, w, 3), 30, dtype=np.uint8)
-            cx, cy = (centres[t] + 1) * np.array([w, h]) / 2
-            for v in range(views):
-                shade = 255 - 60 * v
-                inside = (abs(xx - cx) < half * w / 2) & (abs(yy - cy) < half * h / 2)
-                img[v][inside] = (shade, 200, 80)
-            all_images.append(img)
-            window = [centres[min(t + k, frames - 1)] for k in range(T)]  # last frame repeats at the end
-            on_square = (np.abs(pts - centres[t]) < half / 2).all(-1)  # (N,)
-            track = np.repeat(pts[None], T, 0)  # (T, N, 2)
-            track[:, on_square] += (np.array(window) - centres[t])[:, None, :]
-            all_tracks.append(np.repeat(track[None], views, 0))
-            all_proprio.append(np.concatenate([centres[t], rng.normal(0, 0.01, size=proprio_dim - 2)]).astype(np.float32))
-        all_actions.extend(actions)
-        ends.append(len(all_images))
-        names.append(task)
-    arrays = {
-        "images": np.stack(all_images),
-        "tracks": np.stack(all_tracks).astype(np.float32),
-        "actions": np.stack(all_actions).astype(np.float32),
-        "proprio": np.stack(all_proprio).astype(np.float32),
-        "episode_ends": np.array(ends, dtype=np.int64),
-        "tasks": np.array(names),
-    }
-    meta = {"views": [f"view{v}" for v in range(views)], "img_size": [h, w], "T": T, "grid": grid, "fps": 10.0,
-            "source": "synthetic", "tracker": "ground-truth"}
-    return arrays, meta
 
 
 # -----------------------------------------------------------------------------
@@ -1094,56 +1041,44 @@ def track_metrics(pred, gt, img_size):
 
 
 # -----------------------------------------------------------------------------
-# Drawing tracks and writing PNGs (numpy + zlib only, so --vis needs no extra package)
+# Pictures of tracks (--vis, eval videos); Pillow is imported only when one is drawn
 
 
 def draw_tracks(image, tracks, color=None, fade=True, min_motion_px=1.0):
-    """image uint8 (H, W, 3), tracks (T, N, 2) normalized -> a copy with each track drawn as a polyline.
+    """image uint8 (H, W_img, 3), tracks (T, N, 2) normalized -> a copy with each track drawn as a polyline.
 
     Colour follows the point's start position (hue by x) unless `color` is given; with `fade`,
     older steps are dimmer so the direction of motion reads at a glance. Points that move less
     than `min_motion_px` are not drawn: on a 20x20 grid they would cover the image.
     """
-    out = np.array(image, dtype=np.uint8, copy=True)
+    from PIL import Image, ImageDraw
+
     tracks = np.asarray(tracks, dtype=np.float32)
-    h, w = out.shape[:2]
+    h, w = np.shape(image)[:2]
     px = (tracks + 1) * np.array([w, h], dtype=np.float32) / 2 - 0.5  # (T, N, 2) pixel centres
     moving = np.abs(px - px[:1]).max(axis=(0, 2)) >= min_motion_px
-    tracks, px = tracks[:, moving], px[:, moving]
-    T, N = tracks.shape[:2]
+    px = np.rint(px[:, moving])
+    T, N = px.shape[:2]
     if color is None:
-        hue = (tracks[0, :, 0] + 1) / 2
+        hue = (tracks[0, moving, 0] + 1) / 2
         colors = np.stack([np.clip(np.abs(hue * 6 - 3) - 1, 0, 1), np.clip(2 - np.abs(hue * 6 - 2), 0, 1),
                            np.clip(2 - np.abs(hue * 6 - 4), 0, 1)], -1) * 255  # (N, 3) hue wheel
     else:
         colors = np.tile(np.asarray(color, dtype=np.float32), (N, 1))
-    samples = np.linspace(0, 1, 8, dtype=np.float32)[:, None, None]
+    canvas = Image.fromarray(np.array(image, dtype=np.uint8))
+    pen = ImageDraw.Draw(canvas)
     for t in range(T - 1):
-        seg = px[t][None] + samples * (px[t + 1] - px[t])[None]  # (8, N, 2)
-        xs, ys = np.rint(seg[..., 0]).astype(int), np.rint(seg[..., 1]).astype(int)
-        ok = (xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)
         strength = (0.4 + 0.6 * (t + 1) / (T - 1)) if fade else 1.0
-        cols = np.broadcast_to(colors[None] * strength, seg.shape[:2] + (3,))
-        out[ys[ok], xs[ok]] = cols[ok].astype(np.uint8)
-    return out
+        for n in range(N):
+            pen.line([tuple(px[t, n]), tuple(px[t + 1, n])], fill=tuple(int(c) for c in colors[n] * strength))
+    return np.asarray(canvas)
 
 
 def write_png(path, image):
-    """Write uint8 (H, W, 3) as PNG with only zlib; atomic."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w = image.shape[:2]
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 per row
+    """Write uint8 (H, W_img, 3) as a PNG; atomic."""
+    from PIL import Image
 
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(png)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG"))
 
 
 # -----------------------------------------------------------------------------
@@ -1199,16 +1134,7 @@ def model_from_checkpoint(ckpt):
 
 
 # -----------------------------------------------------------------------------
-# Training: one flat loop shared by the three stages
-
-
-def get_lr(step, cfg: TrainConfig):
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    warmup = min(cfg.warmup, max(1, cfg.steps // 10))  # short runs (smoke tests, fine-tuning) still decay
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+# Training: one flat loop (`fit`) shared by the stages, and one function per stage
 
 
 def pick_device(name="auto"):
@@ -1219,16 +1145,6 @@ def pick_device(name="auto"):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def to_device(batch, device):
-    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v)
-            for k, v in batch.items()}
-
-
-def log(msg):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
-        print(msg, flush=True)
 
 
 @dataclass
@@ -1254,6 +1170,47 @@ def init_distributed(device):
     return Distributed(dist.get_rank(), world, local_rank), device
 
 
+@dataclass
+class RunConfig:
+    """How a stage is run, beside its model config and TrainConfig (the CLI builds it from its flags)."""
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, mps (or a torch.device)
+    seed: int = 0  # the batch order is drawn from (seed, step)
+    resume: bool = False  # continue from the stage's checkpoint in `out`
+    compile: bool = False  # torch.compile the training step (long GPU runs; the first steps pay for it)
+    vis: bool = False  # write PNGs of predicted vs true tracks at each evaluation
+    # Data protocols (paper section 5): held-out, few-shot, zero-shot by task filters.
+    val_episodes: int = 1  # held out per task for evaluation
+    shots: int = 0  # inverse: only the first K action episodes of each task (0: all)
+    only_tasks: tuple = ()
+    exclude_tasks: tuple = ()
+    ddp: Distributed = field(default_factory=Distributed)  # set by init_distributed under torchrun
+
+
+def resolve(train, run):
+    """Defaults for a stage function's optional configs; the device name becomes a torch.device."""
+    run = run or RunConfig()
+    return train or TrainConfig(), replace(run, device=pick_device(run.device))
+
+
+def get_lr(step, cfg: TrainConfig):
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    warmup = min(cfg.warmup, max(1, cfg.steps // 10))  # short runs (smoke tests, fine-tuning) still decay
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_device(batch, device):
+    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v)
+            for k, v in batch.items()}
+
+
+def log(msg):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(msg, flush=True)
+
+
 class StageLoss(nn.Module):
     """Wraps a model and its loss so DistributedDataParallel sees the loss computation as forward()."""
 
@@ -1265,25 +1222,26 @@ class StageLoss(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def fit(stage, model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path, extra, device, resume=False, seed=0,
-        on_eval=None, label=None, ddp=Distributed(), compile=False):
+def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_batch, loss_fn, eval_fn, out_path,
+        extra, on_eval=None, label=None):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
-    Each step draws a global batch of `train_cfg.batch_size` frames from `frames` with an RNG seeded
-    by (seed, step), so a resumed run replays exactly and every torchrun rank draws the same batch
-    and trains on its own slice of it. make_batch(frames) -> dict of arrays; loss_fn(model, batch)
-    -> (loss, {name: float}); eval_fn(model) -> {name: float}; `extra` goes into the checkpoint.
-    `label` names the run in logs and metrics files (default: the stage). `compile`: torch.compile
-    the training step (worth it for long GPU runs; the first steps pay for compilation).
+    Each step draws a global batch of `train.batch_size` frames from `frames` with an RNG seeded
+    by (run.seed, step), so a resumed run replays exactly and every torchrun rank draws the same
+    batch and trains on its own slice of it. make_batch(frames) -> dict of arrays;
+    loss_fn(model, batch) -> (loss, {name: scalar tensor}) like the models' `loss`; when there
+    are held-out frames `val`, eval_fn(model) -> {name: float} and on_eval(model, step) (pictures)
+    run at each evaluation, without gradients; `extra` goes into the checkpoint. `label` names the
+    run in logs and metrics files (default: the stage).
     """
-    label = label or stage
+    label, device, ddp = label or stage, run.device, run.ddp
     model.to(device)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=train_cfg.lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
     step = 0
-    if resume and os.path.exists(out_path):
+    if run.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, stage)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -1292,17 +1250,17 @@ def fit(stage, model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path,
         log(f"{label} | resumed from {out_path} at step {step}")
     net = StageLoss(model, loss_fn)
     if ddp.world > 1:
-        if train_cfg.batch_size % ddp.world:
-            raise UserError(f"--batch-size: expected a multiple of the {ddp.world} ranks, found {train_cfg.batch_size}")
+        if train.batch_size % ddp.world:
+            raise UserError(f"--batch-size: expected a multiple of the {ddp.world} ranks, found {train.batch_size}")
         if device.type == "cuda":  # batch statistics over the global batch, as in a single-process run
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile:
+    if run.compile:
         net = torch.compile(net)
 
     def save(step):
         payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                   "rng": torch.get_rng_state(), "train": asdict(train_cfg), **extra}
+                   "rng": torch.get_rng_state(), "train": asdict(train), **extra}
         text = getattr(model, "text", None)
         if text is not None and text.cache:
             payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
@@ -1310,40 +1268,41 @@ def fit(stage, model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path,
 
     use_amp = device.type == "cuda"
     t0, seen = time.time(), 0
-    while step < train_cfg.steps:
+    while step < train.steps:
         net.train()
         for group in opt.param_groups:
-            group["lr"] = get_lr(step, train_cfg)
-        batch_frames = np.random.default_rng([seed, step]).choice(frames, train_cfg.batch_size)
+            group["lr"] = get_lr(step, train)
+        batch_frames = np.random.default_rng([run.seed, step]).choice(frames, train.batch_size)
         batch = to_device(make_batch(batch_frames[ddp.rank::ddp.world]), device)  # this rank's slice
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss, info = net(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, gradients are averaged across ranks here
-        if train_cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         opt.step()
         step += 1
-        seen += train_cfg.batch_size
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+        seen += train.batch_size
+        if step % train.log_every == 0 or step == train.steps:
             loss_value = loss.detach().float()
             if ddp.world > 1:
                 torch.distributed.all_reduce(loss_value)
                 loss_value /= ddp.world
             rate = seen / max(1e-9, time.time() - t0)
-            extras = "".join(f" | {k} {v:.4f}" for k, v in info.items())
-            log(f"{label} | step {step}/{train_cfg.steps} | loss {loss_value.item():.4f}{extras} | "
-                f"lr {get_lr(step - 1, train_cfg):.2e} | {rate:.1f} samples/s")
+            extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
+            log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
+                f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s")
             t0, seen = time.time(), 0
-        if (step % train_cfg.eval_every == 0 or step == train_cfg.steps) and ddp.rank == 0:
+        if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
             save(step)
-            metrics = eval_fn(model)
-            if metrics:
+            if len(val):
+                with torch.no_grad():
+                    metrics = eval_fn(model)
+                    if on_eval is not None:
+                        on_eval(model, step)
                 log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 with open(os.path.join(os.path.dirname(out_path), f"{label}_metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
-            if on_eval is not None:
-                on_eval(model, step)
     if ddp.rank == 0 and (step == 0 or not os.path.exists(out_path)):
         save(step)
     if ddp.world > 1:
@@ -1371,9 +1330,11 @@ def eval_frames(corpus, episodes, n):
     return frames[np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)]
 
 
-def batched(frames, size):
-    for i in range(0, len(frames), size):
-        yield frames[i:i + size]
+def held_out_batches(model, frames, make_batch, train, run):
+    """Evaluation: the held-out frames in training-size batches on the device; the model in eval mode."""
+    model.eval()
+    for i in range(0, len(frames), train.batch_size):
+        yield to_device(make_batch(frames[i:i + train.batch_size]), run.device)
 
 
 def tracks_batch(corpus, frames):
@@ -1394,38 +1355,51 @@ def data_shape(corpus):
     return {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
 
 
-def video_episodes(corpus, args, train_cfg, stage):
+def require_frames(corpus, episodes, stage):
+    frames = corpus.frames(episodes)
+    if len(frames) == 0:
+        raise DataError(f"{stage}: expected at least one training episode after the filters, found none")
+    return frames
+
+
+def video_episodes(corpus, run: RunConfig, train: TrainConfig, stage):
     """Tokenizer and forward model: every episode, actions or not (video is enough), less held-out ones.
     Returns (train episodes, held-out episodes, training frames, evaluation frames)."""
-    train_eps, val_eps = split_episodes(corpus, args.val_episodes)
-    train_eps = select_episodes(corpus, train_eps, only_tasks=args.only_task, exclude_tasks=args.exclude_task)
-    return train_eps, val_eps, require_frames(corpus, train_eps, stage), eval_frames(corpus, val_eps,
-                                                                                      train_cfg.eval_samples)
+    train_eps, val_eps = split_episodes(corpus, run.val_episodes)
+    train_eps = select_episodes(corpus, train_eps, only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
+    frames, val = require_frames(corpus, train_eps, stage), eval_frames(corpus, val_eps, train.eval_samples)
+    return train_eps, val_eps, frames, val
 
 
-def train_tokenizer(corpus, args, preset):
-    cfg = replace(preset["tokenizer"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T, grid=corpus.grid)
-    train_cfg = stage_train_config(preset, args)
-    train_eps, val_eps, frames, val = video_episodes(corpus, args, train_cfg, "tokenizer")
+def load_stage(path, stage, corpus, device):
+    """A trained stage for this data: (checkpoint, model in eval mode on `device`)."""
+    ckpt = load_checkpoint(path, stage)
+    check_data_matches(ckpt, corpus, path)
+    return ckpt, model_from_checkpoint(ckpt).to(device)
+
+
+def n_params(model):
+    return f"{sum(p.numel() for p in model.parameters()):,} params"
+
+
+def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None, run: RunConfig = None):
+    """Train the motion tokenizer on `corpus`; writes out/tokenizer.pt. The data fields of `cfg`
+    (views, img_size, T, grid) are taken from the corpus."""
+    train, run = resolve(train, run)
+    cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T, grid=corpus.grid)
+    train_eps, val_eps, frames, val = video_episodes(corpus, run, train, "tokenizer")
     model = MotionTokenizer(cfg)
-    log(f"tokenizer | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
-        f"{len(val_eps)} held out | codebook {model.fsq.codebook_size}")
+    log(f"tokenizer | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
+        f"codebook {model.fsq.codebook_size}")
 
     def make_batch(f):
         return {"tracks": tracks_batch(corpus, f)}
 
-    def loss_fn(model, batch):
-        return model.loss(batch["tracks"]), {}
-
-    @torch.no_grad()
     def eval_fn(model):
-        if len(val) == 0:
-            return {}
-        model.eval()
         preds, gts, losses, used = [], [], [], set()
-        for chunk in batched(val, train_cfg.batch_size):
-            tracks = torch.as_tensor(tracks_batch(corpus, chunk), device=args.device)
-            losses.append(model.loss(tracks).item())
+        for b in held_out_batches(model, val, make_batch, train, run):
+            tracks = b["tracks"]
+            losses.append(model.loss(tracks)[0].item())
             _, idx = model.encode(tracks)
             used.update(idx.flatten().tolist())
             preds.append(model.decode(idx, tracks[:, :, 0]).cpu())
@@ -1434,55 +1408,30 @@ def train_tokenizer(corpus, args, preset):
         return {"val_loss": float(np.mean(losses)), **metrics, "codes_used": len(used) / model.fsq.codebook_size}
 
     def on_eval(model, step):
-        if args.vis and len(val):
-            tracks = torch.as_tensor(tracks_batch(corpus, val[:1]), device=args.device)
-            with torch.no_grad():
-                pred = model.decode(model.encode(tracks)[1], tracks[:, :, 0])[0].cpu().numpy()
-            vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_tokenizer_{step:06d}.png"))
+        tracks = torch.as_tensor(tracks_batch(corpus, val[:1]), device=run.device)
+        pred = model.decode(model.encode(tracks)[1], tracks[:, :, 0])[0].cpu().numpy()
+        vis_image(corpus, val[0], pred, os.path.join(out, f"vis_tokenizer_{step:06d}.png"))
 
-    extra = {"config": asdict(cfg), "data": data_shape(corpus)}
-    return fit("tokenizer", model, train_cfg, frames, make_batch, loss_fn, eval_fn,
-               os.path.join(args.out, "tokenizer.pt"), extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp, compile=args.compile)
-
-
-def load_stage(path, stage, corpus):
-    ckpt = load_checkpoint(path, stage)
-    check_data_matches(ckpt, corpus, path)
-    return ckpt, model_from_checkpoint(ckpt)
+    return fit(model, stage="tokenizer", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
+               loss_fn=lambda model, b: model.loss(b["tracks"]), eval_fn=eval_fn,
+               on_eval=on_eval if run.vis else None, out_path=os.path.join(out, "tokenizer.pt"),
+               extra={"config": asdict(cfg), "data": data_shape(corpus)})
 
 
-def stage_train_config(preset, args, steps=None):
-    cfg = preset["train"]
-    overrides = {"steps": steps if steps is not None else args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                 "eval_every": args.eval_every, "log_every": args.log_every, "eval_samples": args.eval_samples}
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def require_frames(corpus, episodes, stage):
-    frames = corpus.frames(episodes)
-    if len(frames) == 0:
-        raise DataError(f"{stage}: expected at least one training episode after the filters, found none")
-    return frames
-
-
-def vision_config(preset_vision, args):
-    return replace(preset_vision, weights=args.vision_weights) if args.vision_weights else preset_vision
-
-
-def train_forward(corpus, args, preset):
-    tok_path = args.tokenizer or os.path.join(args.out, "tokenizer.pt")
-    tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus)
-    tokenizer.to(args.device)
-    cfg = replace(preset["forward"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
-                  codebook_size=tok_ckpt["config"]["codebook_size"], vision=vision_config(preset["forward"].vision, args))
-    if args.text_encoder:
-        cfg = replace(cfg, text_encoder=args.text_encoder,
-                      text_dim=pretrained_text_dim(args.text_encoder) if args.text_encoder != "hash" else 0)
-    train_cfg = stage_train_config(preset, args)
-    train_eps, val_eps, frames, val = video_episodes(corpus, args, train_cfg, "forward")
+def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None):
+    """Train the forward model on codes of the frozen tokenizer (default out/tokenizer.pt); writes
+    out/forward.pt. The data fields and the codebook size of `cfg` come from the corpus and the tokenizer."""
+    train, run = resolve(train, run)
+    tok_path = tokenizer or os.path.join(out, "tokenizer.pt")
+    tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus, run.device)
+    cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
+                  codebook_size=tok_ckpt["config"]["codebook_size"])
+    if cfg.text_encoder != "hash" and not cfg.text_dim:
+        cfg = replace(cfg, text_dim=pretrained_text_dim(cfg.text_encoder))
+    train_eps, val_eps, frames, val = video_episodes(corpus, run, train, "forward")
     model = ForwardDynamics(cfg)
-    log(f"forward | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} train episodes, "
-        f"{len(val_eps)} held out | tokenizer {tok_path}")
+    log(f"forward | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
+        f"tokenizer {tok_path}")
 
     def make_batch(f):
         return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
@@ -1490,89 +1439,79 @@ def train_forward(corpus, args, preset):
     def loss_fn(model, batch):
         with torch.no_grad():
             codes = tokenizer.encode(batch["tracks"])[1]  # targets from the frozen tokenizer
-        loss, acc = model.loss(batch["images"], batch["tasks"], codes)
-        return loss, {"code_acc": acc.item()}
+        return model.loss(batch["images"], batch["tasks"], codes)
 
-    @torch.no_grad()
     def eval_fn(model):
-        if len(val) == 0:
-            return {}
-        model.eval()
         losses, accs, preds, gts = [], [], [], []
-        for chunk in batched(val, train_cfg.batch_size):
-            b = to_device({"images": corpus.gather("images", chunk), "tracks": tracks_batch(corpus, chunk)}, args.device)
-            chunk_tasks = corpus.tasks_of(chunk)
-            codes = tokenizer.encode(b["tracks"])[1]
-            loss, acc = model.loss(b["images"], chunk_tasks, codes)
+        for b in held_out_batches(model, val, make_batch, train, run):
+            loss, metrics = loss_fn(model, b)
             losses.append(loss.item())
-            accs.append(acc.item())
-            pred_codes = model.generate(b["images"], chunk_tasks)
-            preds.append(tokenizer.decode(pred_codes, b["tracks"][:, :, 0]).cpu())
+            accs.append(metrics["code_acc"].item())
+            preds.append(tokenizer.decode(model.generate(b["images"], b["tasks"]), b["tracks"][:, :, 0]).cpu())
             gts.append(b["tracks"].cpu())
         return {"val_loss": float(np.mean(losses)), "code_acc": float(np.mean(accs)),
                 **track_metrics(torch.cat(preds), torch.cat(gts), corpus.img_size)}
 
     def on_eval(model, step):
-        if args.vis and len(val):
-            b = to_device({"images": corpus.gather("images", val[:1]), "tracks": tracks_batch(corpus, val[:1])}, args.device)
-            codes = model.generate(b["images"], corpus.tasks_of(val[:1]))
-            with torch.no_grad():
-                pred = tokenizer.decode(codes, b["tracks"][:, :, 0])[0].cpu().numpy()
-            vis_image(corpus, val[0], pred, os.path.join(args.out, f"vis_forward_{step:06d}.png"))
+        b = to_device(make_batch(val[:1]), run.device)
+        pred = tokenizer.decode(model.generate(b["images"], b["tasks"]), b["tracks"][:, :, 0])[0].cpu().numpy()
+        vis_image(corpus, val[0], pred, os.path.join(out, f"vis_forward_{step:06d}.png"))
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path)}
-    return fit("forward", model, train_cfg, frames, make_batch, loss_fn, eval_fn, os.path.join(args.out, "forward.pt"),
-               extra, args.device, args.resume, args.seed, on_eval, ddp=args.ddp, compile=args.compile)
+    return fit(model, stage="forward", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
+               loss_fn=loss_fn, eval_fn=eval_fn, on_eval=on_eval if run.vis else None,
+               out_path=os.path.join(out, "forward.pt"), extra=extra)
 
 
-def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
-    """Inverse dynamics on codes of the true tracks, or (predicted_codes) fine-tuned on the forward model's."""
+def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None,
+                  forward=None, init=None, predicted_codes=False):
+    """Train the inverse model on codes of the true tracks (tokenizer, default out/tokenizer.pt;
+    none if not cfg.use_codes), writing out/inverse.pt; or, with predicted_codes, fine-tune `init`
+    (default out/inverse.pt, whose config and normalizers are kept) on the codes the forward model
+    (default out/forward.pt) predicts, writing out/inverse_ft.pt."""
+    train, run = resolve(train, run)
     name = "inverse_ft" if predicted_codes else "inverse"
-    out_path = os.path.join(args.out, name + ".pt")
-    tokenizer = forward = None
-    if not args.no_codes and not predicted_codes:  # codes of the true tracks need the tokenizer
-        tok_path = args.tokenizer or os.path.join(args.out, "tokenizer.pt")
-        tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus)
-        tokenizer.to(args.device)
-    if predicted_codes:
-        if args.no_codes:
+    tok_model = fwd_model = None
+    if predicted_codes:  # fine-tuning keeps the model's config and normalization
+        init_path = init or os.path.join(out, "inverse.pt")
+        init = load_checkpoint(init_path, "inverse")
+        check_data_matches(init, corpus, init_path)
+        cfg = config_from_dict(InverseConfig, init["config"])
+        if not cfg.use_codes:
             raise UserError("--predicted-codes fine-tunes on forward-model codes; it cannot be combined with --no-codes")
-        _, forward = load_stage(args.forward or os.path.join(args.out, "forward.pt"), "forward", corpus)
-        forward.to(args.device)
-    train_cfg = stage_train_config(preset, args, steps)
-    train_eps, val_eps = split_episodes(corpus, args.val_episodes)
-    train_eps = select_episodes(corpus, train_eps, need_actions=True, shots=args.shots,
-                                only_tasks=args.only_task, exclude_tasks=args.exclude_task)
+        _, fwd_model = load_stage(forward or os.path.join(out, "forward.pt"), "forward", corpus, run.device)
+    elif cfg.use_codes:  # codes of the true tracks need the tokenizer
+        tok_ckpt, tok_model = load_stage(tokenizer or os.path.join(out, "tokenizer.pt"), "tokenizer", corpus,
+                                         run.device)
+        cfg = replace(cfg, codebook_size=tok_ckpt["config"]["codebook_size"])
+    train_eps, val_eps = split_episodes(corpus, run.val_episodes)
+    train_eps = select_episodes(corpus, train_eps, need_actions=True, shots=run.shots,
+                                only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
     val_eps = select_episodes(corpus, val_eps, need_actions=True)
     frames = require_frames(corpus, train_eps, "inverse (episodes with actions)")
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
-    init = None
-    if predicted_codes:  # fine-tuning keeps the model's config and normalization
-        init = load_checkpoint(args.init or os.path.join(args.out, "inverse.pt"), "inverse")
-        check_data_matches(init, corpus, args.init or "inverse.pt")
-        cfg = config_from_dict(InverseConfig, init["config"])
+    if predicted_codes:
         act_norm, prop_norm = Normalizer(**init["stats"]["actions"]), Normalizer(**init["stats"]["proprio"])
     else:
         # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
         act_norm = Normalizer.fit(corpus.gather("actions", frames))
         prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
-        cfg = replace(preset["inverse"], views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
-                      action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"), use_codes=not args.no_codes,
-                      codebook_size=tok_ckpt["config"]["codebook_size"] if tokenizer else preset["inverse"].codebook_size,
-                      vision=vision_config(preset["inverse"].vision, args))
-    model = build_model("inverse", cfg, init["model"] if init else None)
-    val = eval_frames(corpus, val_eps, train_cfg.eval_samples)
-    log(f"{name} | {sum(p.numel() for p in model.parameters()):,} params | {len(train_eps)} action episodes "
-        f"({len(frames)} frames), {len(val_eps)} held out | codes: "
-        f"{'none (inverse-only baseline)' if args.no_codes else 'forward-predicted' if predicted_codes else 'true tracks'}")
+        cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
+                      action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
+    model = build_model("inverse", cfg, init["model"] if predicted_codes else None)
+    val = eval_frames(corpus, val_eps, train.eval_samples)
+    codes_from = ("forward-predicted" if predicted_codes else "true tracks" if cfg.use_codes
+                  else "none (inverse-only baseline)")
+    log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
+        f"{len(val_eps)} held out | codes: {codes_from}")
 
     def make_batch(f):
         actions, valid = corpus.action_chunks(f, cfg.T)
         b = {"images": corpus.gather("images", f), "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
              "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
              "tasks": corpus.tasks_of(f)}
-        if tokenizer is not None:
+        if tok_model is not None:
             b["tracks"] = tracks_batch(corpus, f)
         return b
 
@@ -1581,38 +1520,32 @@ def train_inverse(corpus, args, preset, predicted_codes=False, steps=None):
             return None
         with torch.no_grad():
             if predicted_codes:
-                return forward.generate(batch["images"], batch["tasks"])
-            return tokenizer.encode(batch["tracks"])[1]
+                return fwd_model.generate(batch["images"], batch["tasks"])
+            return tok_model.encode(batch["tracks"])[1]
 
     def loss_fn(model, batch):
-        loss, _ = model.loss(batch["images"], batch["proprio"], codes_for(batch), batch["actions"], batch["valid"])
-        return loss, {}
+        return model.loss(batch["images"], batch["proprio"], codes_for(batch), batch["actions"], batch["valid"])
 
-    @torch.no_grad()
     def eval_fn(model):
-        if len(val) == 0:
-            return {}
-        model.eval()
         losses, err_norm, err_data, err_first = [], [], [], []
-        for chunk in batched(val, train_cfg.batch_size):
-            b = to_device(make_batch(chunk), args.device)
+        for b in held_out_batches(model, val, make_batch, train, run):
             codes = codes_for(b)
-            loss, mean = model.loss(b["images"], b["proprio"], codes, b["actions"], b["valid"])
-            valid = b["valid"].bool()
+            loss, metrics = model.loss(b["images"], b["proprio"], codes, b["actions"], b["valid"])
+            mean, _ = model(b["images"], b["proprio"], codes)
             losses.append(loss.item())
-            err_norm.append(((mean - b["actions"]) ** 2)[valid].mean().item())
+            err_norm.append(metrics["action_mse_norm"].item())
             data_err = (act_norm.inverse(mean.cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
-            err_data.append(data_err[valid.cpu().numpy()].mean())
+            err_data.append(data_err[b["valid"].bool().cpu().numpy()].mean())
             err_first.append(data_err[:, 0].mean())
         return {"val_nll": float(np.mean(losses)), "action_mse_norm": float(np.mean(err_norm)),
                 "action_mse": float(np.mean(err_data)), "action_mse_first": float(np.mean(err_first))}
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": predicted_codes,
              "stats": {"actions": act_norm.state(), "proprio": prop_norm.state()},
-             "protocol": {"shots": args.shots, "only_task": list(args.only_task), "exclude_task": list(args.exclude_task),
-                          "train_episodes": len(train_eps)}}
-    return fit("inverse", model, train_cfg, frames, make_batch, loss_fn, eval_fn, out_path, extra, args.device,
-               args.resume, args.seed, label=name, ddp=args.ddp, compile=args.compile)
+             "protocol": {"shots": run.shots, "only_task": list(run.only_tasks),
+                          "exclude_task": list(run.exclude_tasks), "train_episodes": len(train_eps)}}
+    return fit(model, stage="inverse", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
+               loss_fn=loss_fn, eval_fn=eval_fn, out_path=os.path.join(out, name + ".pt"), extra=extra, label=name)
 
 
 # -----------------------------------------------------------------------------
@@ -1731,12 +1664,7 @@ class Policy:
         V = len(self.views)
         if images.ndim != 4 or images.shape[0] != V or images.shape[-1] != 3:
             raise UserError(f"policy.act: expected images ({V}, H, W, 3) for views {self.views}, found {images.shape}")
-        x = torch.as_tensor(images, device=self.device)[None]  # (1, V, H, W, 3)
-        if tuple(images.shape[1:3]) != self.img_size:
-            x = rearrange(x, "b v h w c -> (b v) c h w").float()
-            x = F.interpolate(x, size=self.img_size, mode="bilinear", antialias=True, align_corners=False)
-            x = rearrange(x.round().clamp(0, 255).to(torch.uint8), "(b v) c h w -> b v h w c", b=1)
-        return x
+        return resize_images(torch.as_tensor(images, device=self.device)[None], self.img_size)  # (1, V, H, W_img, 3)
 
     @torch.no_grad()
     def predict_chunk(self, images, proprio, task):
@@ -1757,98 +1685,17 @@ class Policy:
         return self.ensembler.step(self.predict_chunk(images, proprio, task)).astype(np.float32)
 
 
-# -----------------------------------------------------------------------------
-# Benchmark: throughput, memory, sampling latency; ratios against baselines measured in the same run
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource  # Unix; ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed(fn, device, reps):
-    """Median seconds of `reps` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def bench_train_step(model, opt, loss_fn, use_amp):
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        loss = loss_fn(model)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
-def bench(args):
-    """Print `name: value` lines for the preset on LIBERO-shaped inputs (2 views, 128x128, A=7, P=9)."""
-    preset, device = PRESETS[args.preset], args.device
-    B = args.batch_size or (preset["train"].batch_size if device.type == "cuda" else 8)
-    reps = args.steps or 5
-    V, size, A_, P = 2, (128, 128), 7, 9
-    torch.manual_seed(args.seed)
-    tok_cfg = replace(preset["tokenizer"], views=V, img_size=size)
-    fwd_cfg = replace(preset["forward"], views=V, img_size=size, vision=replace(preset["forward"].vision, weights=""))
-    inv_cfg = replace(preset["inverse"], views=V, img_size=size, action_dim=A_, proprio_dim=P,
-                      vision=replace(preset["inverse"].vision, weights=""))
-    models = {"tokenizer": MotionTokenizer(tok_cfg), "forward": ForwardDynamics(fwd_cfg),
-              "inverse": InverseDynamics(inv_cfg)}
-    start = torch.as_tensor(grid_points(tok_cfg.grid))
-    steps = torch.randint(-2, 3, (B, V, tok_cfg.T - 1, tok_cfg.grid ** 2, 2)).float() * 2 / size[0]
-    tracks = torch.cat([start.expand(B, V, 1, -1, -1), start + steps.cumsum(2)], dim=2).to(device)
-    images = torch.randint(0, 256, (B, V, *size, 3), dtype=torch.uint8, device=device)
-    tasks = [f"task {i % 4}" for i in range(B)]
-    K, L = models["forward"].K, tok_cfg.T - 1
-    codes = torch.randint(0, K, (B, L), device=device)
-    proprio, actions = torch.randn(B, P, device=device), torch.randn(B, inv_cfg.T, A_, device=device)
-    valid = torch.ones(B, inv_cfg.T, device=device)
-    losses = {"tokenizer": lambda m: m.loss(tracks),
-              "forward": lambda m: m.loss(images, tasks, codes)[0],
-              "inverse": lambda m: m.loss(images, proprio, codes, actions, valid)[0]}
-    print(f"device: {device} | preset: {args.preset} | batch: {B} | threads: {torch.get_num_threads()}", flush=True)
-    use_amp = device.type == "cuda"
-    for name, model in models.items():
-        model.to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(lambda: bench_train_step(model, opt, losses[name], use_amp), device, reps)
-        print(f"{name}_params: {sum(p.numel() for p in model.parameters())}")
-        print(f"{name}_train_samples_per_s: {B / seconds:.2f}")
-        print(f"{name}_peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
-    forward = models["forward"].eval()
-    one_image, one_task = images[:1], tasks[:1]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        cached = forward.generate(one_image, one_task, use_cache=True)
-        uncached = forward.generate(one_image, one_task, use_cache=False)
-        t_cached = timed(lambda: forward.generate(one_image, one_task, use_cache=True), device, reps)
-        t_uncached = timed(lambda: forward.generate(one_image, one_task, use_cache=False), device, reps)
-    print(f"sample_ms_cached: {1000 * t_cached:.1f}")
-    print(f"sample_ms_uncached: {1000 * t_uncached:.1f}")
-    print(f"kv_cache_speedup: {t_uncached / t_cached:.2f}")
-    print(f"kv_cache_identical_codes: {bool(torch.equal(cached, uncached))}", flush=True)
-    data = {"views": [f"view{v}" for v in range(V)], "img_size": list(size), "T": tok_cfg.T, "grid": tok_cfg.grid}
-    stats = {"actions": {"mean": [0.0] * A_, "std": [1.0] * A_}, "proprio": {"mean": [0.0] * P, "std": [1.0] * P}}
-    ckpt = {name: {"stage": name, "config": asdict(m.cfg), "model": m.state_dict(), "data": data, "stats": stats}
-            for name, m in models.items()}
-    policy = Policy(ckpt["inverse"], ckpt["tokenizer"], ckpt["forward"], device=str(device))
-    obs, prop = images[0].cpu().numpy(), np.zeros(P, dtype=np.float32)
-    t_policy = timed(lambda: policy.act(obs, prop, "task 0"), device, reps)
-    print(f"policy_step_ms: {1000 * t_policy:.1f}")
-    print(f"policy_hz: {1 / t_policy:.1f}")
-    print(f"peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
+def load_policy(path, device="auto", **kwargs):
+    """Policy.load for the companion scripts: any failure to load is one UserError line, not a traceback."""
+    if not os.path.exists(path):
+        raise UserError(f"policy: expected DIR/policy.pt from `amplify.py --stage all` (or a directory of stage "
+                        f"checkpoints), found no {path}")
+    try:
+        return Policy.load(path, device=device, **kwargs)
+    except UserError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"policy {path}: cannot load ({type(e).__name__}: {e})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1872,35 +1719,57 @@ def load_corpus(paths):
     return Corpus([load_dataset(p) for p in paths])
 
 
-def run(args):
+def configs_from_args(args):
+    """The CLI's flags as the dataclasses the stage functions take: (preset model configs, TrainConfig, RunConfig)."""
     preset = PRESETS[args.preset]
-    if args.bench:
-        return bench(args)
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "eval_every": args.eval_every,
+                 "log_every": args.log_every, "eval_samples": args.eval_samples}
+    train = replace(preset["train"], **{k: v for k, v in overrides.items() if v is not None})
+    forward, inverse = preset["forward"], replace(preset["inverse"], use_codes=not args.no_codes)
+    if args.vision_weights:
+        forward = replace(forward, vision=replace(forward.vision, weights=args.vision_weights))
+        inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
+    if args.text_encoder:
+        forward = replace(forward, text_encoder=args.text_encoder, text_dim=0)
+    run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, compile=args.compile, vis=args.vis,
+                    val_episodes=args.val_episodes, shots=args.shots, only_tasks=tuple(args.only_task),
+                    exclude_tasks=tuple(args.exclude_task))
+    return {"tokenizer": preset["tokenizer"], "forward": forward, "inverse": inverse}, train, run
+
+
+def run(args):
+    if args.bench:  # kept as an alias of the companion script
+        import bench
+        return bench.bench(args)
     if args.count_params:
         if args.stage == "all":
             raise UserError("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
-        print(f"params: {count_params(args.stage, preset)}")
+        print(f"params: {count_params(args.stage, PRESETS[args.preset])}")
         return
     torch.manual_seed(args.seed)
-    args.ddp, args.device = init_distributed(args.device)
+    models, train, run_cfg = configs_from_args(args)
+    ddp, device = init_distributed(pick_device(args.device))
+    run_cfg = replace(run_cfg, device=device, ddp=ddp)
     corpus = load_corpus(args.data)
     os.makedirs(args.out, exist_ok=True)
     log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
         f"{corpus.img_size[0]}x{corpus.img_size[1]}, {int(corpus.has_actions.sum())} episodes with actions | "
-        f"device {args.device} | preset {args.preset}")
+        f"device {device} | preset {args.preset}")
+    inverse_inputs = {"tokenizer": args.tokenizer, "forward": args.forward, "init": args.init}
     if args.stage in ("tokenizer", "all"):
-        train_tokenizer(corpus, args, preset)
+        train_tokenizer(corpus, models["tokenizer"], args.out, train, run_cfg)
     if args.stage in ("forward", "all") and not (args.stage == "all" and args.no_codes):
-        train_forward(corpus, args, preset)
+        train_forward(corpus, models["forward"], args.out, train, run_cfg, tokenizer=args.tokenizer)
     if args.stage == "inverse":
-        train_inverse(corpus, args, preset, predicted_codes=args.predicted_codes)
+        train_inverse(corpus, models["inverse"], args.out, train, run_cfg, predicted_codes=args.predicted_codes,
+                      **inverse_inputs)
     if args.stage == "all":
-        train_inverse(corpus, args, preset)
-        if not args.no_codes:
-            ft_steps = args.finetune_steps if args.finetune_steps is not None else stage_train_config(preset, args).steps // 2
-            if ft_steps > 0:
-                train_inverse(corpus, args, preset, predicted_codes=True, steps=ft_steps)
-        if args.ddp.rank == 0:
+        train_inverse(corpus, models["inverse"], args.out, train, run_cfg, **inverse_inputs)
+        ft_steps = args.finetune_steps if args.finetune_steps is not None else train.steps // 2
+        if not args.no_codes and ft_steps > 0:
+            train_inverse(corpus, models["inverse"], args.out, replace(train, steps=ft_steps), run_cfg,
+                          predicted_codes=True, **inverse_inputs)
+        if ddp.rank == 0:
             log(f"policy: {write_policy(args.out)}")
 
 
@@ -1972,6 +1841,8 @@ def check_args(p, args):
         p.error(f"--shots: expected >= 0, found {args.shots}")
     if args.predicted_codes and args.stage != "inverse":
         p.error("--predicted-codes applies to --stage inverse (--stage all fine-tunes by itself)")
+    if args.predicted_codes and args.no_codes:
+        raise UserError("--predicted-codes fine-tunes on forward-model codes; it cannot be combined with --no-codes")
     for path in args.data or []:
         if not os.path.exists(path):
             raise UserError(f"--data: path does not exist: {path}")

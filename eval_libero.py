@@ -63,7 +63,6 @@ SUITES = LIBERO_SUITES + (METAWORLD,)
 
 LIBERO_MAX_STEPS = 500      # published LIBERO evaluation budget per episode
 EPISODES_PER_TASK = 10      # published: 10 rollouts per task, rollout i from init state i
-LIBERO_VIEWS = ("agentview", "eye_in_hand")  # the order preprocess.libero_observation returns
 LIBERO_RENDER_SIZE = 128    # the resolution of LIBERO's demonstration files
 # Objects in LIBERO's stored init states are not quite at rest; LIBERO's own evaluation lets
 # them settle with a few no-op steps (gripper open) before the policy sees the scene. These
@@ -76,10 +75,6 @@ VIDEO_FPS = 20              # LIBERO's control frequency; Meta-World videos use 
 METAWORLD_EVAL_SEED = 1000
 
 
-class UsageError(Exception):
-    """Bad user input (suite, task, policy/environment mismatch): reported as one line, no traceback."""
-
-
 # -----------------------------------------------------------------------------
 # Task lookup
 
@@ -89,7 +84,7 @@ def require(module, package):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise UsageError(f"{module} is not importable ({e}); install it: pip install {package}") from e
+        raise amplify.UserError(f"{module} is not importable ({e}); install it: pip install {package}") from e
 
 
 def ensure_libero_config():
@@ -136,19 +131,19 @@ def resolve_tasks(suite, tokens):
     """Turn `--tasks` tokens into task keys: LIBERO -> indices into the suite, Meta-World -> names.
 
     Tokens may be comma-separated. LIBERO accepts an index or a task name; None means all tasks.
-    Raises UsageError naming the valid choices.
+    Raises amplify.UserError naming the valid choices.
     """
     if suite not in SUITES:
-        raise UsageError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+        raise amplify.UserError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
     names = [t for token in (tokens or []) for t in token.split(",") if t]
     if suite == METAWORLD:
         valid = metaworld_tasks()
         names = [n if n in valid or f"{n}-v3" not in valid else f"{n}-v3" for n in names]  # door-open ok
         if not names:
-            raise UsageError(f"--suite metaworld needs --tasks; valid tasks: {', '.join(valid)}")
+            raise amplify.UserError(f"--suite metaworld needs --tasks; valid tasks: {', '.join(valid)}")
         bad = [n for n in names if n not in valid]
         if bad:
-            raise UsageError(f"unknown Meta-World task(s) {', '.join(bad)}; valid tasks: {', '.join(valid)}")
+            raise amplify.UserError(f"unknown Meta-World task(s) {', '.join(bad)}; valid tasks: {', '.join(valid)}")
         return list(dict.fromkeys(names))
     valid = [name for name, _ in libero_tasks(suite)]
     if not names:
@@ -161,7 +156,7 @@ def resolve_tasks(suite, tokens):
             keys.append(valid.index(n))
         else:
             listing = "; ".join(f"{i}: {v}" for i, v in enumerate(valid))
-            raise UsageError(f"unknown {suite} task {n!r}; valid tasks (index or name): {listing}")
+            raise amplify.UserError(f"unknown {suite} task {n!r}; valid tasks (index or name): {listing}")
     return list(dict.fromkeys(keys))
 
 
@@ -180,11 +175,11 @@ class LiberoEnv:
     simulator's last observation dict (tests compare the mapping against it).
     """
 
-    def __init__(self, suite, task_id, views=LIBERO_VIEWS, img_size=LIBERO_RENDER_SIZE, seed=0):
-        unknown = [v for v in views if v not in LIBERO_VIEWS]
+    def __init__(self, suite, task_id, views=preprocess.LIBERO_VIEWS, img_size=LIBERO_RENDER_SIZE, seed=0):
+        unknown = [v for v in views if v not in preprocess.LIBERO_VIEWS]
         if unknown:
-            raise UsageError(f"policy views {list(views)} are not LIBERO views {list(LIBERO_VIEWS)}")
-        self.view_index = [LIBERO_VIEWS.index(v) for v in views]
+            raise amplify.UserError(f"policy views {list(views)} are not LIBERO views {list(preprocess.LIBERO_VIEWS)}")
+        self.view_index = [preprocess.LIBERO_VIEWS.index(v) for v in views]
         bench = libero_benchmark(suite)
         from libero.libero import get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
@@ -213,7 +208,7 @@ class LiberoEnv:
 
     def reset(self, i):
         if not 0 <= i < len(self.init_states):
-            raise UsageError(f"LIBERO task {self.name} has {len(self.init_states)} init states; asked for init state {i}")
+            raise amplify.UserError(f"LIBERO task {self.name} has {len(self.init_states)} init states; asked for init state {i}")
         self.env.reset()
         raw = self.env.set_init_state(self.init_states[i])
         noop = np.zeros(self.action_dim, np.float32)
@@ -237,7 +232,7 @@ def make_env(suite, task, policy, seed):
     if suite == METAWORLD:  # preprocess.py renders Meta-World data at the dataset's size directly
         return preprocess.MetaWorldEnv(task, seed=METAWORLD_EVAL_SEED + seed, cameras=list(policy.views), img_size=(h, w))
     if h != w:
-        raise UsageError(f"LIBERO datasets hold square images; this policy takes {h}x{w}")
+        raise amplify.UserError(f"LIBERO datasets hold square images; this policy takes {h}x{w}")
     return LiberoEnv(suite, task, views=policy.views, img_size=h, seed=seed)
 
 
@@ -252,11 +247,11 @@ def action_bounds(env):
 def check_compatible(policy, env, obs):
     """Fail with one line if the policy was trained on other dims than this environment provides."""
     if policy.action_dim != env.action_dim:
-        raise UsageError(f"policy action_dim {policy.action_dim} != environment action dim {env.action_dim}")
+        raise amplify.UserError(f"policy action_dim {policy.action_dim} != environment action dim {env.action_dim}")
     if policy.proprio_dim != obs["proprio"].shape[-1]:
-        raise UsageError(f"policy proprio_dim {policy.proprio_dim} != environment proprio dim {obs['proprio'].shape[-1]}")
+        raise amplify.UserError(f"policy proprio_dim {policy.proprio_dim} != environment proprio dim {obs['proprio'].shape[-1]}")
     if obs["images"].shape[0] != len(policy.views):
-        raise UsageError(f"policy expects views {policy.views}, environment gives {obs['images'].shape[0]} images")
+        raise amplify.UserError(f"policy expects views {policy.views}, environment gives {obs['images'].shape[0]} images")
 
 
 # -----------------------------------------------------------------------------
@@ -279,15 +274,12 @@ def video_frame(images, tracks, min_height=128):
 
 
 def write_video(path, frames, fps=VIDEO_FPS):
-    """MP4 (imageio-ffmpeg) or GIF by the file extension, written under a temporary name then renamed."""
+    """MP4 (imageio-ffmpeg) or GIF by the file extension; atomic (amplify.atomic_write)."""
     import imageio.v2 as imageio
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    if path.suffix == ".gif":
-        imageio.mimsave(tmp, frames, duration=1000 / fps, loop=0)
+    if Path(path).suffix == ".gif":
+        amplify.atomic_write(path, lambda tmp: imageio.mimsave(tmp, frames, duration=1000 / fps, loop=0))
     else:
-        imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1)
-    os.replace(tmp, path)
+        amplify.atomic_write(path, lambda tmp: imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1))
 
 
 def run_episode(env, policy, task_text, init_state, max_steps, video_path=None):
@@ -356,7 +348,7 @@ _worker_runner = None
 def _init_worker(policy_path, suite, seed, threads):
     global _worker_runner
     torch.set_num_threads(threads)
-    _worker_runner = Runner(amplify.Policy.load(policy_path), suite, seed)
+    _worker_runner = Runner(amplify.load_policy(policy_path), suite, seed)
 
 
 def _run_in_worker(job):
@@ -413,10 +405,7 @@ def summarize(episodes, settings, seconds, complete):
 
 def write_json(path, payload):
     """Atomic: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    amplify.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
 def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_steps=None, workers=1,
@@ -435,8 +424,8 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
         for t in tasks:  # fail now rather than after hours of rollouts
             n = len(bench.get_task_init_states(t))
             if episodes > n:
-                raise UsageError(f"--episodes {episodes}: {suite} task {t} ({names[t]}) has {n} init states")
-    policy = load_policy(policy_path)
+                raise amplify.UserError(f"--episodes {episodes}: {suite} task {t} ({names[t]}) has {n} init states")
+    policy = amplify.load_policy(policy_path)
     (out / "videos" if video else out).mkdir(parents=True, exist_ok=True)
     jobs = []
     for ti, task in enumerate(tasks):
@@ -491,15 +480,6 @@ def evaluate(policy_path, suite, tasks, out, *, episodes=EPISODES_PER_TASK, max_
     return results
 
 
-def load_policy(path):
-    if not Path(path).exists():
-        raise UsageError(f"policy checkpoint {path} not found (expected DIR/policy.pt from `amplify.py --stage all`)")
-    try:
-        return amplify.Policy.load(path)
-    except (amplify.UserError, OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(f"cannot load policy {path}: {e}") from e
-
-
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -549,7 +529,7 @@ def main(argv=None):
         results = evaluate(args.policy, args.suite, tasks, args.out, episodes=args.episodes,
                            max_steps=args.max_steps, workers=args.workers, video=args.video,
                            seed=args.seed, threads=args.threads)
-    except (UsageError, amplify.UserError) as e:
+    except amplify.UserError as e:
         p.exit(2, f"eval_libero.py: error: {e}\n")
     o = results["overall"]
     print(f"success rate {o['success_rate']:.3f} ({o['successes']}/{o['episodes']} episodes, "

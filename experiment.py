@@ -92,9 +92,10 @@ class Steps:
             tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
             sys.exit(f"{tail}\nexperiment.py: error: step '{name}' failed (exit code {code}); see {log_path}")
         self.done[name] = {"cmd": cmd, "seconds": seconds}
-        tmp = self.path.with_name(".steps.json.partial")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written record
+        import amplify  # lazily, as below: the protocol itself only runs command lines
+
+        # atomic: a crash never leaves a half-written record
+        amplify.atomic_write(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.done, indent=1)))
         print(f"done  {name:<24} {seconds / 60:.1f} min", flush=True)
         self.ran += 1
 

@@ -26,7 +26,7 @@ Notable features
 - Sharding: `--shard i/n` processes episodes k with k % n == i (source order) as a dataset of its
   own; `merge` checks the shards belong together and restores the original order, streaming one
   episode at a time into memory-mapped .npy files.
-- Output written one episode at a time (np.lib.format.open_memmap, or `amplify.write_dataset` for
+- Output written one episode at a time (np.lib.format.open_memmap, or `write_dataset` for
   .npz) under a temporary name, then renamed. Tracked episodes are kept in `<out>.work/` until the
   dataset is written, so an interrupted run resumes where it stopped.
 
@@ -80,9 +80,9 @@ def fit_square(frames, size):
     """Centre-crop (F, H, W, 3) uint8 frames to a square and resize to size x size.
 
     The paper trains on 128x128 images; cropping keeps the aspect ratio of what the policy sees.
+    The resize is amplify.resize_images, the one Policy.act uses: a policy sees pixels as its
+    training data had them.
     """
-    from PIL import Image
-
     frames = np.asarray(frames)
     h, w = frames.shape[1:3]
     if (h, w) == (size, size):
@@ -92,13 +92,216 @@ def fit_square(frames, size):
     crop = frames[:, top:top + side, left:left + side]
     if side == size:
         return np.ascontiguousarray(crop)
-    resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
-    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), resample)) for f in crop])
+    return np.stack([amplify.resize_images(f, size) for f in crop])  # a frame at a time: bounded memory
 
 
 def task_from_name(name):
     """Meta-World task name -> instruction: "door-open-v3" -> "door open"."""
     return re.sub(r"-v\d+$", "", name).replace("-", " ").strip()
+
+
+# -----------------------------------------------------------------------------
+# Writing datasets (SPEC section 6): whole (write_dataset), streamed one episode at a time
+# (write_streaming), or in shards joined later (merge_shards). Every write is atomic through
+# amplify.atomic_write: an existing dataset at `out` stays whole until the new one replaces it.
+
+
+def _with_stats(arrays, meta):
+    """meta plus action_stats / proprio_stats over the non-NaN rows, unless already given."""
+    meta = dict(meta)
+    for key, stats_key in (("actions", "action_stats"), ("proprio", "proprio_stats")):
+        if key in arrays and stats_key not in meta:
+            meta[stats_key] = amplify.array_stats(arrays[key])
+    return meta
+
+
+def _meta_json(meta):
+    return json.dumps(meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def write_dataset(path, arrays, meta):
+    """Validate, then write `arrays` + `meta` as path.npz or a directory of .npy + meta.json."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    if "tasks" in arrays:
+        arrays["tasks"] = arrays["tasks"].astype(str)
+    if "episode_ends" in arrays:
+        arrays["episode_ends"] = arrays["episode_ends"].astype(np.int64)
+    meta = _with_stats(arrays, meta)
+    amplify.validate_dataset(arrays, meta)
+    if str(path).endswith(".npz"):
+        _atomic_savez(path, meta_json=np.array(_meta_json(meta)), **arrays)
+        return
+
+    def write(tmp):
+        for key, value in arrays.items():
+            np.save(os.path.join(tmp, key + ".npy"), value, allow_pickle=False)
+        Path(tmp, "meta.json").write_text(_meta_json(meta))
+    amplify.atomic_write(path, write, directory=True)
+
+
+def write_streaming(out, layout, lengths, tasks, episodes, meta):
+    """Write a dataset one episode at a time, so no more than one episode's arrays are in memory.
+
+    layout: key -> (dtype, per-frame shape) of the frame-axis arrays; lengths: frames per episode;
+    episodes: yields one dict of arrays per episode, in order (actions an episode lacks stay NaN,
+    SPEC 6). A directory is filled through np.lib.format.open_memmap in a temporary directory next
+    to `out`, validated, then renamed into place; a .npz goes through write_dataset from the same
+    memory-mapped arrays.
+    """
+    import tempfile
+    from numpy.lib.format import open_memmap
+
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    F = int(sum(lengths))
+
+    def fill(tmp):
+        arrays = {k: open_memmap(Path(tmp) / f"{k}.npy", "w+", dtype, (F, *shape))
+                  for k, (dtype, shape) in layout.items()}
+        for k in ("actions", "proprio"):
+            if k in arrays:
+                arrays[k][:] = np.nan
+        start = 0
+        for n, ep in zip(lengths, episodes):
+            for k, a in ep.items():
+                arrays[k][start:start + n] = a
+            start += n
+        if start != F:
+            raise DataError(f"write_streaming: expected {F} frames from {len(lengths)} episodes, found {start}")
+        for a in arrays.values():
+            a.flush()
+        arrays["episode_ends"] = np.cumsum(lengths).astype(np.int64)
+        arrays["tasks"] = np.array(tasks, dtype=str)
+        return arrays
+
+    if str(out).endswith(".npz"):
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            arrays = fill(tmp)
+            write_dataset(str(out), arrays, meta)
+            del arrays  # close the memory maps before the directory goes
+        return
+
+    def write(tmp):
+        arrays = fill(tmp)
+        full_meta = _with_stats(arrays, meta)
+        amplify.validate_dataset(arrays, full_meta)  # in chunks
+        for k in ("episode_ends", "tasks"):
+            np.save(Path(tmp) / f"{k}.npy", arrays[k], allow_pickle=False)
+        (Path(tmp) / "meta.json").write_text(_meta_json(full_meta))
+    amplify.atomic_write(out, write, directory=True)
+
+
+# Shards: `--shard i/n` tracks episodes k with k % n == i; `merge` joins the n shards
+# Each shard is a complete dataset whose meta["shard"] = {"index": i, "count": n, "episodes": [k...]}
+# (k: the episode's index in the unsharded run), so the merge can restore the original order.
+
+SHARD_CHECKED_FIRST = ("views", "img_size", "T", "grid", "fps", "tracker")  # then every other key
+SHARD_FREE_KEYS = ("shard", "action_stats", "proprio_stats")  # per shard; stats are recomputed
+
+
+def parse_shard(text):
+    """"i/n" -> (i, n), 0-based: this run processes the episodes k with k % n == i."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not int(m[1]) < int(m[2]):
+        raise DataError(f"--shard: expected i/n with 0 <= i < n (e.g. 0/4), found {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def shard_indices(total, shard):
+    """Indices of the episodes (of `total`, in source order) that shard (i, n) processes."""
+    if shard is None:
+        return list(range(total))
+    i, n = shard
+    if n > total:  # some shard would be empty, and an empty dataset is not a dataset
+        raise DataError(f"--shard {i}/{n}: expected at most {total} shards for {total} episodes, found {n}")
+    return list(range(i, total, n))
+
+
+def _shard_info(path, meta):
+    info = meta.get("shard")
+    if not isinstance(info, dict) or not {"index", "count", "episodes"} <= set(info):
+        raise DataError(f"{path}: meta 'shard': expected a dataset written with --shard i/n, "
+                        f"found {info!r}")
+    return int(info["index"]), int(info["count"]), [int(k) for k in info["episodes"]]
+
+
+def merge_shards(paths, out, *, log=None):
+    """Join the n shards of one run (any order) into one dataset in the original episode order.
+
+    Every check runs before anything is written: the shards must be exactly 0/n .. n-1/n, agree
+    on every meta key (views, img_size, T, grid, fps, tracker, source, ...) and on array dtypes
+    and widths. Arrays are copied one episode at a time (directory shards are memory-mapped; .npz
+    shards are read whole, as .npz is meant for small sets). action_stats and proprio_stats are
+    recomputed over the merged rows, so the result equals the unsharded run.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.time()
+    out = Path(out)
+    for p in paths:
+        if Path(p).absolute() == out.absolute():
+            raise DataError(f"--out: expected a path other than the shards, found the shard {p}")
+    sets = [amplify.load_dataset(str(p)) for p in paths]
+    infos = [_shard_info(p, ds.meta) for p, ds in zip(paths, sets)]
+
+    # the set: n shards, each index once
+    n = infos[0][1]
+    seen = {}
+    for p, (i, count, _) in zip(paths, infos):
+        if count != n:
+            raise DataError(f"shard count: expected {n} (as in {paths[0]}), found {count} in {p}")
+        if i in seen:
+            raise DataError(f"shard {i}/{n} given twice: {seen[i]} and {p}")
+        seen[i] = p
+    missing = [f"{i}/{n}" for i in range(n) if i not in seen]
+    if missing:
+        raise DataError(f"missing shards: expected all of 0/{n} .. {n - 1}/{n}, missing {', '.join(missing)}")
+
+    # the same run: meta and arrays agree
+    ref = sets[0].meta
+    keys = list(SHARD_CHECKED_FIRST) + sorted(set().union(*(ds.meta for ds in sets)) - set(SHARD_CHECKED_FIRST))
+    for key in keys:
+        if key in SHARD_FREE_KEYS:
+            continue
+        for p, ds in zip(paths[1:], sets[1:]):
+            if ds.meta.get(key) != ref.get(key):
+                raise DataError(f"meta '{key}' differs between shards: {ref.get(key)!r} in {paths[0]}, "
+                                f"{ds.meta.get(key)!r} in {p}")
+    layout = {}
+    for key in ("images", "tracks", "vis", "actions", "proprio"):
+        have = [(p, ds.arrays[key]) for p, ds in zip(paths, sets) if key in ds.arrays]
+        if not have:
+            continue
+        if key != "actions" and len(have) != len(sets):  # actions may be absent (NaN rows), not these
+            lacking = next(p for p, ds in zip(paths, sets) if key not in ds.arrays)
+            raise DataError(f"'{key}': expected in every shard like {have[0][0]}, missing in {lacking}")
+        p0, a0 = have[0]
+        for p, a in have[1:]:
+            if a.dtype != a0.dtype or a.shape[1:] != a0.shape[1:]:
+                raise DataError(f"'{key}' differs between shards: {a0.dtype} {a0.shape[1:]} in {p0}, "
+                                f"{a.dtype} {a.shape[1:]} in {p}")
+        layout[key] = (a0.dtype, a0.shape[1:])
+
+    # the original order: shard episode lists must tile 0..E-1
+    order = sorted((k, s, e) for s, (_, _, ks) in enumerate(infos) for e, k in enumerate(ks))
+    for p, ds, (i, _, ks) in zip(paths, sets, infos):
+        if len(ks) != ds.num_episodes:
+            raise DataError(f"{p}: meta 'shard' lists {len(ks)} episodes, expected {ds.num_episodes}")
+    if [k for k, _, _ in order] != list(range(len(order))):
+        raise DataError(f"shard episodes: expected indices 0..{len(order) - 1} once each, found "
+                        f"{[k for k, _, _ in order][:12]}")
+
+    lengths = [int(np.diff(sets[s].episode_range(e))[0]) for _, s, e in order]
+    tasks = [sets[s].tasks[e] for _, s, e in order]
+
+    def episodes():
+        for _, s, e in order:
+            a, b = sets[s].episode_range(e)
+            yield {k: v[a:b] for k, v in sets[s].arrays.items() if k in layout}
+
+    meta = {k: v for k, v in ref.items() if k not in SHARD_FREE_KEYS}
+    write_streaming(out, layout, lengths, tasks, episodes(), meta)
+    return {"episodes": len(order), "frames": int(sum(lengths)), "shards": n, "out": str(out),
+            "seconds": round(time.time() - t0, 2)}
 
 
 # -----------------------------------------------------------------------------
@@ -376,15 +579,16 @@ def _episode_key(ep):
 
 
 def _atomic_savez(path, **arrays):
-    tmp = path.with_name(path.name + ".part.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    amplify.atomic_write(path, write)
 
 
 def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=16, grid=20,
                         progress=True, source_fps=None, track_dtype="float32", extra_meta=None,
                         log=None):
-    """Track every window of every episode and write the dataset with amplify.write_dataset.
+    """Track every window of every episode and write the dataset with write_streaming.
 
     episodes: iterable of dicts with `images` uint8 (F, V, H, W, 3) upright, `task` str, optional
     `actions` float32 (F, A) and `proprio` float32 (F, P). fps: the rate of the T track steps (and
@@ -514,180 +718,6 @@ def _assemble(names, out, views, T, grid, fps, source_fps, source, tracker_name,
             "moving_fraction": round(stats["moving"] / (F * V * grid * grid), 4),
             "visible_fraction": round(stats["visible"] / (F * V * T * grid * grid), 4),
             "tracker": tracker_name, "out": str(out)}
-
-
-def write_streaming(out, layout, lengths, tasks, episodes, meta):
-    """Write a dataset one episode at a time, so no more than one episode's arrays are in memory.
-
-    layout: key -> (dtype, per-frame shape) of the frame-axis arrays; lengths: frames per episode;
-    episodes: yields one dict of arrays per episode, in order (actions an episode lacks stay NaN,
-    SPEC 6). A directory is filled through np.lib.format.open_memmap in a temporary directory next
-    to `out`, validated, then renamed into place (an old dataset at `out` stays whole until then);
-    a .npz goes through amplify.write_dataset from the same memory-mapped arrays.
-    """
-    import tempfile
-    from numpy.lib.format import open_memmap
-
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    F = int(sum(lengths))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the renamed dataset private
-    try:
-        arrays = {k: open_memmap(tmp / f"{k}.npy", "w+", dtype, (F, *shape))
-                  for k, (dtype, shape) in layout.items()}
-        for k in ("actions", "proprio"):
-            if k in arrays:
-                arrays[k][:] = np.nan
-        start = 0
-        for n, ep in zip(lengths, episodes):
-            for k, a in ep.items():
-                arrays[k][start:start + n] = a
-            start += n
-        if start != F:
-            raise DataError(f"write_streaming: expected {F} frames from {len(lengths)} episodes, found {start}")
-        for a in arrays.values():
-            a.flush()
-        arrays["episode_ends"] = np.cumsum(lengths).astype(np.int64)
-        arrays["tasks"] = np.array(tasks, dtype=str)
-        meta = dict(meta)
-        for key, stats_key in (("actions", "action_stats"), ("proprio", "proprio_stats")):
-            if key in arrays and stats_key not in meta:
-                meta[stats_key] = amplify.array_stats(arrays[key])
-        if str(out).endswith(".npz"):
-            amplify.write_dataset(str(out), arrays, meta)
-            return
-        amplify.validate_dataset(arrays, meta)  # in chunks
-        for k in ("episode_ends", "tasks"):
-            np.save(tmp / f"{k}.npy", arrays[k], allow_pickle=False)
-        (tmp / "meta.json").write_text(json.dumps(
-            meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-        del arrays  # close the memory maps before the rename
-        old = out.with_name(f"{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old:  # swap: the old dataset stays whole until the new one is in place
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# Shards: `--shard i/n` tracks episodes k with k % n == i; `merge` joins the n shards
-# Each shard is a complete dataset whose meta["shard"] = {"index": i, "count": n, "episodes": [k...]}
-# (k: the episode's index in the unsharded run), so the merge can restore the original order.
-
-SHARD_CHECKED_FIRST = ("views", "img_size", "T", "grid", "fps", "tracker")  # then every other key
-SHARD_FREE_KEYS = ("shard", "action_stats", "proprio_stats")  # per shard; stats are recomputed
-
-
-def parse_shard(text):
-    """"i/n" -> (i, n), 0-based: this run processes the episodes k with k % n == i."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or not int(m[1]) < int(m[2]):
-        raise DataError(f"--shard: expected i/n with 0 <= i < n (e.g. 0/4), found {text!r}")
-    return int(m[1]), int(m[2])
-
-
-def shard_indices(total, shard):
-    """Indices of the episodes (of `total`, in source order) that shard (i, n) processes."""
-    if shard is None:
-        return list(range(total))
-    i, n = shard
-    if n > total:  # some shard would be empty, and an empty dataset is not a dataset
-        raise DataError(f"--shard {i}/{n}: expected at most {total} shards for {total} episodes, found {n}")
-    return list(range(i, total, n))
-
-
-def _shard_info(path, meta):
-    info = meta.get("shard")
-    if not isinstance(info, dict) or not {"index", "count", "episodes"} <= set(info):
-        raise DataError(f"{path}: meta 'shard': expected a dataset written with --shard i/n, "
-                        f"found {info!r}")
-    return int(info["index"]), int(info["count"]), [int(k) for k in info["episodes"]]
-
-
-def merge_shards(paths, out, *, log=None):
-    """Join the n shards of one run (any order) into one dataset in the original episode order.
-
-    Every check runs before anything is written: the shards must be exactly 0/n .. n-1/n, agree
-    on every meta key (views, img_size, T, grid, fps, tracker, source, ...) and on array dtypes
-    and widths. Arrays are copied one episode at a time (directory shards are memory-mapped; .npz
-    shards are read whole, as .npz is meant for small sets). action_stats and proprio_stats are
-    recomputed over the merged rows, so the result equals the unsharded run.
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    t0 = time.time()
-    out = Path(out)
-    for p in paths:
-        if Path(p).absolute() == out.absolute():
-            raise DataError(f"--out: expected a path other than the shards, found the shard {p}")
-    sets = [amplify.load_dataset(str(p)) for p in paths]
-    infos = [_shard_info(p, ds.meta) for p, ds in zip(paths, sets)]
-
-    # the set: n shards, each index once
-    n = infos[0][1]
-    seen = {}
-    for p, (i, count, _) in zip(paths, infos):
-        if count != n:
-            raise DataError(f"shard count: expected {n} (as in {paths[0]}), found {count} in {p}")
-        if i in seen:
-            raise DataError(f"shard {i}/{n} given twice: {seen[i]} and {p}")
-        seen[i] = p
-    missing = [f"{i}/{n}" for i in range(n) if i not in seen]
-    if missing:
-        raise DataError(f"missing shards: expected all of 0/{n} .. {n - 1}/{n}, missing {', '.join(missing)}")
-
-    # the same run: meta and arrays agree
-    ref = sets[0].meta
-    keys = list(SHARD_CHECKED_FIRST) + sorted(set().union(*(ds.meta for ds in sets)) - set(SHARD_CHECKED_FIRST))
-    for key in keys:
-        if key in SHARD_FREE_KEYS:
-            continue
-        for p, ds in zip(paths[1:], sets[1:]):
-            if ds.meta.get(key) != ref.get(key):
-                raise DataError(f"meta '{key}' differs between shards: {ref.get(key)!r} in {paths[0]}, "
-                                f"{ds.meta.get(key)!r} in {p}")
-    layout = {}
-    for key in ("images", "tracks", "vis", "actions", "proprio"):
-        have = [(p, ds.arrays[key]) for p, ds in zip(paths, sets) if key in ds.arrays]
-        if not have:
-            continue
-        if key != "actions" and len(have) != len(sets):  # actions may be absent (NaN rows), not these
-            lacking = next(p for p, ds in zip(paths, sets) if key not in ds.arrays)
-            raise DataError(f"'{key}': expected in every shard like {have[0][0]}, missing in {lacking}")
-        p0, a0 = have[0]
-        for p, a in have[1:]:
-            if a.dtype != a0.dtype or a.shape[1:] != a0.shape[1:]:
-                raise DataError(f"'{key}' differs between shards: {a0.dtype} {a0.shape[1:]} in {p0}, "
-                                f"{a.dtype} {a.shape[1:]} in {p}")
-        layout[key] = (a0.dtype, a0.shape[1:])
-
-    # the original order: shard episode lists must tile 0..E-1
-    order = sorted((k, s, e) for s, (_, _, ks) in enumerate(infos) for e, k in enumerate(ks))
-    for p, ds, (i, _, ks) in zip(paths, sets, infos):
-        if len(ks) != ds.num_episodes:
-            raise DataError(f"{p}: meta 'shard' lists {len(ks)} episodes, expected {ds.num_episodes}")
-    if [k for k, _, _ in order] != list(range(len(order))):
-        raise DataError(f"shard episodes: expected indices 0..{len(order) - 1} once each, found "
-                        f"{[k for k, _, _ in order][:12]}")
-
-    lengths = [int(np.diff(sets[s].episode_range(e))[0]) for _, s, e in order]
-    tasks = [sets[s].tasks[e] for _, s, e in order]
-
-    def episodes():
-        for _, s, e in order:
-            a, b = sets[s].episode_range(e)
-            yield {k: v[a:b] for k, v in sets[s].arrays.items() if k in layout}
-
-    meta = {k: v for k, v in ref.items() if k not in SHARD_FREE_KEYS}
-    write_streaming(out, layout, lengths, tasks, episodes(), meta)
-    return {"episodes": len(order), "frames": int(sum(lengths)), "shards": n, "out": str(out),
-            "seconds": round(time.time() - t0, 2)}
 
 
 # -----------------------------------------------------------------------------

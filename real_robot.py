@@ -494,17 +494,11 @@ def open_realsense_camera(cfg: CameraConfig):
 
 
 def resize(image, size):
-    """uint8 (H, W, 3) -> (size[0], size[1], 3); area interpolation (cv2) for downscaling."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    try:
-        import cv2
-        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    except ImportError:  # nearest neighbour keeps the file usable without OpenCV
-        rows = (np.arange(h) * image.shape[0] / h).astype(int)
-        cols = (np.arange(w) * image.shape[1] / w).astype(int)
-        return image[rows][:, cols]
+    """uint8 (H, W, 3) -> (size[0], size[1], 3) with amplify.resize_images, the resize that made the
+    training data: the policy sees camera frames as it saw its dataset."""
+    import amplify
+
+    return amplify.resize_images(image, size)
 
 
 def prepare_image(image, cam: CameraConfig, size):
@@ -917,17 +911,6 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
 
 
 # -----------------------------------------------------------------------------
-# Policy loading
-
-
-def load_policy(path, device="auto"):
-    """amplify.Policy on `device` ("auto": CUDA when present, else MPS or CPU; see amplify.pick_device)."""
-    import amplify
-
-    return amplify.Policy.load(path, device=device)
-
-
-# -----------------------------------------------------------------------------
 # CLI
 
 
@@ -1016,7 +999,8 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
     log_file = open(args.log, "a") if args.log else None
     try:
         if policy is None and args.record is None:
-            policy = load_policy(args.policy, args.device)
+            import amplify
+            policy = amplify.load_policy(args.policy, args.device)
             print(f"policy {args.policy}: views {policy.views}, {policy.img_size[0]}x{policy.img_size[1]}, "
                   f"device {policy.device}", file=sys.stderr)
         if policy is not None and args.record is None:

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import amplify as A
+import preprocess
+import testdata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Tiny models gain nothing from threads, and on a shared 2-core machine extra threads spin against
@@ -29,7 +31,7 @@ def assert_close(a, b, atol=1e-6, msg=""):
 
 
 def tiny_data(episodes=4, frames=20, views=2, img=16, grid=5, seed=0, **kw):
-    return A.synthetic_dataset(episodes=episodes, frames=frames, views=views, img_size=img, grid=grid, seed=seed, **kw)
+    return testdata.synthetic_dataset(episodes=episodes, frames=frames, views=views, img_size=img, grid=grid, seed=seed, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +239,7 @@ def test_tokenizer_overfits_and_reconstructs():
     tracks = torch.as_tensor(arrays["tracks"][::3][:12])  # (B, V, T, N, 2)
     model = A.MotionTokenizer(A.TokenizerConfig(d_model=64, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
                                                 grid=5))
-    losses = overfit(model, lambda: model.loss(tracks), 150)
+    losses = overfit(model, lambda: model.loss(tracks)[0], 150)
     assert losses[-1] < losses[0] / 10, losses[::25]
     model.eval()
     with torch.no_grad():
@@ -299,7 +301,7 @@ def test_inverse_loss_discounts_and_masks():
 def test_dataset_round_trip_npz_and_directory(tmp_path):
     arrays, meta = tiny_data()
     for path in (tmp_path / "d.npz", tmp_path / "d"):
-        A.write_dataset(str(path), arrays, meta)
+        preprocess.write_dataset(str(path), arrays, meta)
         ds = A.load_dataset(str(path))
         for key, value in arrays.items():
             np.testing.assert_array_equal(np.asarray(ds.arrays[key]), value)
@@ -325,13 +327,13 @@ def bad_variants(arrays):
 def test_bad_datasets_are_rejected_and_old_data_is_kept(tmp_path):
     arrays, meta = tiny_data()
     path = tmp_path / "d"
-    A.write_dataset(str(path), arrays, meta)
+    preprocess.write_dataset(str(path), arrays, meta)
     before = {f: (path / f).read_bytes() for f in os.listdir(path)}
     for message, bad in bad_variants(arrays):
         with pytest.raises(A.DataError, match=message):
-            A.write_dataset(str(path), bad, meta)
+            preprocess.write_dataset(str(path), bad, meta)
     with pytest.raises(A.DataError, match="missing key 'views'"):
-        A.write_dataset(str(path), arrays, {k: v for k, v in meta.items() if k != "views"})
+        preprocess.write_dataset(str(path), arrays, {k: v for k, v in meta.items() if k != "views"})
     assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
     assert sorted(os.listdir(tmp_path)) == ["d"]  # no temporary leftovers
 
@@ -340,7 +342,7 @@ def test_protocols_few_shot_action_free_and_task_filters(tmp_path):
     arrays, meta = tiny_data(episodes=6)
     ends = arrays["episode_ends"]
     arrays["actions"][ends[1]:ends[2]] = np.nan  # episode 2 is action-free video
-    A.write_dataset(str(tmp_path / "d.npz"), arrays, meta)
+    preprocess.write_dataset(str(tmp_path / "d.npz"), arrays, meta)
     corpus = A.Corpus([A.load_dataset(str(tmp_path / "d.npz"))])
     assert corpus.has_actions.tolist() == [True, True, False, True, True, True]
     eps = list(range(6))
@@ -358,15 +360,15 @@ def test_protocols_few_shot_action_free_and_task_filters(tmp_path):
 def test_corpus_joins_datasets_and_rejects_mismatched_views(tmp_path):
     a1, m1 = tiny_data(episodes=2)
     a2, m2 = tiny_data(episodes=2, seed=1)
-    A.write_dataset(str(tmp_path / "a"), a1, m1)
-    A.write_dataset(str(tmp_path / "b.npz"), a2, m2)
+    preprocess.write_dataset(str(tmp_path / "a"), a1, m1)
+    preprocess.write_dataset(str(tmp_path / "b.npz"), a2, m2)
     corpus = A.Corpus([A.load_dataset(str(tmp_path / "a")), A.load_dataset(str(tmp_path / "b.npz"))])
     n1 = len(a1["images"])
     frames = np.array([n1 + 3, 1, n1 - 1])
     np.testing.assert_array_equal(corpus.gather("images", frames), np.stack([a2["images"][3], a1["images"][1],
                                                                               a1["images"][n1 - 1]]))
     a3, m3 = tiny_data(episodes=2, views=1)
-    A.write_dataset(str(tmp_path / "c.npz"), a3, m3)
+    preprocess.write_dataset(str(tmp_path / "c.npz"), a3, m3)
     with pytest.raises(A.DataError, match="disagree on 'views'"):
         A.Corpus([A.load_dataset(str(tmp_path / "a")), A.load_dataset(str(tmp_path / "c.npz"))])
 
@@ -401,7 +403,7 @@ def trained(tmp_path_factory):
     """--stage all on a small dataset: every stage runs, policy.pt appears."""
     root = tmp_path_factory.mktemp("cli")
     arrays, meta = tiny_data(episodes=4, frames=18, img=32, grid=5)
-    A.write_dataset(str(root / "data"), arrays, meta)
+    preprocess.write_dataset(str(root / "data"), arrays, meta)
     proc = run_cli("--stage", "all", "--data", root / "data", "--out", root / "run", "--steps", "4", "--vis", *FAST)
     return root, proc
 
@@ -454,6 +456,25 @@ def test_cli_each_stage_and_resume(trained, tmp_path):
     assert A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")["predicted_codes"] is True
     bc = A.Policy.load(str(tmp_path / "bc"))
     assert bc.forward is None and bc.act(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "x").shape == (7,)
+
+
+def test_training_data_and_policy_act_see_identical_pixels(trained):
+    """A frame at another size reaches the model exactly as preprocessing stored it in the dataset
+    (and as the real robot's camera path resizes it): one resize, amplify.resize_images."""
+    import real_robot
+
+    root, _ = trained
+    policy = A.Policy.load(str(root / "run"))  # trained on 32x32
+    raw = np.random.default_rng(1).integers(0, 255, (2, 48, 48, 3), dtype=np.uint8)
+    stored = np.stack([preprocess.fit_square(view[None], 32)[0] for view in raw])  # (V, 32, 32, 3) as in a dataset
+    seen = []
+    hook = policy.inverse.vision.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        policy.act(raw, np.zeros(9), "move the square right")
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(seen[0][0].cpu().numpy(), stored)
+    np.testing.assert_array_equal(np.stack([real_robot.resize(view, (32, 32)) for view in raw]), stored)
 
 
 def test_interrupted_training_resumes_exactly(trained, tmp_path, monkeypatch, capsys):
@@ -532,11 +553,11 @@ def test_cli_rejects_bad_input_and_leaves_files_alone(trained, tmp_path):
                            check=False), "expected stage 'tokenizer'", "found 'forward'")
     # A checkpoint trained with other views / image size than the data.
     one_view, meta1 = tiny_data(episodes=4, frames=18, img=32, grid=5, views=1)
-    A.write_dataset(str(tmp_path / "oneview"), one_view, meta1)
+    preprocess.write_dataset(str(tmp_path / "oneview"), one_view, meta1)
     assert_refused(run_cli("--stage", "forward", "--data", tmp_path / "oneview", "--out", run, check=False),
                    "views=['view0', 'view1']", "views=['view0']")
     other_size, meta2 = tiny_data(episodes=4, frames=18, img=16, grid=5)
-    A.write_dataset(str(tmp_path / "small"), other_size, meta2)
+    preprocess.write_dataset(str(tmp_path / "small"), other_size, meta2)
     assert_refused(run_cli("--stage", "inverse", "--data", tmp_path / "small", "--out", run, check=False),
                    "img_size=[32, 32]", "img_size=[16, 16]")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -649,7 +670,9 @@ def test_training_on_a_3gb_tracks_file_stays_under_1_5gb_resident(tmp_path):
 
 
 def test_bench_prints_its_figures():
-    proc = run_cli("--bench", "--steps", "1", "--batch-size", "2")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--steps", "1", "--batch-size", "2"],
+                          capture_output=True, text=True, cwd=HERE, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     figures = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "|" not in line)
     for name in ("tokenizer_train_samples_per_s", "forward_train_samples_per_s", "inverse_train_samples_per_s",
                  "peak_memory_mb", "sample_ms_cached", "sample_ms_uncached", "kv_cache_speedup", "policy_step_ms"):

@@ -22,6 +22,7 @@ import amplify
 import eval_libero
 import preprocess
 from conftest import need
+import testdata
 
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)  # batch-1 inference; extra threads only contend on a shared CPU
@@ -40,10 +41,10 @@ def make_checkpoint(root, views, action_dim, proprio_dim):
     32x32 images keep training fast; evaluation brings the simulators' frames to that size the way
     preprocess.py would have written them.
     """
-    arrays, meta = amplify.synthetic_dataset(episodes=2, frames=20, views=len(views), img_size=32,
+    arrays, meta = testdata.synthetic_dataset(episodes=2, frames=20, views=len(views), img_size=32,
                                              action_dim=action_dim, proprio_dim=proprio_dim)
     meta["views"] = list(views)
-    amplify.write_dataset(str(root / "data"), arrays, meta)
+    preprocess.write_dataset(str(root / "data"), arrays, meta)
     cmd = [sys.executable, str(HERE / "amplify.py"), "--stage", "all", "--data", str(root / "data"),
            "--out", str(root / "run"), "--steps", "3", "--batch-size", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE, env=ENV)
@@ -54,7 +55,7 @@ def make_checkpoint(root, views, action_dim, proprio_dim):
 @pytest.fixture(scope="module")
 def libero_policy(tmp_path_factory):
     need("libero")
-    return make_checkpoint(tmp_path_factory.mktemp("libero_ckpt"), eval_libero.LIBERO_VIEWS, 7, 9)
+    return make_checkpoint(tmp_path_factory.mktemp("libero_ckpt"), preprocess.LIBERO_VIEWS, 7, 9)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import amplify
 import preprocess as P  # sets MUJOCO_GL=egl unless set: before `need("metaworld")` imports mujoco
 from conftest import need
+import testdata
 
 HERE = Path(__file__).resolve().parent
 
@@ -596,7 +597,7 @@ def test_bad_shard_spec_rejected(tmp_path, spec):
 
 def shard_set(tmp_path, n=2, change=None):
     """Shard datasets of one small run, written directly (the merge checks only what is on disk)."""
-    arrays, meta = amplify.synthetic_dataset(episodes=4, frames=3, views=1, img_size=8, grid=2, T=4)
+    arrays, meta = testdata.synthetic_dataset(episodes=4, frames=3, views=1, img_size=8, grid=2, T=4)
     ends = arrays["episode_ends"]
     paths = []
     for i in range(n):
@@ -606,7 +607,7 @@ def shard_set(tmp_path, n=2, change=None):
         part.update(episode_ends=np.arange(1, len(eps) + 1) * 3, tasks=arrays["tasks"][eps])
         shard_meta = {**meta, "fps": 20.0, "tracker": "lk", "shard": {"index": i, "count": n, "episodes": eps}}
         shard_meta.update((change or {}).get(i, {}))
-        amplify.write_dataset(str(tmp_path / f"s{i}"), part, shard_meta)
+        P.write_dataset(str(tmp_path / f"s{i}"), part, shard_meta)
         paths.append(str(tmp_path / f"s{i}"))
     return paths, arrays
 
