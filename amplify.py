@@ -1474,11 +1474,12 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     tok_model = fwd_model = None
     if predicted_codes:  # fine-tuning keeps the model's config and normalization
         init_path = init or os.path.join(out, "inverse.pt")
-        init = load_checkpoint(init_path, "inverse")
-        check_data_matches(init, corpus, init_path)
-        cfg = config_from_dict(InverseConfig, init["config"])
+        init_ckpt = load_checkpoint(init_path, "inverse")
+        check_data_matches(init_ckpt, corpus, init_path)
+        cfg = config_from_dict(InverseConfig, init_ckpt["config"])
         if not cfg.use_codes:
-            raise UserError("--predicted-codes fine-tunes on forward-model codes; it cannot be combined with --no-codes")
+            raise UserError(f"--predicted-codes fine-tunes on forward-model codes, but {init_path} was trained "
+                            f"without codes (--no-codes)")
         _, fwd_model = load_stage(forward or os.path.join(out, "forward.pt"), "forward", corpus, run.device)
     elif cfg.use_codes:  # codes of the true tracks need the tokenizer
         tok_ckpt, tok_model = load_stage(tokenizer or os.path.join(out, "tokenizer.pt"), "tokenizer", corpus,
@@ -1492,14 +1493,14 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
     if predicted_codes:
-        act_norm, prop_norm = Normalizer(**init["stats"]["actions"]), Normalizer(**init["stats"]["proprio"])
+        act_norm, prop_norm = Normalizer(**init_ckpt["stats"]["actions"]), Normalizer(**init_ckpt["stats"]["proprio"])
     else:
         # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
         act_norm = Normalizer.fit(corpus.gather("actions", frames))
         prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
         cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
-    model = build_model("inverse", cfg, init["model"] if predicted_codes else None)
+    model = build_model("inverse", cfg, init_ckpt["model"] if predicted_codes else None)
     val = eval_frames(corpus, val_eps, train.eval_samples)
     codes_from = ("forward-predicted" if predicted_codes else "true tracks" if cfg.use_codes
                   else "none (inverse-only baseline)")

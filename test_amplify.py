@@ -504,6 +504,29 @@ def test_interrupted_training_resumes_exactly(trained, tmp_path, monkeypatch, ca
         assert_close(a["model"][k], b["model"][k], 1e-6, k)
 
 
+def test_stages_train_from_python_with_dataclasses(trained, tmp_path):
+    """The stage functions need no argparse namespace: dataclass configs in, checkpoints out, and
+    the result is the policy the CLI would build."""
+    root, _ = trained
+    corpus = A.load_corpus([str(root / "data")])
+    preset = A.PRESETS["cpu"]
+    train = A.TrainConfig(steps=2, batch_size=4, log_every=2, eval_every=2, eval_samples=4)
+    run = A.RunConfig(seed=0, device="cpu")
+    out = str(tmp_path / "py")
+    tokenizer = A.train_tokenizer(corpus, preset["tokenizer"], out, train, run)
+    A.train_forward(corpus, preset["forward"], out, train, run)
+    A.train_inverse(corpus, preset["inverse"], out, train, run)
+    A.train_inverse(corpus, preset["inverse"], out, train, run, predicted_codes=True)
+    assert tokenizer.cfg.grid == 5 and tokenizer.cfg.img_size == (32, 32)  # data fields come from the corpus
+    assert {"tokenizer.pt", "forward.pt", "inverse.pt", "inverse_ft.pt"} <= set(os.listdir(out))
+    assert A.load_checkpoint(os.path.join(out, "inverse_ft.pt"), "inverse")["predicted_codes"] is True
+    A.write_policy(out)
+    action = A.load_policy(out).act(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "move the square right")
+    assert action.shape == (7,) and np.isfinite(action).all()
+    with pytest.raises(A.UserError, match="found no"):
+        A.load_policy(str(tmp_path / "missing"))
+
+
 def test_count_params_cli():
     proc = run_cli("--stage", "inverse", "--preset", "paper", "--count-params")
     assert proc.stdout.strip().startswith("params: ")
