@@ -178,7 +178,8 @@ class LiberoEnv:
     def __init__(self, suite, task_id, views=preprocess.LIBERO_VIEWS, img_size=LIBERO_RENDER_SIZE, seed=0):
         unknown = [v for v in views if v not in preprocess.LIBERO_VIEWS]
         if unknown:
-            raise amplify.UserError(f"policy views {list(views)} are not LIBERO views {list(preprocess.LIBERO_VIEWS)}")
+            raise amplify.UserError(f"policy views {list(views)} are not LIBERO views "
+                                    f"{list(preprocess.LIBERO_VIEWS)}")
         self.view_index = [preprocess.LIBERO_VIEWS.index(v) for v in views]
         bench = libero_benchmark(suite)
         from libero.libero import get_libero_path
@@ -208,7 +209,8 @@ class LiberoEnv:
 
     def reset(self, i):
         if not 0 <= i < len(self.init_states):
-            raise amplify.UserError(f"LIBERO task {self.name} has {len(self.init_states)} init states; asked for init state {i}")
+            raise amplify.UserError(f"LIBERO task {self.name} has {len(self.init_states)} init states; "
+                                    f"asked for init state {i}")
         self.env.reset()
         raw = self.env.set_init_state(self.init_states[i])
         noop = np.zeros(self.action_dim, np.float32)
@@ -249,7 +251,8 @@ def check_compatible(policy, env, obs):
     if policy.action_dim != env.action_dim:
         raise amplify.UserError(f"policy action_dim {policy.action_dim} != environment action dim {env.action_dim}")
     if policy.proprio_dim != obs["proprio"].shape[-1]:
-        raise amplify.UserError(f"policy proprio_dim {policy.proprio_dim} != environment proprio dim {obs['proprio'].shape[-1]}")
+        raise amplify.UserError(f"policy proprio_dim {policy.proprio_dim} != environment proprio dim "
+                                f"{obs['proprio'].shape[-1]}")
     if obs["images"].shape[0] != len(policy.views):
         raise amplify.UserError(f"policy expects views {policy.views}, environment gives {obs['images'].shape[0]} images")
 

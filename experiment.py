@@ -326,7 +326,9 @@ def main(argv=None):
     print(f"experiment: {' '.join(sys.argv)}\nstarted {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     steps = run_protocol(args)
     table = make_table(args, steps.seconds())
-    (Path(args.out) / "results.md").write_text(table)
+    import amplify
+
+    amplify.atomic_write(Path(args.out) / "results.md", lambda tmp: Path(tmp).write_text(table))
     print("\n" + table, flush=True)
     print(f"ran {steps.ran} steps, skipped {steps.skipped}; this invocation {(time.time() - t0) / 60:.1f} min; "
           f"table: {Path(args.out) / 'results.md'}", flush=True)
