@@ -1785,8 +1785,8 @@ def build_parser():
     p.add_argument("--out", default="runs/amplify", help="directory for checkpoints, metrics and images")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training sizes")
     p.add_argument("--count-params", action="store_true", help="print 'params: <int>' for --stage and exit")
-    p.add_argument("--bench", action="store_true", help="print throughput, memory and latency figures for --preset "
-                   "(--steps: timed repetitions, --batch-size: training batch) and exit")
+    p.add_argument("--bench", action="store_true", help="alias of `python bench.py`: throughput, memory and latency "
+                   "figures for --preset (--steps: timed repetitions, --batch-size: training batch)")
     # training
     p.add_argument("--steps", type=int, help="training steps per stage (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="default: the preset's")
