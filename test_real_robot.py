@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -66,21 +67,29 @@ class FakeCamera:
 
 
 class FakeRobot:
-    """Follows servo targets exactly; records every command."""
+    """Follows servo targets exactly; records every command. `state`: what status() reports."""
 
     def __init__(self, pose=(0.0, -0.5, 0.2, 0.0, 3.14, 0.0)):
         self.pose = np.array(pose, np.float64)
         self.servo_calls, self.moves, self.teach_calls = [], [], []
-        self.stops = 0
+        self.stops = self.kicks = 0
+        self.state = rr.RobotStatus(connected=True, program_running=True, protective_stop=False,
+                                    emergency_stop=False, safety_mode=1, speed_scaling=1.0)
 
     def tcp_pose(self):
         return self.pose.copy()
+
+    def status(self):
+        return rr.RobotStatus(**vars(self.state))
+
+    def kick(self):
+        self.kicks += 1
 
     def servo(self, pose, period):
         self.servo_calls.append(np.array(pose))
         self.pose = np.array(pose, np.float64)
 
-    def move_to(self, pose):
+    def move_to(self, pose, speed, timeout):
         self.moves.append(np.array(pose))
         self.pose = np.array(pose, np.float64)
 
@@ -109,12 +118,17 @@ class FakeGripper:
 
 
 class FakePolicy:
-    """The amplify.Policy interface (docs/CONTRACTS.md); `fn(step, images, proprio) -> action`."""
+    """The amplify.Policy interface (docs/CONTRACTS.md); `fn(step, images, proprio) -> action`.
+    `act_norm`: the action statistics of its training data, by default metres in the test box."""
 
     def __init__(self, fn, views=("front", "left"), img_size=(32, 32), action_dim=4, clock=None,
-                 compute_s=0.0):
+                 compute_s=0.0, act_mean=None, act_std=None):
         self.fn, self.views, self.img_size = fn, list(views), img_size
         self.action_dim = self.proprio_dim = action_dim
+        rot = [0.0, 3.14, 0.0] if action_dim == 7 else []
+        self.act_norm = SimpleNamespace(
+            mean=np.array(act_mean if act_mean is not None else [0.0, -0.5, 0.2] + rot + [0.5]),
+            std=np.array(act_std if act_std is not None else [0.05] * 3 + [0.1] * len(rot) + [0.5]))
         self.horizon, self.device, self.last_tracks = 16, "cpu", None
         self.clock, self.compute_s = clock, compute_s
         self.calls, self.resets, self.seen = 0, 0, []
@@ -179,10 +193,10 @@ def test_example_config_loads():
 
 
 @pytest.mark.parametrize("override, delete, needle", [
-    ({"safety.max_step_m": "0.02"}, None, "safety.max_step_m: expected a finite number, found str"),
-    ({"control.rate_hz": True}, None, "control.rate_hz: expected a finite number, found bool"),
-    ({"safety.workspace_min": [0, 0]}, None, "safety.workspace_min: expected a list of 3 numbers"),
-    ({"safety.on_violation": "ignore"}, None, "expected one of ['clamp', 'refuse'], found \"ignore\""),
+    ({"safety.max_step_m": "0.02"}, None, "safety.max_step_m: expected a valid number, found str"),
+    ({"control.rate_hz": True}, None, "control.rate_hz: expected a valid number, found bool"),
+    ({"safety.workspace_min": [0, 0]}, None, "safety.workspace_min: expected a list of at least 3"),
+    ({"safety.on_violation": "ignore"}, None, "expected 'clamp' or 'refuse', found str (\"ignore\")"),
     ({"safety.max_stp_m": 0.1}, None, "unknown key 'max_stp_m'"),
     ({}, ("safety", "workspace_max"), "missing key 'safety.workspace_max'"),
     ({}, ("robot", "host"), "missing key 'robot.host'"),
@@ -206,7 +220,7 @@ def test_cli_bad_config_is_one_line_no_traceback(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "control.rate_hz: expected a finite number, found str" in lines[0]
+    assert len(lines) == 1 and "control.rate_hz: expected a valid number, found str" in lines[0]
 
 
 # -----------------------------------------------------------------------------
@@ -259,59 +273,72 @@ def test_rate_real_time_100_ticks_at_100hz():
 # Safety filter
 
 
-def safety(mode="clamp"):
-    return rr.SafetyFilter(rr.parse_config(config_dict(**{"safety.on_violation": mode})).safety)
-
-
 PREV = np.array([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
 
 
-def test_clamp_limits_step_and_workspace():
+def safety(mode="clamp", start=PREV, **overrides):
+    raw = config_dict(**{"safety.on_violation": mode}, **{f"safety.{k}": v for k, v in overrides.items()})
+    cfg = rr.parse_config(raw)
+    return rr.SafetyFilter(cfg.safety, cfg.period, start)
+
+
+def run_filter(f, target, n):
+    outs, events = zip(*(f.apply(target) for _ in range(n)))
+    return np.array(outs), list(events)
+
+
+def rotate(rotvec, extra):
+    """The orientation `rotvec` turned by the rotation vector `extra` (base frame)."""
+    from scipy.spatial.transform import Rotation
+    return (Rotation.from_rotvec(extra) * Rotation.from_rotvec(rotvec)).as_rotvec()
+
+
+def test_clamp_keeps_the_box_and_the_speed_limit():
     f = safety("clamp")
-    ok = PREV + [0.01, 0, 0, 0, 0, 0]
-    out, event = f.apply(ok, PREV)
-    assert event is None and np.allclose(out, ok)
-    far = PREV + [0.1, 0, 0, 0, 0, 0]  # inside the box, too far for one tick
-    out, event = f.apply(far, PREV)
-    assert event == "clamped" and np.allclose(out[:3], PREV[:3] + [0.02, 0, 0])
+    outs, events = run_filter(f, np.array([5.0, 5.0, 5.0, 0, 3.14, 0]), 80)  # far outside, diagonal
+    steps = np.linalg.norm(np.diff(np.vstack([PREV, outs])[:, :3], axis=0), axis=1)
+    assert all(f.inside(o[:3]) for o in outs) and steps.max() <= 0.02 + 1e-9
+    assert set(events) == {"clamped"}
+    np.testing.assert_allclose(outs[-1][:3], [0.3, -0.3, 0.4], atol=1e-6)  # the nearest corner
     below = PREV.copy()
     below[2] = 0.0  # under the table: z_min = 0.05
-    prev = PREV.copy()
-    prev[2] = 0.06
-    out, event = f.apply(below, prev)
-    assert event == "clamped" and out[2] == pytest.approx(0.05)
-    # far outside in a diagonal direction: result inside the box and within one step
-    out, _ = f.apply(np.array([5.0, 5.0, 5.0, 0, 3.14, 0]), PREV)
-    assert f.inside(out[:3]) and np.linalg.norm(out[:3] - PREV[:3]) <= 0.02 + 1e-9
+    outs, events = run_filter(safety("clamp"), below, 80)
+    assert set(events) == {"clamped"} and outs[:, 2].min() == pytest.approx(0.05)
+    # a reachable target: no event, reached
+    target = PREV + [0.01, 0, 0, 0, 0, 0]
+    outs, events = run_filter(safety("clamp"), target, 30)
+    assert events == [None] * 30 and np.allclose(outs[-1], target, atol=1e-9)
 
 
-def test_clamp_limits_rotation():
+def test_clamp_limits_rotation_speed_and_cone():
     f = safety("clamp")
     target = PREV.copy()
-    target[3:] = [0.0, 3.14, 0.5]  # a sizeable rotation away from the start orientation
-    out, event = f.apply(target, PREV)
-    from scipy.spatial.transform import Rotation
-    angle = (Rotation.from_rotvec(out[3:]) * Rotation.from_rotvec(PREV[3:]).inv()).magnitude()
-    assert event == "clamped" and angle == pytest.approx(0.1, abs=1e-6)
+    target[3:] = rotate(PREV[3:], [0, 0, 1.5])  # 1.5 rad about z: beyond the 0.8 rad cone
+    outs, events = run_filter(f, target, 80)
+    turns = [rr.rotation_angle(a, b) for a, b in zip(np.vstack([PREV, outs])[1:, 3:], np.vstack([PREV, outs])[:-1, 3:])]
+    assert max(turns) <= 0.1 + 1e-6 and set(events) == {"clamped"}
+    assert rr.rotation_angle(outs[-1][3:], PREV[3:]) == pytest.approx(0.8, abs=1e-6)
+    np.testing.assert_allclose(outs[:, :3], np.tile(PREV[:3], (80, 1)))  # the position is held
 
 
-def test_refuse_holds_previous_target():
+def test_refuse_holds_previous_command():
     f = safety("refuse")
-    out, event = f.apply(PREV + [0.1, 0, 0, 0, 0, 0], PREV)
+    out, event = f.apply(PREV + [0.1, 0, 0, 0, 0, 0])  # inside the box, too far for one tick
     assert event == "refused" and np.allclose(out, PREV)
-    outside = PREV.copy()
-    outside[0] = 0.31
     prev = PREV.copy()
-    prev[0] = 0.295  # one small step, but it leaves the box
-    out, event = f.apply(outside, prev)
+    prev[0] = 0.295
+    outside = prev.copy()
+    outside[0] = 0.31  # one small step, but it leaves the box
+    out, event = safety("refuse", start=prev).apply(outside)
     assert event == "refused" and np.allclose(out, prev)
-    out, event = f.apply(PREV + [0.005, 0, 0, 0, 0, 0], PREV)
-    assert event is None
+    target = PREV + [0.005, 0, 0, 0, 0, 0]
+    outs, events = run_filter(safety("refuse"), target, 20)
+    assert events == [None] * 20 and np.allclose(outs[-1], target, atol=1e-9)
 
 
-def test_non_finite_action_stops():
+def test_non_finite_target_stops():
     with pytest.raises(rr.SafetyStop):
-        safety().apply(PREV + [np.nan, 0, 0, 0, 0, 0], PREV)
+        safety().apply(PREV + [np.nan, 0, 0, 0, 0, 0])
 
 
 # -----------------------------------------------------------------------------
@@ -321,12 +348,13 @@ def test_non_finite_action_stops():
 def test_prepare_image_crop_rotate_resize():
     img = np.zeros((48, 64, 3), np.uint8)
     img[0, 8] = 255  # top-left corner of the crop
-    cam = rr.CameraConfig("front", "opencv", 0, crop=[8, 0, 48, 48], rotate=180)
+    cam = rr.CameraConfig(name="front", kind="opencv", device=0, crop=[8, 0, 48, 48], rotate=180)
     out = rr.prepare_image(img, cam, (48, 48))
     assert out.shape == (48, 48, 3) and out[47, 47, 0] == 255  # rotated to the bottom-right
     assert rr.prepare_image(img, cam, (32, 32)).shape == (32, 32, 3)
     with pytest.raises(ValueError):
-        rr.prepare_image(img, rr.CameraConfig("f", "opencv", 0, crop=[40, 0, 48, 48]), (32, 32))
+        rr.prepare_image(img, rr.CameraConfig(name="f", kind="opencv", device=0, crop=[40, 0, 48, 48]),
+                         (32, 32))
 
 
 def test_threaded_camera_stamps_frames_and_reports_loss():
@@ -361,28 +389,30 @@ def test_threaded_camera_stamps_frames_and_reports_loss():
 
 
 def test_episode_runs_at_rate_within_limits_and_stops_at_the_end():
-    cfg, clock, hw = rig()
-    # ask for a big jump every step: clamping must keep each step <= max_step_m
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"control.episode_s": 3.0})))  # 60 ticks
+    # ask for a big jump every step: each step <= max_step_m, each change of step <= max_accel
     policy = FakePolicy(lambda s, im, p: [0.2, -0.4, 0.3, 1.0], views=("left", "front"),
                         clock=clock, compute_s=0.01)
     res = rr.run_episode(policy, hw, cfg, "push the block", clock=clock)
-    assert res.steps == 20 and len(hw.robot.servo_calls) == 20
+    assert res.steps == 60 and len(hw.robot.servo_calls) == 60
     assert hw.robot.stops == 1
-    prev = np.array([0.0, -0.5, 0.2])
-    for pose in hw.robot.servo_calls:
-        assert np.linalg.norm(pose[:3] - prev) <= 0.02 + 1e-9
-        assert np.allclose(pose[3:], [0.0, 3.14, 0.0])  # xyz_gripper holds the start orientation
-        prev = pose[:3]
-    # 0.245 m away: clamped for 12 ticks (0.24 m), then reached and held
-    assert [e["event"] for e in res.log] == ["clamped"] * 12 + [None] * 8
+    poses = np.array([[0.0, -0.5, 0.2, 0.0, 3.14, 0.0]] + hw.robot.servo_calls)
+    steps = np.diff(poses[:, :3], axis=0)
+    assert np.linalg.norm(steps, axis=1).max() <= 0.02 + 1e-9
+    assert np.linalg.norm(np.diff(steps, axis=0), axis=1).max() <= 1.5 * 0.05 ** 2 + 1e-9
+    assert np.allclose(poses[:, 3:], [0.0, 3.14, 0.0])  # xyz_gripper holds the start orientation
+    # 0.245 m away: clamped while farther than one step, then reached and held
+    events = [e["event"] for e in res.log]
+    far = [np.linalg.norm(np.array([0.2, -0.4, 0.3]) - p[:3]) > 0.02 for p in poses[:-1]]
+    assert events == ["clamped" if f else None for f in far] and events[-1] is None
     assert np.allclose(hw.robot.servo_calls[-1][:3], [0.2, -0.4, 0.3])
-    assert hw.gripper.commands == [1.0] * 20
+    assert hw.gripper.commands == [1.0] * 60
     # views reach the policy in the policy's order, at its size, uint8 (V, H, W, 3)
     shape, dtype, proprio, colour = policy.seen[-1]
     assert shape == (2, 32, 32, 3) and dtype == np.uint8 and proprio.shape == (4,)
     assert colour.tolist() == [150, 50]
     # ticks on the grid: t = k * period exactly (fake clock), latency logged
-    assert [e["t"] for e in res.log] == pytest.approx([k * 0.05 for k in range(20)])
+    assert [e["t"] for e in res.log] == pytest.approx([k * 0.05 for k in range(60)])
     assert all(e["latency_ms"] == pytest.approx(10.0) for e in res.log)
     assert "overruns 0" in rr.latency_summary(res.log, cfg.period)
 
@@ -511,11 +541,11 @@ def test_main_dry_run_logs_every_step(tmp_path, capsys):
 def test_main_reports_stops_in_one_line(tmp_path, capsys):
     cfg_path = write_cfg(tmp_path)
     _, clock, hw = rig()
-    code = rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+    code = rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock,
                    policy=FakePolicy(failing_at(2, KeyboardInterrupt()), clock=clock))
     assert code == 130 and hw.robot.stops == 1
     hw.cameras["left"].age = 1.0
-    code = rr.main(["--config", cfg_path], hardware=hw, clock=clock, policy=FakePolicy(hold))
+    code = rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock, policy=FakePolicy(hold))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("stopped: stale frame from camera 'left'")
 
@@ -523,10 +553,10 @@ def test_main_reports_stops_in_one_line(tmp_path, capsys):
 def test_main_rejects_a_policy_that_does_not_match_the_config(tmp_path, capsys):
     cfg_path = write_cfg(tmp_path)
     _, clock, hw = rig()
-    assert rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock,
                    policy=FakePolicy(hold, views=("front", "wrist"))) == 1
     assert "expected views ['front', 'wrist']" in capsys.readouterr().err
-    assert rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock,
                    policy=FakePolicy(hold, action_dim=7)) == 1
     assert hw.robot.servo_calls == []
 
@@ -603,7 +633,7 @@ def test_policy_trained_on_recorded_demos_runs_in_the_loop(robot_demos, tmp_path
         _, clock, hw = rig()
         log = tmp_path / f"steps_{dry_run}.jsonl"
         argv = ["--config", cfg_path, "--policy", str(run), "--device", "cpu",
-                "--max-steps", "4", "--log", str(log)] + (["--dry-run"] if dry_run else [])
+                "--max-steps", "4", "--log", str(log)] + (["--dry-run"] if dry_run else ["--yes"])
         assert rr.main(argv, hardware=hw, clock=clock) == 0
         entries = [json.loads(line) for line in log.read_text().splitlines()]
         assert len(entries) == 4 and all(np.isfinite(e["target"]).all() for e in entries)
@@ -637,7 +667,8 @@ def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
     def wait_start(i):
         if i == 2:
             raise KeyboardInterrupt
-    summary = rr.record(hw, cfg, "out", "t", episodes=5, clock=clock, wait_start=wait_start)
+    summary = rr.record(hw, cfg, str(tmp_path / "out"), "t", episodes=5, clock=clock,
+                        wait_start=wait_start)
     assert summary == {"episodes": 2} and written["views"] == ["front", "left"]
     assert written["fps"] == 20 and written["source"] == "real_robot"
     ep = written["episodes"][0]
