@@ -1148,7 +1148,7 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
            clock=None, wait_start=None, should_end=None, kinesthetic=False, existing="refuse"):
     """Record `episodes` demonstrations, then write them as an AMPLIFY dataset at `out`.
 
-    Each episode is saved when it ends, atomically, as OUT.episodes/<session>_<i>.npz; the dataset
+    Each episode is saved when it ends, atomically, as OUT.episodes/episode_<n>.npz; the dataset
     is built from those files at the end. Whatever stops the recording (Ctrl-C, a camera lost, a
     gripper timeout), the episode in progress is discarded, the completed ones are kept and the
     dataset is built from them; the exception is then raised again. existing: what to do when OUT
@@ -1164,8 +1164,8 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
     out = os.path.abspath(out)
     raw = check_recording_target(out, existing)
     os.makedirs(raw, exist_ok=True)
-    earlier = sorted(glob.glob(os.path.join(raw, "*.npz")))
-    session = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    earlier = sorted(glob.glob(os.path.join(raw, "episode_*.npz")))
+    first = 1 + max([int(os.path.basename(p)[8:-4]) for p in earlier], default=-1)  # never reuse a name
     saved, error = [], None
     try:
         if kinesthetic:
@@ -1174,7 +1174,7 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
             if wait_start is not None:
                 wait_start(i)
             ep = record_episode(hw, cfg, with_actions=with_actions, clock=clock, should_end=should_end)
-            path = os.path.join(raw, f"{session}_{i:04d}.npz")
+            path = os.path.join(raw, f"episode_{first + i:06d}.npz")
             _save_episode(path, {**ep, "task": task})
             saved.append(path)
             print(f"episode {i}: {len(ep['images'])} frames -> {path}", file=sys.stderr)
