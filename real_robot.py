@@ -379,20 +379,27 @@ def rotation_angle(a, b):
 # Safety filter
 
 
-def _shape_motion(desired, vel, vmax, dmax):
-    """One tick's motion towards `desired` (a displacement) given last tick's `vel`: at most `vmax`
-    per tick, changing by at most `dmax` per tick (acceleration), and slow enough near the goal to
-    stop there at that deceleration (v <= sqrt(2 a d)) instead of overshooting it."""
+def _shape_motion(desired, vel, vmax, dmax, goal_vel):
+    """One tick's motion towards `desired` (the displacement to the goal) given last tick's `vel`
+    and the goal's own motion per tick `goal_vel`: at most `vmax` per tick, changing by at most
+    `dmax` per tick (acceleration), and closing in on the goal no faster than it can still match
+    the goal's motion at that deceleration (closing speed <= sqrt(2 a d)), so it neither overshoots
+    a goal that stands still nor lags behind one that moves smoothly."""
     dist = float(np.linalg.norm(desired))
-    cap = min(vmax, math.sqrt(2 * dmax * dist))
-    want = desired if dist <= cap else desired * (cap / dist)
+    closing = desired - goal_vel  # reaching the goal this tick, beyond following its motion
+    # the largest v with v + (v - a) + (v - 2a) + ... <= d: discrete braking, a = dmax per tick
+    n, cap = float(np.linalg.norm(closing)), math.sqrt(dmax ** 2 / 4 + 2 * dmax * dist) - dmax / 2
+    want = desired if n <= cap else goal_vel + closing * (cap / n)
     change = want - vel
     n = float(np.linalg.norm(change))
     if n > dmax:
         change = change * (dmax / n)
-    step = vel + change
-    n = float(np.linalg.norm(step))
-    return step * (vmax / n) if n > vmax else step
+    return _cap(vel + change, vmax)
+
+
+def _cap(v, vmax):
+    n = float(np.linalg.norm(v))
+    return v * (vmax / n) if n > vmax else v
 
 
 class SafetyFilter:
@@ -430,6 +437,7 @@ class SafetyFilter:
         ref = self.prev[3:] if reference_rotvec is None else np.asarray(reference_rotvec, np.float64)
         self.ref = Rotation.from_rotvec(ref)
         self.vel, self.ang_vel = np.zeros(3), np.zeros(3)  # per tick: m, rotation vector
+        self.goal = None  # the previous goal (position, Rotation): how fast the goal itself moves
         self.ticks = 0
 
     def inside(self, pos):
@@ -471,10 +479,16 @@ class SafetyFilter:
         # how: speed (ramped in), acceleration, braking
         self.ticks += 1
         ramp = min(1.0, self.ticks / self.ramp_ticks) if self.ramp_ticks > 0 else 1.0
-        step = _shape_motion(pos - prev[:3], self.vel, self.max_step * ramp, self.max_dstep)
+        vmax, wmax = self.max_step * ramp, self.max_rad * ramp
+        goal_vel, goal_ang = np.zeros(3), np.zeros(3)
+        if self.goal is not None and event != "refused":
+            goal_vel = _cap(pos - self.goal[0], vmax)
+            goal_ang = _cap((rot * self.goal[1].inv()).as_rotvec(), wmax)
+        self.goal = (pos, rot)
+        step = _shape_motion(pos - prev[:3], self.vel, vmax, self.max_dstep, goal_vel)
         new_pos = np.clip(prev[:3] + step, self.lo, self.hi)  # momentum must not leave the box
-        turn = _shape_motion((rot * r_prev.inv()).as_rotvec(), self.ang_vel, self.max_rad * ramp,
-                             self.max_drad)
+        turn = _shape_motion((rot * r_prev.inv()).as_rotvec(), self.ang_vel, wmax, self.max_drad,
+                             goal_ang)
         new_rot, _ = self._into_cone(Rotation.from_rotvec(turn) * r_prev)
         self.vel = new_pos - prev[:3]
         self.ang_vel = (new_rot * r_prev.inv()).as_rotvec()
@@ -702,6 +716,10 @@ class UR5:
     def servo(self, pose, period):
         # servoL(pose, speed, acceleration, time, lookahead_time, gain); speed and acceleration
         # are unused by servoL. `time` = the control period: the controller interpolates over it.
+        from scipy.spatial.transform import Rotation
+
+        pose = np.concatenate([pose[:3], Rotation.from_rotvec(pose[3:6]).as_rotvec()])  # the
+        # controller's own form, angle in [0, pi], whatever continuous form the loop keeps
         ok = self.control.servoL(list(map(float, pose)), 0.0, 0.0, period,
                                  self.cfg.servo_lookahead_s, self.cfg.servo_gain)
         if ok is False:
@@ -838,14 +856,15 @@ def open_hardware(cfg: Config, *, robot="control", watchdog=False):
         for c in cfg.cameras:
             opener = open_realsense_camera if c.kind == "realsense" else open_opencv_camera
             opened["cameras"][c.name] = opener(c)
-        opened["robot"] = UR5(cfg.robot, control=robot == "control",
-                                watchdog_hz=cfg.control.rate_hz / WATCHDOG_TICKS if watchdog else None) \
-            if robot else None
         if robot and cfg.gripper.kind == "robotiq":
             opened["gripper"] = RobotiqGripper(cfg.gripper.host, cfg.gripper.port,
                                                activate=robot == "control")
         else:
             opened["gripper"] = NullGripper() if robot else None
+        # the robot last: once its watchdog is armed, every wait must kick it
+        opened["robot"] = UR5(cfg.robot, control=robot == "control",
+                              watchdog_hz=cfg.control.rate_hz / WATCHDOG_TICKS if watchdog else None) \
+            if robot else None
     except BaseException:
         Hardware(opened.get("robot"), opened.get("gripper"), opened.get("cameras", {})).close()
         raise
@@ -1191,10 +1210,15 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
         if isinstance(error, KeyboardInterrupt) or error is None:
             raise SafetyStop("no complete episode recorded; nothing written")
         raise error
-    summary = preprocess.episodes_to_dataset(
-        _load_episodes(paths), out, views=[c.name for c in cfg.cameras], fps=cfg.control.rate_hz,
-        source="real_robot" if with_actions else "real_human", tracker=tracker, progress=False,
-        extra_meta={"action_layout": cfg.control.action} if with_actions else None)
+    try:
+        summary = preprocess.episodes_to_dataset(
+            _load_episodes(paths), out, views=[c.name for c in cfg.cameras], fps=cfg.control.rate_hz,
+            source="real_robot" if with_actions else "real_human", tracker=tracker, progress=False,
+            extra_meta={"action_layout": cfg.control.action} if with_actions else None)
+    except BaseException:
+        print(f"the dataset was not written; the {len(paths)} episodes are kept in {raw} (build it "
+              f"with --append --episodes 0)", file=sys.stderr)
+        raise
     if existing == "overwrite":
         for p in earlier:
             os.remove(p)
