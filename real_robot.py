@@ -10,14 +10,23 @@ Notable features:
 - Fixed rate without drift: ticks are scheduled on absolute deadlines `start + k * period` of a
   monotonic clock; a late tick is counted as an overrun and missed deadlines are dropped, never
   caught up in a burst. Per-step latency goes to a JSON-lines log.
-- Safety: a workspace box and a maximum motion per tick, with targets either clamped or refused
-  (`safety.on_violation`). An exception, Ctrl-C, a stale or lost camera frame, a non-finite
-  action or too many consecutive overruns stop the arm (servoStop, stopL as fallback) before the
-  program exits. `--dry-run` runs everything (cameras, policy, safety filter, log) but opens the
-  robot read-only, so no motion can be commanded.
+- Safety filter: a workspace box, an orientation cone around the home orientation and a maximum
+  motion per tick, with targets clamped or refused (`safety.on_violation`); every command also
+  has a bounded acceleration, a soft start (`ramp_s`) and brakes in time to stop at its goal.
+  Rotation vectors are kept continuous (UR's flip near a half turn never reaches the data or the
+  policy). The policy is refused when its checkpoint's action statistics cannot be metres in this
+  workspace.
+- Stops: an exception, Ctrl-C, SIGTERM/SIGHUP/SIGQUIT, a stale or lost camera frame, a non-finite
+  action, a stall (one tick 2 periods late) or a high overrun rate, a lost connection, a safety
+  stop, a stopped control script, a lowered speed slider or a tracking error stop the arm
+  (servoStop, stopL as fallback) before the program exits; the RTDE watchdog stops it if this
+  process dies. Homing is checked first (start inside the box, end at home), asynchronous and
+  interruptible. `--dry-run` runs everything (cameras, policy, safety filter, log) but opens the
+  robot read-only, so no motion can be commanded. Without a terminal, moving the arm needs `--yes`.
 - `--record OUT`: teleoperated or kinesthetic (`--kinesthetic`, freedrive) demonstrations, or
-  human demonstrations without a robot (`--no-actions`), written straight into the AMPLIFY
-  dataset format by `preprocess.episodes_to_dataset`.
+  human demonstrations without a robot (`--no-actions`), each episode saved to OUT.episodes/ as
+  it ends, then written into the AMPLIFY dataset format by `preprocess.episodes_to_dataset`.
+  An earlier recording is refused unless `--append` or `--overwrite`.
 - Hardware is duck-typed and injected (robot, gripper, cameras, clock), so the loop is tested
   without hardware (test_real_robot.py). `rtde_control`/`rtde_receive`, `cv2` and
   `pyrealsense2` are imported lazily, only when real hardware is opened.
@@ -31,11 +40,14 @@ Examples:
         --task "put the cup on the plate" --episodes 10 --kinesthetic
     python real_robot.py --config real_robot.json --record data/cup_human \
         --task "put the cup on the plate" --episodes 10 --no-actions
+    python real_robot.py --config real_robot.json --record data/cup_robot --append \
+        --task "put the cup on the plate" --episodes 0      # rebuild the dataset from OUT.episodes/
 
 Units: positions in metres, orientations as rotation vectors in radians (the UR convention),
 gripper in [0, 1] with 0 open and 1 closed. Action/proprio layouts (`control.action`):
 `xyz_gripper` -> [x, y, z, g] (orientation held at its value at the episode start) and
-`xyz_rotvec_gripper` -> [x, y, z, rx, ry, rz, g]. Proprio uses the same layout, measured.
+`xyz_rotvec_gripper` -> [x, y, z, rx, ry, rz, g]. Proprio uses the same layout, measured, with
+rotation vectors continuous from `robot.home`'s orientation (or the first reading).
 """
 import argparse
 import json

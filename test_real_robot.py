@@ -398,6 +398,17 @@ def test_clamp_limits_rotation_speed_and_cone():
     np.testing.assert_allclose(outs[:, :3], np.tile(PREV[:3], (80, 1)))  # the position is held
 
 
+def test_smooth_motion_is_followed_exactly_and_a_far_goal_reached_without_overshoot():
+    f = safety("clamp")  # 20 Hz, 0.4 m/s, 1.5 m/s^2, 1 s ramp-in
+    k = np.arange(1, 201)
+    x = 0.2 * np.sin(1.5 * k * 0.05)  # peak 0.3 m/s, 0.45 m/s^2: within every limit
+    outs = np.array([f.apply(PREV + [xi, 0, 0, 0, 0, 0])[0] for xi in x])
+    assert np.abs(outs[40:, 0] - x[40:]).max() < 1e-9  # after the ramp-in: no lag at all
+    f = safety("clamp")
+    outs, _ = run_filter(f, PREV + [0.2, 0, 0, 0, 0, 0], 60)
+    assert outs[:, 0].max() - 0.2 < 1e-3 and abs(outs[-1, 0] - 0.2) < 1e-9  # braked in time
+
+
 def test_refuse_holds_previous_command():
     f = safety("refuse")
     out, event = f.apply(PREV + [0.1, 0, 0, 0, 0, 0])  # inside the box, too far for one tick
