@@ -496,7 +496,7 @@ class SafetyFilter:
         if self.goal is not None and event != "refused":
             goal_vel = _cap(pos - self.goal[0], vmax)
             goal_ang = _cap((rot * self.goal[1].inv()).as_rotvec(), wmax)
-        self.goal = (pos, rot)
+        self.goal = None if event == "refused" else (pos, rot)  # a hold is no motion of the goal
         step = _shape_motion(pos - prev[:3], self.vel, vmax, self.max_dstep, goal_vel)
         new_pos = np.clip(prev[:3] + step, self.lo, self.hi)  # momentum must not leave the box
         turn = _shape_motion((rot * r_prev.inv()).as_rotvec(), self.ang_vel, wmax, self.max_drad,
@@ -506,6 +506,7 @@ class SafetyFilter:
         self.ang_vel = (new_rot * r_prev.inv()).as_rotvec()
         self.prev = np.concatenate([new_pos, rotvec_near(new_rot.as_rotvec(), prev[3:])])
         return self.prev.copy(), event
+
 
 # -----------------------------------------------------------------------------
 # Cameras. `read()` returns the newest Frame without blocking; a background thread keeps grabbing,
