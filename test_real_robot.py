@@ -218,6 +218,14 @@ class FakeRTDE:
         self.calls.append(("servoStop", a))
         return True
 
+    def teachMode(self):
+        self.calls.append(("teachMode",))
+        return True
+
+    def endTeachMode(self):
+        self.calls.append(("endTeachMode",))
+        return True
+
     def stopScript(self):
         self.calls.append(("stopScript",))
 
