@@ -714,10 +714,10 @@ class UR5:
         return np.asarray(self.receive.getActualTCPPose(), np.float64)
 
     def status(self):
-        r = self.receive
-        connected = r.isConnected() and (self.control is None or self.control.isConnected())
+        r, c = self.receive, self.control
+        connected = r.isConnected() and (c is None or c.isConnected())
         return RobotStatus(connected=bool(connected),
-                           program_running=None if self.control is None else bool(self.control.isProgramRunning()),
+                           program_running=None if c is None else bool(c.isProgramRunning()),
                            protective_stop=bool(r.isProtectiveStopped()),
                            emergency_stop=bool(r.isEmergencyStopped()),
                            safety_mode=int(r.getSafetyMode()), speed_scaling=float(r.getSpeedScaling()))

@@ -400,7 +400,8 @@ def test_clamp_limits_rotation_speed_and_cone():
     target = PREV.copy()
     target[3:] = rotate(PREV[3:], [0, 0, 1.5])  # 1.5 rad about z: beyond the 0.8 rad cone
     outs, events = run_filter(f, target, 80)
-    turns = [rr.rotation_angle(a, b) for a, b in zip(np.vstack([PREV, outs])[1:, 3:], np.vstack([PREV, outs])[:-1, 3:])]
+    poses = np.vstack([PREV, outs])
+    turns = [rr.rotation_angle(a, b) for a, b in zip(poses[1:, 3:], poses[:-1, 3:])]
     assert max(turns) <= 0.1 + 1e-6 and set(events) == {"clamped"}
     assert rr.rotation_angle(outs[-1][3:], PREV[3:]) == pytest.approx(0.8, abs=1e-6)
     np.testing.assert_allclose(outs[:, :3], np.tile(PREV[:3], (80, 1)))  # the position is held
@@ -454,17 +455,19 @@ def test_prepare_image_crop_rotate_resize():
 
 
 def test_threaded_camera_stamps_frames_and_reports_loss():
-    n = {"i": 0}
+    n, unplug = {"i": 0}, threading.Event()
 
     def grab():
         n["i"] += 1
-        if n["i"] > 5:
+        if unplug.is_set() and n["i"] > 5:  # only once a frame was read: no race on a busy CPU
             raise OSError("device unplugged")
         time.sleep(0.002)
         return np.zeros((4, 4, 3), np.uint8)
     cam = rr.ThreadedCamera("front", grab)
     try:
         rr.wait_for_cameras({"front": cam}, timeout=2.0)
+        assert 0 <= time.monotonic() - cam.read().stamp < 2.0
+        unplug.set()
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             try:
@@ -875,7 +878,8 @@ def test_alternating_policy_gets_bounded_acceleration_and_a_soft_start():
     cfg, clock, hw = rig()
     rr.run_episode(FakePolicy(lambda s, im, p: p + [0.02, 0, 0, 0]), hw, cfg, "t", clock=clock)
     x = np.array([0.0] + [c[0] for c in hw.robot.servo_calls])
-    assert np.diff(x)[0] <= 1.5 * cfg.period ** 2 + 1e-9 and np.all(np.diff(x, 2) <= 1.5 * cfg.period ** 2 + 1e-9)
+    dv = 1.5 * cfg.period ** 2  # max_accel as a change of the per-tick step
+    assert np.diff(x)[0] <= dv + 1e-9 and np.abs(np.diff(x, 2)).max() <= dv + 1e-9
 
 
 @pytest.mark.parametrize("mean, std", [
@@ -923,7 +927,8 @@ def test_homing_checked_asynchronous_and_interruptible():
     _, clock, hw = rig(cfg)
     hw.robot = rr.UR5(cfg.robot, interfaces=(rtde, rtde), watchdog_hz=5.0)
     rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock, max_steps=2)  # a 50 ms move
-    assert rtde.calls[0] == ("moveL", True) and [c[0] for c in rtde.calls[1:]] == ["servoL"] * 2 + ["servoStop"]
+    assert rtde.calls[0] == ("moveL", True)
+    assert [c[0] for c in rtde.calls[1:]] == ["servoL"] * 2 + ["servoStop"]
     rtde.pose, rtde.move_s, rtde.calls = [0.0, -0.5, 0.2, 0.0, 3.14, 0.0], 30.0, []  # a long move
     kicks = rtde.kicks
     timer = threading.Timer(0.3, _thread.interrupt_main)
