@@ -10,14 +10,23 @@ Notable features:
 - Fixed rate without drift: ticks are scheduled on absolute deadlines `start + k * period` of a
   monotonic clock; a late tick is counted as an overrun and missed deadlines are dropped, never
   caught up in a burst. Per-step latency goes to a JSON-lines log.
-- Safety: a workspace box and a maximum motion per tick, with targets either clamped or refused
-  (`safety.on_violation`). An exception, Ctrl-C, a stale or lost camera frame, a non-finite
-  action or too many consecutive overruns stop the arm (servoStop, stopL as fallback) before the
-  program exits. `--dry-run` runs everything (cameras, policy, safety filter, log) but opens the
-  robot read-only, so no motion can be commanded.
+- Safety filter: a workspace box, an orientation cone around the home orientation and a maximum
+  motion per tick, with targets clamped or refused (`safety.on_violation`); every command also
+  has a bounded acceleration, a soft start (`ramp_s`) and brakes in time to stop at its goal.
+  Rotation vectors are kept continuous (UR's flip near a half turn never reaches the data or the
+  policy). The policy is refused when its checkpoint's action statistics cannot be metres in this
+  workspace.
+- Stops: an exception, Ctrl-C, SIGTERM/SIGHUP/SIGQUIT, a stale or lost camera frame, a non-finite
+  action, a stall (one tick 2 periods late) or a high overrun rate, a lost connection, a safety
+  stop, a stopped control script, a lowered speed slider or a tracking error stop the arm
+  (servoStop, stopL as fallback) before the program exits; the RTDE watchdog stops it if this
+  process dies. Homing is checked first (start inside the box, end at home), asynchronous and
+  interruptible. `--dry-run` runs everything (cameras, policy, safety filter, log) but opens the
+  robot read-only, so no motion can be commanded. Without a terminal, moving the arm needs `--yes`.
 - `--record OUT`: teleoperated or kinesthetic (`--kinesthetic`, freedrive) demonstrations, or
-  human demonstrations without a robot (`--no-actions`), written straight into the AMPLIFY
-  dataset format by `preprocess.episodes_to_dataset`.
+  human demonstrations without a robot (`--no-actions`), each episode saved to OUT.episodes/ as
+  it ends, then written into the AMPLIFY dataset format by `preprocess.episodes_to_dataset`.
+  An earlier recording is refused unless `--append` or `--overwrite`.
 - Hardware is duck-typed and injected (robot, gripper, cameras, clock), so the loop is tested
   without hardware (test_real_robot.py). `rtde_control`/`rtde_receive`, `cv2` and
   `pyrealsense2` are imported lazily, only when real hardware is opened.
@@ -31,22 +40,29 @@ Examples:
         --task "put the cup on the plate" --episodes 10 --kinesthetic
     python real_robot.py --config real_robot.json --record data/cup_human \
         --task "put the cup on the plate" --episodes 10 --no-actions
+    python real_robot.py --config real_robot.json --record data/cup_robot --append \
+        --task "put the cup on the plate" --episodes 0      # rebuild the dataset from OUT.episodes/
 
 Units: positions in metres, orientations as rotation vectors in radians (the UR convention),
 gripper in [0, 1] with 0 open and 1 closed. Action/proprio layouts (`control.action`):
 `xyz_gripper` -> [x, y, z, g] (orientation held at its value at the episode start) and
-`xyz_rotvec_gripper` -> [x, y, z, rx, ry, rz, g]. Proprio uses the same layout, measured.
+`xyz_rotvec_gripper` -> [x, y, z, rx, ry, rz, g]. Proprio uses the same layout, measured, with
+rotation vectors continuous from `robot.home`'s orientation (or the first reading).
 """
 import argparse
 import json
 import math
+import os
 import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # -----------------------------------------------------------------------------
 # Errors
@@ -73,74 +89,108 @@ class OverrunBudget(SafetyStop):
 
 
 # -----------------------------------------------------------------------------
-# Config: a JSON file, validated into dataclasses. Unknown keys are errors, not ignored: a typo
-# in a safety key (say "max_stp_m") must not silently fall back to a default.
+# Config: a JSON file validated by pydantic into typed models. Unknown keys, duplicate keys and
+# numbers outside their range are errors, not ignored or clipped: a typo in a safety key (say
+# "max_stp_m") must not silently fall back to a default, and a gain of 5000 must not reach servoL.
 
 ACTION_LAYOUTS = {"xyz_gripper": 4, "xyz_rotvec_gripper": 7}
-_REQUIRED = object()
+MAX_TCP_SPEED = 1.0  # m/s: the UR5's rated tool speed; max_step_m * rate_hz above it is a typo
+MAX_TCP_ANG_SPEED = math.pi  # rad/s (180 deg/s, the UR5's wrist joint limit)
 
 
-@dataclass
-class RobotConfig:
+def _num(lo=None, hi=None, *, gt=None):
+    """A finite number in [lo, hi] (or (gt, hi]); ints are accepted, bools and strings are not."""
+    return Annotated[float, Field(ge=lo, le=hi, gt=gt, allow_inf_nan=False)]
+
+
+def _int(lo, hi):
+    return Annotated[int, Field(ge=lo, le=hi)]
+
+
+def _numbers(n, lo=None, hi=None):
+    return Annotated[list[_num(lo, hi)], Field(min_length=n, max_length=n)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RobotConfig(_Section):
     host: str
-    servo_lookahead_s: float = 0.1  # servoL smoothing, UR range [0.03, 0.2]; more = smoother, laggier
-    servo_gain: float = 300.0  # servoL proportional gain, UR range [100, 2000]
-    stop_decel: float = 1.0  # m/s^2 (servoStop/stopL deceleration); gentle but prompt
-    home: list = None  # optional [x, y, z, rx, ry, rz] reached with moveL before each episode
+    servo_lookahead_s: _num(0.03, 0.2) = 0.1  # servoL smoothing (UR range); more = smoother, laggier
+    servo_gain: _num(100, 2000) = 300.0  # servoL proportional gain (UR range)
+    stop_decel: _num(0.5, 10) = 1.0  # m/s^2 for servoStop/stopL; 0.5 still stops 0.4 m/s in 0.16 m
+    home: Optional[_numbers(6, -2 * math.pi, 2 * math.pi)] = None  # [x, y, z, rx, ry, rz], reached with
+    # moveL before each episode; its orientation is the reference of safety.max_rot_from_home_rad
+    home_speed: _num(gt=0, hi=0.25) = 0.1  # m/s of the homing moveL
 
 
-@dataclass
-class GripperConfig:
-    kind: str = "none"  # "robotiq" (socket, port 63352) or "none"
+class GripperConfig(_Section):
+    kind: Literal["robotiq", "none"] = "none"  # "robotiq": its URCap socket (port 63352)
     host: str = ""
-    port: int = 63352
+    port: _int(1, 65535) = 63352
 
 
-@dataclass
-class CameraConfig:
+class CameraConfig(_Section):
     name: str  # view name; must match the policy's `views`
-    kind: str  # "opencv" or "realsense"
-    device: object  # OpenCV index (int) or path (str); RealSense serial (str)
-    width: int = 640
-    height: int = 480
-    fps: int = 30
-    crop: list = None  # [x, y, w, h] in pixels of the raw frame, applied before resizing
-    rotate: int = 0  # 0/90/180/270 degrees clockwise, for cameras mounted sideways/upside down
+    kind: Literal["opencv", "realsense"]
+    device: Union[int, str]  # OpenCV index (int) or path (str); RealSense serial (str)
+    width: _int(1, 8192) = 640
+    height: _int(1, 8192) = 480
+    fps: _int(1, 1000) = 30
+    crop: Optional[Annotated[list[_int(0, 8192)], Field(min_length=4, max_length=4)]] = None
+    # [x, y, w, h] in pixels of the raw frame, applied before resizing
+    rotate: Literal[0, 90, 180, 270] = 0  # degrees clockwise, for cameras mounted sideways/upside down
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _int_or_str(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ValueError("expected an int (OpenCV index) or a string (path, RealSense serial)")
+        return v
 
 
-@dataclass
-class ControlConfig:
-    rate_hz: float = 20.0
-    episode_s: float = 90.0
-    action: str = "xyz_gripper"
-    max_frame_age_s: float = 0.2  # older frame at the time of use -> stop (a frozen camera)
-    max_consecutive_overruns: int = 5  # this many late ticks in a row -> stop
-    camera_timeout_s: float = 5.0  # wait for the first frame of every camera at start-up
+class ControlConfig(_Section):
+    rate_hz: _num(1, 500) = 20.0  # 500 Hz: the e-series controller's own rate
+    episode_s: _num(gt=0, hi=3600) = 90.0
+    action: Literal[tuple(ACTION_LAYOUTS)] = "xyz_gripper"
+    max_frame_age_s: _num(gt=0, hi=2) = 0.2  # older frame at the time of use -> stop (a frozen camera)
+    max_consecutive_overruns: _int(1, 100) = 5  # this many late ticks in a row -> stop
+    max_late_periods: _num(0.5, 10) = 2.0  # one tick later than this many periods -> stop (a stall)
+    overrun_window: _int(2, 10000) = 20  # ticks over which the overrun rate is measured
+    max_overrun_fraction: _num(gt=0, hi=1) = 0.25  # more late ticks than this in the window -> stop
+    min_speed_scaling: _num(0, 1) = 0.9  # pendant speed slider below this -> stop (the arm lags)
+    camera_timeout_s: _num(gt=0, hi=120) = 5.0  # wait for the first frame of every camera at start-up
 
 
-@dataclass
-class SafetyConfig:
-    workspace_min: list  # [x, y, z] metres, robot base frame
-    workspace_max: list
-    max_step_m: float = 0.02  # per tick: 0.02 m at 20 Hz = 0.4 m/s
-    max_step_rad: float = 0.1  # per tick, orientation (xyz_rotvec_gripper only)
-    on_violation: str = "clamp"  # "clamp" or "refuse", see SafetyFilter
+class SafetyConfig(_Section):
+    workspace_min: _numbers(3, -2, 2)  # [x, y, z] metres, robot base frame
+    workspace_max: _numbers(3, -2, 2)
+    max_step_m: _num(gt=0, hi=0.5) = 0.02  # per tick: 0.02 m at 20 Hz = 0.4 m/s
+    max_step_rad: _num(gt=0, hi=1) = 0.1  # per tick, orientation (2 rad/s at 20 Hz)
+    max_accel: _num(gt=0, hi=5) = 1.5  # m/s^2: limit on the change of the commanded velocity
+    max_ang_accel: _num(gt=0, hi=20) = 4.0  # rad/s^2
+    ramp_s: _num(0, 10) = 1.0  # speed limits rise linearly from 0 over the first ramp_s of an episode
+    max_rot_from_home_rad: _num(gt=0, hi=math.pi) = 0.8  # orientation cone around the reference
+    # (robot.home's orientation, else the episode's start orientation)
+    max_tracking_error_m: _num(gt=0, hi=0.5) = 0.08  # measured vs commanded position -> stop
+    on_violation: Literal["clamp", "refuse"] = "clamp"  # see SafetyFilter
 
 
-@dataclass
-class RecordConfig:
-    img_size: list = field(default_factory=lambda: [128, 128])  # [H, W] stored in the dataset
+class RecordConfig(_Section):
+    img_size: Annotated[list[_int(16, 1024)], Field(min_length=2, max_length=2)] = [128, 128]
+    # [H, W] stored in the dataset
 
 
-@dataclass
-class Config:
+class Config(_Section):
     robot: RobotConfig
-    gripper: GripperConfig
-    cameras: list  # list[CameraConfig], in the dataset's view order when recording
-    control: ControlConfig
+    gripper: GripperConfig = Field(default_factory=GripperConfig)
+    cameras: Annotated[list[CameraConfig], Field(min_length=1)]  # the dataset's view order when recording
+    control: ControlConfig = Field(default_factory=ControlConfig)
     safety: SafetyConfig
-    record: RecordConfig
+    record: RecordConfig = Field(default_factory=RecordConfig)
     task: str = ""  # default task text; --task overrides
+    comment: str = ""
 
     @property
     def period(self):
@@ -152,114 +202,37 @@ def _typename(value):
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _check(value, kind, path):
-    """Check one value against `kind`; returns it converted (ints accepted as numbers)."""
-    def fail(expected):
-        raise ConfigError(f"config error: {path}: expected {expected}, found {_typename(value)} "
-                          f"({json.dumps(value)[:40]})")
-    if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            fail("a finite number")
-        return float(value)
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail("an int")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            fail("a string")
-        return value
-    if kind == "int|str":
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            fail("an int or a string")
-        return value
-    if isinstance(kind, tuple) and kind[0] == "numbers":  # ("numbers", length)
-        n = kind[1]
-        if not isinstance(value, list) or len(value) != n:
-            fail(f"a list of {n} numbers")
-        return [_check(v, "number", f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(kind, tuple) and kind[0] == "ints":
-        n = kind[1]
-        if not isinstance(value, list) or len(value) != n:
-            fail(f"a list of {n} ints")
-        return [_check(v, "int", f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(kind, tuple) and kind[0] == "one of":
-        if value not in kind[1]:
-            raise ConfigError(f"config error: {path}: expected one of {list(kind[1])}, "
-                              f"found {json.dumps(value)[:40]}")
-        return value
-    raise AssertionError(kind)
-
-
-def _kind_name(kind):
-    if isinstance(kind, tuple):
-        return f"one of {list(kind[1])}" if kind[0] == "one of" else f"a list of {kind[1]} {kind[0]}"
-    return {"number": "a number", "int": "an int", "str": "a string",
-            "int|str": "an int or a string"}[kind]
-
-
-def _section(raw, path, cls, spec):
-    """Validate the dict `raw` against `spec` {key: (kind, default)} and build `cls`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: {path}: expected an object, found {_typename(raw)}")
-    unknown = sorted(set(raw) - set(spec))
-    if unknown:
-        raise ConfigError(f"config error: {path}: unknown key '{unknown[0]}' "
-                          f"(expected keys: {', '.join(spec)})")
-    kwargs = {}
-    for key, (kind, default) in spec.items():
-        where = f"{path}.{key}" if path else key
-        if key not in raw:
-            if default is _REQUIRED:
-                raise ConfigError(f"config error: missing key '{where}' (expected {_kind_name(kind)})")
-            continue
-        if raw[key] is None and default is None:  # optional keys may be null
-            continue
-        kwargs[key] = _check(raw[key], kind, where)
-    return cls(**kwargs)
+def _config_error(err):
+    """One pydantic error -> 'config error: <key path>: expected ..., found ...'."""
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    kind, msg, value = err["type"], err["msg"], err["input"]
+    if kind == "missing":
+        return f"config error: missing key '{path}'"
+    if kind == "extra_forbidden":
+        return f"config error: {path.rsplit('.', 1)[0] or 'top level'}: unknown key '{err['loc'][-1]}'"
+    bounds = {"too_short": ("a list of at least", "min_length", " items"),
+              "too_long": ("a list of at most", "max_length", " items"),
+              "greater_than_equal": ("a number >=", "ge", ""), "less_than_equal": ("a number <=", "le", ""),
+              "greater_than": ("a number >", "gt", ""), "less_than": ("a number <", "lt", "")}
+    if kind in bounds:
+        words, key, unit = bounds[kind]
+        msg = f"{words} {err['ctx'][key]}{unit}"
+        if kind == "too_short" and err["ctx"][key] == 1:
+            msg = "a non-empty list"
+    expected = msg.removeprefix("Input should be ").removeprefix("Value error, ").removeprefix("expected ")
+    found = json.dumps(value, default=str)[:40]
+    return f"config error: {path or 'top level'}: expected {expected}, found {_typename(value)} ({found})"
 
 
 def parse_config(raw):
     """Validate a config dict (parsed JSON) into a `Config`; raises ConfigError."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config error: top level: expected an object, found {_typename(raw)}")
-    top = {"robot": ("object", _REQUIRED), "gripper": ("object", None), "cameras": ("list", _REQUIRED),
-           "control": ("object", None), "safety": ("object", _REQUIRED),
-           "record": ("object", None), "task": ("str", None), "comment": ("str", None)}
-    unknown = sorted(set(raw) - set(top))
-    if unknown:
-        raise ConfigError(f"config error: unknown top-level key '{unknown[0]}' "
-                          f"(expected keys: {', '.join(top)})")
-    for key, (_, default) in top.items():
-        if default is _REQUIRED and key not in raw:
-            raise ConfigError(f"config error: missing key '{key}'")
-    R = _REQUIRED
-    robot = _section(raw["robot"], "robot", RobotConfig, {
-        "host": ("str", R), "servo_lookahead_s": ("number", 0.1), "servo_gain": ("number", 300.0),
-        "stop_decel": ("number", 1.0), "home": (("numbers", 6), None)})
-    gripper = _section(raw.get("gripper", {}), "gripper", GripperConfig, {
-        "kind": (("one of", ("robotiq", "none")), "none"), "host": ("str", ""), "port": ("int", 63352)})
-    if not isinstance(raw["cameras"], list) or not raw["cameras"]:
-        found = "an empty list" if raw["cameras"] == [] else _typename(raw["cameras"])
-        raise ConfigError(f"config error: cameras: expected a non-empty list, found {found}")
-    cameras = [_section(c, f"cameras[{i}]", CameraConfig, {
-        "name": ("str", R), "kind": (("one of", ("opencv", "realsense")), R), "device": ("int|str", R),
-        "width": ("int", 640), "height": ("int", 480), "fps": ("int", 30),
-        "crop": (("ints", 4), None), "rotate": (("one of", (0, 90, 180, 270)), 0)})
-        for i, c in enumerate(raw["cameras"])]
-    control = _section(raw.get("control", {}), "control", ControlConfig, {
-        "rate_hz": ("number", 20.0), "episode_s": ("number", 90.0),
-        "action": (("one of", tuple(ACTION_LAYOUTS)), "xyz_gripper"),
-        "max_frame_age_s": ("number", 0.2), "max_consecutive_overruns": ("int", 5),
-        "camera_timeout_s": ("number", 5.0)})
-    safety = _section(raw["safety"], "safety", SafetyConfig, {
-        "workspace_min": (("numbers", 3), R), "workspace_max": (("numbers", 3), R),
-        "max_step_m": ("number", 0.02), "max_step_rad": ("number", 0.1),
-        "on_violation": (("one of", ("clamp", "refuse")), "clamp")})
-    record = _section(raw.get("record", {}), "record", RecordConfig, {"img_size": (("ints", 2), None)})
-    task = _check(raw["task"], "str", "task") if raw.get("task") is not None else ""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_config_error(e.errors()[0])) from None
 
-    # cross-field checks: values that type-check but make no sense
+    # cross-field checks: values that type-check but make no sense together
+    robot, safety, control, cameras = cfg.robot, cfg.safety, cfg.control, cfg.cameras
     names = [c.name for c in cameras]
     if len(set(names)) != len(names):
         raise ConfigError(f"config error: cameras: expected unique names, found {names}")
@@ -267,31 +240,41 @@ def parse_config(raw):
     if not np.all(lo < hi):
         raise ConfigError(f"config error: safety: expected workspace_min < workspace_max in every "
                           f"axis, found {safety.workspace_min} and {safety.workspace_max}")
-    for key in ("max_step_m", "max_step_rad"):
-        if getattr(safety, key) <= 0:
-            raise ConfigError(f"config error: safety.{key}: expected > 0, found {getattr(safety, key)}")
-    for key in ("rate_hz", "episode_s", "max_frame_age_s", "camera_timeout_s"):
-        if getattr(control, key) <= 0:
-            raise ConfigError(f"config error: control.{key}: expected > 0, found {getattr(control, key)}")
-    if control.max_consecutive_overruns < 1:
-        raise ConfigError(f"config error: control.max_consecutive_overruns: expected >= 1, "
-                          f"found {control.max_consecutive_overruns}")
+    speed, ang_speed = safety.max_step_m * control.rate_hz, safety.max_step_rad * control.rate_hz
+    if speed > MAX_TCP_SPEED:
+        raise ConfigError(f"config error: safety.max_step_m: expected at most {MAX_TCP_SPEED} m/s at "
+                          f"control.rate_hz {control.rate_hz:g}, found {safety.max_step_m:g} m a tick "
+                          f"= {speed:g} m/s")
+    if ang_speed > MAX_TCP_ANG_SPEED:
+        raise ConfigError(f"config error: safety.max_step_rad: expected at most {MAX_TCP_ANG_SPEED:.2f} "
+                          f"rad/s at control.rate_hz {control.rate_hz:g}, found {safety.max_step_rad:g} "
+                          f"rad a tick = {ang_speed:g} rad/s")
     if robot.home is not None and not (np.all(lo <= robot.home[:3]) and np.all(robot.home[:3] <= hi)):
         raise ConfigError(f"config error: robot.home: expected a position inside the workspace "
                           f"{safety.workspace_min}..{safety.workspace_max}, found {robot.home[:3]}")
-    if gripper.kind == "robotiq" and not gripper.host:
+    if cfg.gripper.kind == "robotiq" and not cfg.gripper.host:
         raise ConfigError("config error: gripper.host: expected a host name for kind 'robotiq', found ''")
     for c in cameras:
         if c.crop is not None and (c.crop[2] <= 0 or c.crop[3] <= 0):
             raise ConfigError(f"config error: cameras '{c.name}'.crop: expected positive w, h, "
                               f"found {c.crop}")
-    return Config(robot, gripper, cameras, control, safety, record, task)
+    return cfg
+
+
+def _no_duplicate_keys(pairs):
+    """json object_pairs_hook: plain json.load keeps the last of two equal keys, silently."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ConfigError(f"config error: duplicate key '{key}': expected each key once, found it twice")
+        obj[key] = value
+    return obj
 
 
 def load_config(path):
     try:
         with open(path) as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise ConfigError(f"config error: {path}: file not found") from None
     except json.JSONDecodeError as e:
@@ -345,72 +328,184 @@ class Rate:
         return late
 
 
+class OverrunMonitor:
+    """Stops a loop whose time base is broken: one tick later than `max_late_periods` periods (a
+    stall), `max_consecutive_overruns` late ticks in a row, or more than `max_overrun_fraction`
+    of the last `overrun_window` ticks late (alternating slow and fast ticks never overrun twice
+    in a row, yet miss half their deadlines)."""
+
+    def __init__(self, ctl: ControlConfig, period, what="the control loop"):
+        self.ctl, self.period, self.what = ctl, period, what
+        self.consecutive = 0
+        self.window = deque(maxlen=ctl.overrun_window)
+
+    def update(self, late):
+        ctl, ms = self.ctl, 1e3 * self.period
+        if late > ctl.max_late_periods * self.period:
+            raise OverrunBudget(f"{self.what} stalled: a tick ended {1e3 * late:.0f} ms late, more than "
+                                f"{ctl.max_late_periods:g} periods of {ms:.0f} ms (control.max_late_periods)")
+        self.consecutive = self.consecutive + 1 if late > 0 else 0
+        if self.consecutive >= ctl.max_consecutive_overruns:
+            raise OverrunBudget(f"{self.consecutive} consecutive overruns of the {ms:.0f} ms period in "
+                                f"{self.what} (control.max_consecutive_overruns)")
+        self.window.append(late > 0)
+        n = sum(self.window)
+        if n > ctl.max_overrun_fraction * ctl.overrun_window:
+            raise OverrunBudget(f"{n} of the last {len(self.window)} ticks of {self.what} overran the "
+                                f"{ms:.0f} ms period (control.max_overrun_fraction "
+                                f"{ctl.max_overrun_fraction:g} of {ctl.overrun_window})")
+
+
+# -----------------------------------------------------------------------------
+# Rotations. UR reports orientations as rotation vectors with angles in [0, pi]. Near pi (a gripper
+# pointing straight down, the usual home) the reported vector jumps between about v and -v from one
+# reading to the next although the wrist barely moves; recorded as is, such data averages to the
+# identity rotation, half a turn away. So every measured rotation vector is re-expressed as the
+# equivalent vector nearest to the previous one, starting from a fixed reference (robot.home).
+
+
+def rotvec_near(rotvec, ref):
+    """The rotation vector of the same rotation as `rotvec` that is nearest to `ref`."""
+    rotvec, ref = np.asarray(rotvec, np.float64), np.asarray(ref, np.float64)
+    angle = float(np.linalg.norm(rotvec))
+    if angle < 1e-12:  # the identity is axis * 2 pi k for any axis: take ref's
+        n = float(np.linalg.norm(ref))
+        if n < 1e-12:
+            return rotvec.copy()
+        axis, angle = ref / n, 0.0
+    else:
+        axis = rotvec / angle
+    # the same rotation: axis * (angle + 2 pi k) for any integer k; pick the k nearest to ref
+    k = round((float(axis @ ref) - angle) / (2 * math.pi))
+    return axis * (angle + 2 * math.pi * k)
+
+
+def rotation_angle(a, b):
+    """Angle (rad) of the rotation between the orientations of rotation vectors a and b."""
+    from scipy.spatial.transform import Rotation
+
+    return float((Rotation.from_rotvec(a) * Rotation.from_rotvec(b).inv()).magnitude())
+
+
 # -----------------------------------------------------------------------------
 # Safety filter
 
 
-def _rotvec_step(prev, target, max_rad):
-    """Rotation from `prev` towards `target` (rotation vectors), limited to `max_rad`.
+def _shape_motion(desired, vel, vmax, dmax, goal_vel):
+    """One tick's motion towards `desired` (the displacement to the goal) given last tick's `vel`
+    and the goal's own motion per tick `goal_vel`: at most `vmax` per tick, changing by at most
+    `dmax` per tick (acceleration), and closing in on the goal no faster than it can still match
+    the goal's motion at that deceleration (closing speed <= sqrt(2 a d)), so it neither overshoots
+    a goal that stands still nor lags behind one that moves smoothly."""
+    dist = float(np.linalg.norm(desired))
+    closing = desired - goal_vel  # reaching the goal this tick, beyond following its motion
+    # the largest v with v + (v - a) + (v - 2a) + ... <= d: discrete braking, a = dmax per tick
+    n, cap = float(np.linalg.norm(closing)), math.sqrt(dmax ** 2 / 4 + 2 * dmax * dist) - dmax / 2
+    want = desired if n <= cap else goal_vel + closing * (cap / n)
+    change = want - vel
+    n = float(np.linalg.norm(change))
+    if n > dmax:
+        change = change * (dmax / n)
+    return _cap(vel + change, vmax)
 
-    Returns (limited rotvec, angle of the requested rotation)."""
-    from scipy.spatial.transform import Rotation
 
-    r_prev = Rotation.from_rotvec(prev)
-    delta = (Rotation.from_rotvec(target) * r_prev.inv()).as_rotvec()  # in the base frame
-    angle = float(np.linalg.norm(delta))
-    if angle > max_rad:
-        delta = delta * (max_rad / angle)
-    return (Rotation.from_rotvec(delta) * r_prev).as_rotvec(), angle
+def _cap(v, vmax):
+    n = float(np.linalg.norm(v))
+    return v * (vmax / n) if n > vmax else v
 
 
 class SafetyFilter:
-    """Keeps commanded targets inside the workspace box and within a maximum motion per tick.
+    """Turns the policy's targets into commands that stay in the workspace and move smoothly.
 
-    The step is measured from the previous *commanded* target (the first one is the measured pose
-    at the episode start), not from the measured pose, which lags behind servoL targets: limiting
-    against the lagging pose would let the commanded target run away over several ticks.
-
-    on_violation = "clamp": the position is clipped into the box, then the step towards it is
-      shortened to `max_step_m` (same direction); the rotation is shortened to `max_step_rad`.
-      The arm keeps moving, towards the policy's target, at bounded speed.
-    on_violation = "refuse": a target outside the box or farther than one step is not executed;
-      the arm holds the previous target for this tick (and moves again as soon as the policy
-      proposes a reachable target). Stricter: a policy that drifts out of range freezes the arm.
-    A non-finite target always stops (SafetyStop). The loop clips the gripper to [0, 1].
+    Where the arm may go: inside the workspace box, with an orientation within
+    `max_rot_from_home_rad` of the reference (robot.home's orientation, else the episode start).
+    A target outside those limits, or farther than one tick's `max_step_m` / `max_step_rad` from
+    the previous command, is a violation:
+      on_violation = "clamp": the target is clipped into the box and the orientation cone; the arm
+        keeps moving towards it at bounded speed. Logged as "clamped".
+      on_violation = "refuse": the target is not executed; the arm comes to rest at the previous
+        command (and moves again as soon as the policy proposes a reachable target). Stricter: a
+        policy that drifts out of range freezes the arm. Logged as "refused".
+    How it gets there, for every target: the velocity (per tick, measured between commands, not
+    from the measured pose, which lags behind servoL targets) changes by at most `max_accel` /
+    `max_ang_accel`, the speed limits rise from zero over the first `ramp_s` of the episode (soft
+    start), and the arm slows down in time to stop at the target rather than overshoot it. A policy
+    that alternates directions every tick gets a gentle wobble, not full-speed reversals.
+    A non-finite target stops the arm (SafetyStop).
     """
 
-    def __init__(self, cfg: SafetyConfig):
+    def __init__(self, cfg: SafetyConfig, period, start, reference_rotvec=None):
+        from scipy.spatial.transform import Rotation
+
         self.lo = np.asarray(cfg.workspace_min, np.float64)
         self.hi = np.asarray(cfg.workspace_max, np.float64)
-        self.max_step = cfg.max_step_m
-        self.max_rad = cfg.max_step_rad
         self.mode = cfg.on_violation
+        self.max_step, self.max_rad = cfg.max_step_m, cfg.max_step_rad
+        self.max_dstep = cfg.max_accel * period ** 2  # change of the per-tick step, per tick
+        self.max_drad = cfg.max_ang_accel * period ** 2
+        self.ramp_ticks = cfg.ramp_s / period
+        self.max_cone = cfg.max_rot_from_home_rad
+        self.prev = np.asarray(start, np.float64).copy()  # the previous command
+        ref = self.prev[3:] if reference_rotvec is None else np.asarray(reference_rotvec, np.float64)
+        self.ref = Rotation.from_rotvec(ref)
+        self.vel, self.ang_vel = np.zeros(3), np.zeros(3)  # per tick: m, rotation vector
+        self.goal = None  # the previous goal (position, Rotation): how fast the goal itself moves
+        self.ticks = 0
 
     def inside(self, pos):
         return bool(np.all(self.lo <= pos) and np.all(pos <= self.hi))
 
-    def apply(self, target, prev):
-        """target, prev: pose (6,) [x, y, z, rx, ry, rz]. Returns (pose (6,), event or None)."""
-        target, prev = np.asarray(target, np.float64), np.asarray(prev, np.float64)
-        if not np.all(np.isfinite(target)):
-            raise SafetyStop(f"policy returned a non-finite target {target.tolist()}")
-        pos, rot = target[:3], target[3:]
-        step = pos - prev[:3]
-        dist = float(np.linalg.norm(step))
-        rot_limited, angle = _rotvec_step(prev[3:], rot, self.max_rad) if np.any(rot != prev[3:]) \
-            else (prev[3:], 0.0)
+    def _into_cone(self, rot):
+        """rot (a Rotation) limited to the cone around the reference; (rotation, was it limited)."""
+        from scipy.spatial.transform import Rotation
+
+        delta = (rot * self.ref.inv()).as_rotvec()
+        angle = float(np.linalg.norm(delta))
+        if angle <= self.max_cone + 1e-9:
+            return rot, False
+        return Rotation.from_rotvec(delta * (self.max_cone / angle)) * self.ref, True
+
+    def apply(self, target):
+        """target: pose (6,) [x, y, z, rx, ry, rz]. Returns (command pose (6,), event or None)."""
+        from scipy.spatial.transform import Rotation
+
+        target = np.asarray(target, np.float64)
+        if target.shape != (6,) or not np.all(np.isfinite(target)):
+            raise SafetyStop(f"expected a finite pose (6,) as target, found {target.tolist()}")
+        prev = self.prev
+        r_prev, r_target = Rotation.from_rotvec(prev[3:]), Rotation.from_rotvec(target[3:])
+
+        # where: the box, the orientation cone, one tick's reach
+        pos = np.clip(target[:3], self.lo, self.hi)
+        rot, coned = self._into_cone(r_target)
         eps = 1e-9
-        violates = (not self.inside(pos)) or dist > self.max_step + eps or angle > self.max_rad + eps
-        if not violates:
-            return target, None
-        if self.mode == "refuse":
-            return prev.copy(), "refused"
-        pos = np.clip(pos, self.lo, self.hi)
-        step = pos - prev[:3]
-        dist = float(np.linalg.norm(step))
-        if dist > self.max_step:
-            pos = prev[:3] + step * (self.max_step / dist)
-        return np.concatenate([pos, rot_limited]), "clamped"
+        violation = (not np.array_equal(pos, target[:3]) or coned
+                     or np.linalg.norm(target[:3] - prev[:3]) > self.max_step + eps
+                     or (r_target * r_prev.inv()).magnitude() > self.max_rad + eps)
+        event = None
+        if violation and self.mode == "refuse":
+            pos, rot, event = prev[:3], r_prev, "refused"
+        elif violation:
+            event = "clamped"
+
+        # how: speed (ramped in), acceleration, braking
+        self.ticks += 1
+        ramp = min(1.0, self.ticks / self.ramp_ticks) if self.ramp_ticks > 0 else 1.0
+        vmax, wmax = self.max_step * ramp, self.max_rad * ramp
+        goal_vel, goal_ang = np.zeros(3), np.zeros(3)
+        if self.goal is not None and event != "refused":
+            goal_vel = _cap(pos - self.goal[0], vmax)
+            goal_ang = _cap((rot * self.goal[1].inv()).as_rotvec(), wmax)
+        self.goal = None if event == "refused" else (pos, rot)  # a hold is no motion of the goal
+        step = _shape_motion(pos - prev[:3], self.vel, vmax, self.max_dstep, goal_vel)
+        new_pos = np.clip(prev[:3] + step, self.lo, self.hi)  # momentum must not leave the box
+        turn = _shape_motion((rot * r_prev.inv()).as_rotvec(), self.ang_vel, wmax, self.max_drad,
+                             goal_ang)
+        new_rot, _ = self._into_cone(Rotation.from_rotvec(turn) * r_prev)
+        self.vel = new_pos - prev[:3]
+        self.ang_vel = (new_rot * r_prev.inv()).as_rotvec()
+        self.prev = np.concatenate([new_pos, rotvec_near(new_rot.as_rotvec(), prev[3:])])
+        return self.prev.copy(), event
 
 
 # -----------------------------------------------------------------------------
@@ -529,8 +624,9 @@ def read_views(cameras, cam_cfgs, size, now, max_age):
     return np.stack(views)
 
 
-def wait_for_cameras(cameras, timeout):
-    """Start-up: wait (real time) until every camera has delivered a frame."""
+def wait_for_cameras(cameras, timeout, idle=None):
+    """Start-up: wait (real time) until every camera has delivered a frame; `idle()` is called
+    while waiting (the robot's watchdog kick)."""
     deadline = time.monotonic() + timeout
     for cam in cameras.values():
         while True:
@@ -540,46 +636,129 @@ def wait_for_cameras(cameras, timeout):
             except CameraLost:
                 if time.monotonic() > deadline:
                     raise
+                if idle is not None:
+                    idle()
                 time.sleep(0.01)
 
 
 # -----------------------------------------------------------------------------
 # Robot and gripper drivers. Interface used by the loop (tests inject fakes with the same methods):
-#   robot: tcp_pose() -> (6,), servo(pose (6,), period), move_to(pose), stop(), teach(on), close()
+#   robot: tcp_pose() -> (6,), servo(pose (6,), period), move_to(pose, speed, timeout), stop(),
+#          status() -> RobotStatus, kick() (the watchdog), teach(on), close()
 #   gripper: position() -> [0, 1], command(g in [0, 1]), close()
+
+UR_SAFETY_MODES_OK = (1, 2)  # RTDE safety_mode: 1 normal, 2 reduced; 3 protective stop, 5 safeguard
+# stop, 6/7 emergency stop, 8 violation, 9 fault, ...
+HOME_ACCEL = 0.3  # m/s^2 of the homing moveL
+HOME_TOL_M, HOME_TOL_RAD = 0.005, 0.02  # homing must end this close to robot.home
+
+
+@dataclass
+class RobotStatus:
+    connected: bool
+    program_running: Optional[bool]  # the control script; None when opened read-only
+    protective_stop: bool
+    emergency_stop: bool
+    safety_mode: int  # see UR_SAFETY_MODES_OK
+    speed_scaling: float  # the pendant's speed slider times any slowing by the controller, [0, 1]
+
+
+def check_status(status: RobotStatus, ctl: ControlConfig, commanding=True):
+    """Raise SafetyStop unless the robot can (keep) moving under our commands."""
+    if not status.connected:
+        raise SafetyStop("robot connection lost (RTDE)")
+    if not commanding:  # read-only: nothing this process does can move the arm
+        return
+    if status.emergency_stop or status.protective_stop or status.safety_mode not in UR_SAFETY_MODES_OK:
+        raise SafetyStop(f"robot in a safety stop (protective {status.protective_stop}, emergency "
+                         f"{status.emergency_stop}, safety mode {status.safety_mode}); clear it on "
+                         f"the pendant")
+    if status.program_running is False:
+        raise SafetyStop("the control script is not running on the controller (stopped from the "
+                         "pendant, or its watchdog fired)")
+    if status.speed_scaling < ctl.min_speed_scaling:
+        raise SafetyStop(f"speed scaling {status.speed_scaling:.2f} < control.min_speed_scaling "
+                         f"{ctl.min_speed_scaling:g}: the speed slider is down or the arm is being "
+                         f"slowed, so it lags behind the commands (and would lunge when it speeds up)")
 
 
 class UR5:
     """UR5 through ur-rtde. `control=False` opens only the receive interface: the controller keeps
     running whatever the pendant runs and this process cannot command motion (used by --dry-run
-    and by teleoperated recording)."""
+    and by teleoperated recording). `watchdog_hz`: the control script stops the arm by itself
+    when kick() is not called this often (the process died or hangs). `interfaces`: already open
+    (receive, control) objects, for tests."""
 
-    def __init__(self, cfg: RobotConfig, control=True):
-        import rtde_receive
-
-        self.cfg = cfg
-        self.receive = rtde_receive.RTDEReceiveInterface(cfg.host)
-        self.control = None
-        if control:
-            import rtde_control
-            self.control = rtde_control.RTDEControlInterface(cfg.host)  # uploads the control script
+    def __init__(self, cfg: RobotConfig, control=True, *, watchdog_hz=None, interfaces=None):
+        self.cfg, self.watchdog, self._moving = cfg, False, False
+        if interfaces is not None:
+            self.receive, self.control = interfaces
+        else:
+            import rtde_receive
+            self.receive, self.control = rtde_receive.RTDEReceiveInterface(cfg.host), None
+            if control:
+                import rtde_control
+                self.control = rtde_control.RTDEControlInterface(cfg.host)  # uploads the control script
+        if self.control is not None and watchdog_hz:
+            if self.control.setWatchdog(float(watchdog_hz)) is False:
+                raise SafetyStop("the controller refused the RTDE watchdog (setWatchdog)")
+            self.watchdog = True
 
     def tcp_pose(self):
         return np.asarray(self.receive.getActualTCPPose(), np.float64)
 
+    def status(self):
+        r, c = self.receive, self.control
+        connected = r.isConnected() and (c is None or c.isConnected())
+        return RobotStatus(connected=bool(connected),
+                           program_running=None if c is None else bool(c.isProgramRunning()),
+                           protective_stop=bool(r.isProtectiveStopped()),
+                           emergency_stop=bool(r.isEmergencyStopped()),
+                           safety_mode=int(r.getSafetyMode()), speed_scaling=float(r.getSpeedScaling()))
+
+    def kick(self):
+        if self.watchdog:
+            self.control.kickWatchdog()
+
     def servo(self, pose, period):
         # servoL(pose, speed, acceleration, time, lookahead_time, gain); speed and acceleration
         # are unused by servoL. `time` = the control period: the controller interpolates over it.
+        from scipy.spatial.transform import Rotation
+
+        pose = np.concatenate([pose[:3], Rotation.from_rotvec(pose[3:6]).as_rotvec()])  # the
+        # controller's own form, angle in [0, pi], whatever continuous form the loop keeps
         ok = self.control.servoL(list(map(float, pose)), 0.0, 0.0, period,
                                  self.cfg.servo_lookahead_s, self.cfg.servo_gain)
         if ok is False:
             raise SafetyStop("servoL rejected by the controller (protective stop or script stopped?)")
 
-    def move_to(self, pose, speed=0.1, acceleration=0.3):
-        self.control.moveL(list(map(float, pose)), speed, acceleration)
+    def move_to(self, pose, speed, timeout):
+        """moveL, asynchronous: this process keeps the watchdog fed and stays interruptible
+        (Ctrl-C lands in time.sleep, and stop() then calls stopL); a blocking moveL would hold
+        Ctrl-C until the arm arrives. Returns when the move has ended (the caller checks where)."""
+        pose = list(map(float, pose))
+        if self.control.moveL(pose, speed, HOME_ACCEL, True) is False:
+            raise SafetyStop("moveL to robot.home rejected by the controller")
+        self._moving = True
+        t0 = time.monotonic()
+        while True:
+            self.kick()
+            running = self.control.getAsyncOperationProgressEx().isAsyncOperationRunning()
+            near = np.linalg.norm(self.tcp_pose()[:3] - pose[:3]) < HOME_TOL_M
+            # the operation may be reported as running only some ms after moveL returns
+            if not running and (near or time.monotonic() - t0 > 0.5):
+                break
+            if time.monotonic() - t0 > timeout:
+                raise SafetyStop(f"homing did not end within {timeout:.1f} s")
+            time.sleep(0.01)
+        self._moving = False
 
     def stop(self):
         if self.control is None:
+            return
+        if self._moving:  # an asynchronous moveL is stopped by stopL, not servoStop
+            self._moving = False
+            self.control.stopL(self.cfg.stop_decel)
             return
         try:
             if self.control.servoStop(self.cfg.stop_decel) is not False:
@@ -671,21 +850,28 @@ class Hardware:
                 print(f"WARNING: closing {type(device).__name__} failed: {e}", file=sys.stderr)
 
 
-def open_hardware(cfg: Config, *, robot="control"):
+WATCHDOG_TICKS = 4  # the controller stops the arm after this many control periods without a kick
+
+
+def open_hardware(cfg: Config, *, robot="control", watchdog=False):
     """robot: "control" (commands motion), "read" (receive only: --dry-run, teleop recording),
-    or None (no robot: human demonstrations)."""
+    or None (no robot: human demonstrations). watchdog: arm the RTDE watchdog (running a policy;
+    not while recording, where the arm is moved by hand and tracking runs after the episodes)."""
     opened = {}
     try:
         opened["cameras"] = {}
         for c in cfg.cameras:
             opener = open_realsense_camera if c.kind == "realsense" else open_opencv_camera
             opened["cameras"][c.name] = opener(c)
-        opened["robot"] = UR5(cfg.robot, control=robot == "control") if robot else None
         if robot and cfg.gripper.kind == "robotiq":
             opened["gripper"] = RobotiqGripper(cfg.gripper.host, cfg.gripper.port,
                                                activate=robot == "control")
         else:
             opened["gripper"] = NullGripper() if robot else None
+        # the robot last: once its watchdog is armed, every wait must kick it
+        opened["robot"] = UR5(cfg.robot, control=robot == "control",
+                              watchdog_hz=cfg.control.rate_hz / WATCHDOG_TICKS if watchdog else None) \
+            if robot else None
     except BaseException:
         Hardware(opened.get("robot"), opened.get("gripper"), opened.get("cameras", {})).close()
         raise
@@ -696,18 +882,41 @@ def open_hardware(cfg: Config, *, robot="control"):
 # Observation and action layout
 
 
+class Proprio:
+    """Measured TCP pose (6,) + gripper -> proprio in the action layout (float32), with rotation
+    vectors kept continuous from reading to reading (see rotvec_near), starting from `reference`
+    (robot.home's orientation when set: the same reference when recording and when running)."""
+
+    def __init__(self, layout, reference=None):
+        self.layout, self.last = layout, None if reference is None else np.asarray(reference, np.float64)
+
+    def pose(self, pose):
+        """The measured pose with its rotation vector made continuous."""
+        pose = np.asarray(pose, np.float64).copy()
+        if self.last is not None:
+            pose[3:6] = rotvec_near(pose[3:6], self.last)
+        self.last = pose[3:6].copy()
+        return pose
+
+    def __call__(self, pose, grip):
+        return proprio_from(self.pose(pose), grip, self.layout)
+
+
 def proprio_from(pose, grip, layout):
-    """Measured TCP pose (6,) + gripper -> proprio in the action layout (float32)."""
+    """TCP pose (6,) + gripper -> proprio in the action layout (float32)."""
     parts = [pose[:3]] + ([pose[3:6]] if layout == "xyz_rotvec_gripper" else []) + [[grip]]
     return np.concatenate(parts).astype(np.float32)
 
 
 def target_from(action, hold_rotvec, layout):
-    """Policy action (A,) in data units -> (pose (6,), gripper). `xyz_gripper` holds orientation."""
+    """Policy action (A,) in data units -> (pose (6,), gripper). `xyz_gripper` holds orientation.
+    The whole action must be finite: a NaN gripper would reach the gripper and the log."""
     action = np.asarray(action, np.float64).reshape(-1)
     if action.shape[0] != ACTION_LAYOUTS[layout]:
         raise SafetyStop(f"policy action has {action.shape[0]} dims, expected "
                          f"{ACTION_LAYOUTS[layout]} for control.action = '{layout}'")
+    if not np.all(np.isfinite(action)):
+        raise SafetyStop(f"policy returned a non-finite action {action.tolist()}")
     rot = action[3:6] if layout == "xyz_rotvec_gripper" else hold_rotvec
     return np.concatenate([action[:3], rot]), float(action[-1])
 
@@ -717,18 +926,44 @@ def target_from(action, hold_rotvec, layout):
 
 
 def check_policy(policy, cfg: Config):
-    """The checkpoint must match the config: views, action and proprio layouts."""
+    """The checkpoint must match the config: views, action and proprio layouts, and an action range
+    that can be absolute positions (metres) in this workspace and a gripper in [0, 1].
+
+    The range comes from the normalization statistics in the checkpoint (`policy.act_norm`: mean
+    and std per action dimension of the training data). A policy trained on normalized actions,
+    deltas or joint angles has position means near 0 or spreads wider than the box, and "clamp"
+    would otherwise drive the arm into a corner of the box."""
     names = [c.name for c in cfg.cameras]
     missing = [v for v in policy.views if v not in names]
     if missing:
         raise ConfigError(f"config error: cameras: expected views {list(policy.views)} (from the "
                           f"policy), found {names}")
-    A = ACTION_LAYOUTS[cfg.control.action]
+    layout, A = cfg.control.action, ACTION_LAYOUTS[cfg.control.action]
     for attr in ("action_dim", "proprio_dim"):
         value = getattr(policy, attr, None)
         if value is not None and value != A:
-            raise ConfigError(f"config error: control.action: '{cfg.control.action}' has {A} dims, "
+            raise ConfigError(f"config error: control.action: '{layout}' has {A} dims, "
                               f"the policy's {attr} is {value}")
+    recorded = getattr(policy, "action_layout", None)  # recordings of this file store it (meta.json)
+    if recorded is not None and recorded != layout:
+        raise ConfigError(f"config error: control.action: expected the policy's action layout "
+                          f"'{recorded}', found '{layout}'")
+    norm = getattr(policy, "act_norm", None)
+    if norm is None:
+        raise ConfigError("policy: expected action statistics in the checkpoint (act_norm: mean, std), "
+                          "found none: its action units cannot be checked against the workspace")
+    mean, std = np.asarray(norm.mean, np.float64), np.asarray(norm.std, np.float64)
+    lo, hi = np.asarray(cfg.safety.workspace_min), np.asarray(cfg.safety.workspace_max)
+    bad = [f"{axis}: mean {mean[i]:.3g} std {std[i]:.3g}" for i, axis in enumerate("xyz")
+           if not (lo[i] <= mean[i] <= hi[i]) or std[i] > hi[i] - lo[i]]
+    if bad:
+        raise ConfigError(f"policy: expected actions in metres inside the workspace "
+                          f"{cfg.safety.workspace_min}..{cfg.safety.workspace_max} (mean inside, "
+                          f"spread within the box), found {'; '.join(bad)}: trained on other units "
+                          f"(normalized, deltas, joint angles) or another workspace")
+    if not (0 <= mean[-1] <= 1) or std[-1] > 1:
+        raise ConfigError(f"policy: expected a gripper action in [0, 1], found mean {mean[-1]:.3g} "
+                          f"std {std[-1]:.3g}")
 
 
 @dataclass
@@ -737,68 +972,98 @@ class EpisodeResult:
     log: list  # one dict per step
 
 
+def go_home(robot, cfg: Config):
+    """moveL to robot.home (the caller has checked that the straight line stays in the box), then
+    check where the arm is: a move that was blocked or stopped must not start the episode."""
+    home = np.asarray(cfg.robot.home, np.float64)
+    dist = float(np.linalg.norm(robot.tcp_pose()[:3] - home[:3]))
+    robot.move_to(home, cfg.robot.home_speed, timeout=2 * dist / cfg.robot.home_speed + 5.0)
+    pose = robot.tcp_pose()
+    err, angle = float(np.linalg.norm(pose[:3] - home[:3])), rotation_angle(pose[3:], home[3:])
+    if err > HOME_TOL_M or angle > HOME_TOL_RAD:
+        raise SafetyStop(f"homing ended {1e3 * err:.1f} mm and {angle:.3f} rad from robot.home "
+                         f"(expected within {1e3 * HOME_TOL_M:g} mm, {HOME_TOL_RAD:g} rad): blocked, "
+                         f"or stopped from the pendant")
+
+
+def _round(a, n=5):
+    return np.round(np.asarray(a, np.float64), n).tolist()
+
+
 def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=False,
                 on_step=None, max_steps=None, should_end=None):
     """One episode: cameras -> policy -> safety filter -> servoL, at cfg.control.rate_hz.
 
     Whatever ends the episode (time limit, exception, Ctrl-C, SafetyStop), the arm is stopped
-    before this returns or raises. In dry-run the robot was opened read-only: no servo, no
-    gripper command. `on_step(entry)` receives each step's log entry as it happens;
-    `should_end()`, polled every tick, ends the episode early (the CLI: the operator pressed Enter).
+    before this returns or raises. In dry-run the robot was opened read-only: no homing, no servo,
+    no gripper command. Every tick: the watchdog is kicked, the robot's state checked (connection,
+    safety stops, speed scaling) and the measured position compared with the last command.
+    `on_step(entry)` receives each step's log entry as it happens; `should_end()`, polled every
+    tick, ends the episode early (the CLI: the operator pressed Enter). Warm the policy up before
+    (main does): its first call may take seconds, during which the watchdog is not kicked.
     """
     clock = clock or MonotonicClock()
     ctl, layout = cfg.control, cfg.control.action
     cams = [next(c for c in cfg.cameras if c.name == v) for v in policy.views]  # policy's order
     size = tuple(policy.img_size)
-    safety = SafetyFilter(cfg.safety)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: expected >= 1, found {max_steps}")
     n_steps = max_steps or int(round(ctl.episode_s * ctl.rate_hz))
     log = []
     robot, gripper = hw.robot, hw.gripper
     finished = False
     try:
-        if cfg.robot.home is not None and not dry_run:
-            robot.move_to(cfg.robot.home)
+        check_status(robot.status(), ctl, commanding=not dry_run)
         start = robot.tcp_pose()
-        if not safety.inside(start[:3]):
+        lo, hi = cfg.safety.workspace_min, cfg.safety.workspace_max
+        if not (np.all(lo <= start[:3]) and np.all(start[:3] <= hi)):  # before homing too: moveL
+            # goes in a straight line, inside the (convex) box only if it starts inside
             raise SafetyStop(f"start position {np.round(start[:3], 4).tolist()} is outside the "
-                             f"workspace {cfg.safety.workspace_min}..{cfg.safety.workspace_max}")
-        prev, hold_rot = start.copy(), start[3:6].copy()
+                             f"workspace {lo}..{hi}; move the arm inside first (freedrive)")
+        if cfg.robot.home is not None and not dry_run:
+            go_home(robot, cfg)
+        reference = None if cfg.robot.home is None else np.asarray(cfg.robot.home[3:], np.float64)
+        measure = Proprio(layout, reference)
+        start = measure.pose(robot.tcp_pose())
+        safety = SafetyFilter(cfg.safety, cfg.period, start, reference)
+        hold_rot = start[3:6].copy()
 
-        # warm-up call outside the timed loop: the first call pays for CUDA init and allocation
-        images = read_views(hw.cameras, cams, size, clock.now(), ctl.max_frame_age_s)
-        policy.act(images, proprio_from(start, gripper.position(), layout), task)
-        policy.reset()
-
-        rate, overruns = Rate(ctl.rate_hz, clock), 0
+        rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period)
         for step in range(n_steps):
             t0 = clock.now()
+            robot.kick()
+            status = robot.status()
+            check_status(status, ctl, commanding=not dry_run)
             images = read_views(hw.cameras, cams, size, t0, ctl.max_frame_age_s)
-            pose = robot.tcp_pose()
+            pose = measure.pose(robot.tcp_pose())
+            tracking = float(np.linalg.norm(pose[:3] - safety.prev[:3]))
+            if tracking > cfg.safety.max_tracking_error_m and not dry_run:
+                raise SafetyStop(f"tracking error {1e3 * tracking:.0f} mm between the commanded and the "
+                                 f"measured position > safety.max_tracking_error_m "
+                                 f"{1e3 * cfg.safety.max_tracking_error_m:.0f} mm: the arm is blocked or "
+                                 f"slowed")
             proprio = proprio_from(pose, gripper.position(), layout)
             t1 = clock.now()
-            action = policy.act(images, proprio, task)
+            action = np.asarray(policy.act(images, proprio, task))
             t2 = clock.now()
             target, grip = target_from(action, hold_rot, layout)
-            target, event = safety.apply(target, prev)
+            target, event = safety.apply(target)
             grip = min(max(grip, 0.0), 1.0)
             if not dry_run:
                 robot.servo(target, cfg.period)
                 gripper.command(grip)
-            prev = target
             t3 = clock.now()
             entry = {"step": step, "t": round(t0 - rate.start, 5), "obs_ms": round(1e3 * (t1 - t0), 3),
                      "policy_ms": round(1e3 * (t2 - t1), 3), "latency_ms": round(1e3 * (t3 - t0), 3),
-                     "event": event, "target": np.round(target, 5).tolist(), "gripper": round(grip, 4)}
+                     "event": event, "action": _round(action), "target": _round(target),
+                     "gripper": round(grip, 4), "measured": _round(pose),
+                     "tracking_mm": round(1e3 * tracking, 2), "speed_scaling": round(status.speed_scaling, 3)}
             late = rate.sleep()
             entry["late_ms"] = round(1e3 * late, 3)
             log.append(entry)
             if on_step:
                 on_step(entry)
-            overruns = overruns + 1 if late > 0 else 0
-            if overruns >= ctl.max_consecutive_overruns:
-                raise OverrunBudget(f"{overruns} consecutive overruns of the {1e3 * cfg.period:.0f} ms "
-                                    f"period (last latency {entry['latency_ms']:.1f} ms; "
-                                    f"control.max_consecutive_overruns)")
+            overruns.update(late)
             if should_end is not None and should_end():
                 break
         finished = True
@@ -824,11 +1089,13 @@ def latency_summary(log, period):
     periods = np.diff(t) * 1e3 if len(t) > 1 else np.array([period * 1e3])
     overruns = sum(e["late_ms"] > 0 for e in log)
     events = {k: sum(e["event"] == k for e in log) for k in ("clamped", "refused")}
+    tracking = max(e.get("tracking_mm", 0.0) for e in log)
     return (f"steps {len(log)} | latency ms p50 {np.percentile(lat, 50):.1f} "
             f"p99 {np.percentile(lat, 99):.1f} max {lat.max():.1f} | "
             f"period ms mean {periods.mean():.2f} std {periods.std():.2f} "
             f"(target {1e3 * period:.1f}) | overruns {overruns} | "
-            f"clamped {events['clamped']} refused {events['refused']}")
+            f"clamped {events['clamped']} refused {events['refused']} | max tracking error "
+            f"{tracking:.1f} mm")
 
 
 # -----------------------------------------------------------------------------
@@ -843,22 +1110,22 @@ def record_episode(hw: Hardware, cfg: Config, *, with_actions=True, clock=None, 
     config's camera order, and with a robot `proprio` (F, P) and `actions` (F, A) float32.
     The action at frame t is the measured pose (and gripper) at frame t+1 in the action layout,
     i.e. the absolute target the policy will learn to command; the last frame repeats its own
-    pose (a "stay" action). Without actions (human demonstrations) the robot is not read at all.
+    pose (a "stay" action). Rotation vectors are continuous (see rotvec_near), referred to
+    robot.home's orientation when set, as in run_episode. Without actions (human demonstrations)
+    the robot is not read at all.
     """
     clock = clock or MonotonicClock()
     ctl, layout = cfg.control, cfg.control.action
     size = tuple(cfg.record.img_size)
     n_steps = int(round(ctl.episode_s * ctl.rate_hz))
+    measure = Proprio(layout, None if cfg.robot.home is None else cfg.robot.home[3:])
     images, proprio = [], []
-    rate, overruns = Rate(ctl.rate_hz, clock), 0
+    rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period, "recording")
     for _ in range(n_steps):
         images.append(read_views(hw.cameras, cfg.cameras, size, clock.now(), ctl.max_frame_age_s))
         if with_actions:
-            proprio.append(proprio_from(hw.robot.tcp_pose(), hw.gripper.position(), layout))
-        late = rate.sleep()
-        overruns = overruns + 1 if late > 0 else 0
-        if overruns >= ctl.max_consecutive_overruns:  # the time base of the demonstration is broken
-            raise OverrunBudget(f"{overruns} consecutive overruns while recording")
+            proprio.append(measure(hw.robot.tcp_pose(), hw.gripper.position()))
+        overruns.update(rate.sleep())  # the time base of the demonstration must hold
         if should_end is not None and should_end():
             break
     episode = {"images": np.stack(images)}
@@ -869,17 +1136,63 @@ def record_episode(hw: Hardware, cfg: Config, *, with_actions=True, clock=None, 
     return episode
 
 
-def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True, tracker="auto",
-           clock=None, wait_start=None, should_end=None, kinesthetic=False):
-    """Record `episodes` demonstrations and write them as an AMPLIFY dataset at `out`.
+def _save_episode(path, episode):
+    """One episode as .npz, atomically: a crash leaves the previous episodes and no half file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in episode.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
+
+def _load_episodes(paths):
+    for p in paths:  # one episode in memory at a time
+        with np.load(p, allow_pickle=False) as z:
+            ep = {k: z[k] for k in z.files}
+        ep["task"] = str(ep["task"])
+        yield ep
+
+
+def check_recording_target(out, existing):
+    """Refuse to record over an earlier recording unless told to; returns the episode directory."""
+    raw = os.path.abspath(out) + ".episodes"
+    if existing not in ("refuse", "append", "overwrite"):
+        raise ValueError(f"existing: expected 'refuse', 'append' or 'overwrite', found {existing!r}")
+    found = [p for p in (out, raw) if os.path.exists(p)]
+    if found and existing == "refuse":
+        raise ConfigError(f"argument error: --record: expected a new recording, found {found[0]} "
+                          f"(--append adds episodes to it, --overwrite replaces it)")
+    return raw
+
+
+def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True, tracker="auto",
+           clock=None, wait_start=None, should_end=None, kinesthetic=False, existing="refuse"):
+    """Record `episodes` demonstrations, then write them as an AMPLIFY dataset at `out`.
+
+    Each episode is saved when it ends, atomically, as OUT.episodes/episode_<n>.npz; the dataset
+    is built from those files at the end. Whatever stops the recording (Ctrl-C, a camera lost, a
+    gripper timeout), the episode in progress is discarded, the completed ones are kept and the
+    dataset is built from them; the exception is then raised again. existing: what to do when OUT
+    or OUT.episodes exists: "refuse", "append" (the dataset is rebuilt from the earlier episodes
+    and the new ones; episodes=0 just rebuilds it) or "overwrite" (from the new ones only; the
+    earlier episode files are removed once the new dataset is in place).
     wait_start(i): called before episode i (the CLI waits for Enter); should_end(): polled every
-    tick (the CLI: Enter pressed). Ctrl-C discards the episode in progress (usually a botched
-    demonstration) and writes the ones completed.
+    tick (the CLI: Enter pressed).
     """
+    import glob
     import preprocess
 
-    recorded, stop = [], None
+    out = os.path.abspath(out)
+    raw = check_recording_target(out, existing)
+    os.makedirs(raw, exist_ok=True)
+    earlier = sorted(glob.glob(os.path.join(raw, "episode_*.npz")))
+    first = 1 + max([int(os.path.basename(p)[8:-4]) for p in earlier], default=-1)  # never reuse a name
+    saved, error = [], None
     try:
         if kinesthetic:
             hw.robot.teach(True)
@@ -887,28 +1200,38 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
             if wait_start is not None:
                 wait_start(i)
             ep = record_episode(hw, cfg, with_actions=with_actions, clock=clock, should_end=should_end)
-            ep["task"] = task
-            recorded.append(ep)
-            print(f"episode {i}: {len(ep['images'])} frames", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(f"interrupted: discarding the episode in progress, keeping {len(recorded)}",
+            path = os.path.join(raw, f"episode_{first + i:06d}.npz")
+            _save_episode(path, {**ep, "task": task})
+            saved.append(path)
+            print(f"episode {i}: {len(ep['images'])} frames -> {path}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped: {type(e).__name__}: {e}"
+        print(f"{what}; discarding the episode in progress, keeping {len(saved)} in {raw}",
               file=sys.stderr)
-    except SafetyStop as e:  # a camera died mid-episode: keep what was complete, then report it
-        print(f"stopped: {e}; discarding the episode in progress, keeping {len(recorded)}",
-              file=sys.stderr)
-        stop = e
+        error = e
     finally:
         if kinesthetic:
             hw.robot.teach(False)
-    if not recorded:
-        raise stop or SafetyStop("no complete episode recorded; nothing written")
-    summary = preprocess.episodes_to_dataset(
-        recorded, out, views=[c.name for c in cfg.cameras], fps=cfg.control.rate_hz,
-        source="real_robot" if with_actions else "real_human", tracker=tracker, progress=False)
-    if stop is not None:
-        raise stop
+    paths = earlier + saved if existing == "append" else saved
+    if not paths:
+        if isinstance(error, KeyboardInterrupt) or error is None:
+            raise SafetyStop("no complete episode recorded; nothing written")
+        raise error
+    try:
+        summary = preprocess.episodes_to_dataset(
+            _load_episodes(paths), out, views=[c.name for c in cfg.cameras], fps=cfg.control.rate_hz,
+            source="real_robot" if with_actions else "real_human", tracker=tracker, progress=False,
+            extra_meta={"action_layout": cfg.control.action} if with_actions else None)
+    except BaseException:
+        print(f"the dataset was not written; the {len(paths)} episodes are kept in {raw} (build it "
+              f"with --append --episodes 0)", file=sys.stderr)
+        raise
+    if existing == "overwrite":
+        for p in earlier:
+            os.remove(p)
+    if error is not None and not isinstance(error, KeyboardInterrupt):
+        raise error
     return summary
-
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -920,15 +1243,24 @@ def build_parser():
     p.add_argument("--task", default=None, help="task text (default: the config's 'task')")
     p.add_argument("--episodes", type=int, default=1,
                    help="episodes to run or record, each control.episode_s long (Enter ends one early)")
+    p.add_argument("--yes", action="store_true",
+                   help="run without a terminal: episodes (and homing) follow each other with no "
+                        "Enter prompt; without it, moving the arm needs a terminal")
     # running a policy
     p.add_argument("--policy", help="policy checkpoint (DIR/policy.pt from amplify.py --stage all)")
     p.add_argument("--dry-run", action="store_true",
                    help="everything but motion: robot opened read-only, no servoL, no gripper commands")
     p.add_argument("--device", default="auto", help="torch device for the policy: auto, cpu, cuda, cuda:1")
-    p.add_argument("--log", help="append one JSON line per step (latency, target, safety events)")
+    p.add_argument("--log", help="append one JSON line per step (latency, action, target, measured "
+                                 "pose, safety events)")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per episode (bring-up)")
     # recording demonstrations
-    p.add_argument("--record", metavar="OUT", help="record demonstrations into a dataset at OUT")
+    p.add_argument("--record", metavar="OUT", help="record demonstrations into a dataset at OUT "
+                                                   "(each episode is kept in OUT.episodes/ as it ends)")
+    p.add_argument("--append", action="store_true",
+                   help="with --record: add episodes to an existing recording (--episodes 0: only "
+                        "rebuild the dataset from the kept episodes)")
+    p.add_argument("--overwrite", action="store_true", help="with --record: replace an existing recording")
     p.add_argument("--no-actions", action="store_true",
                    help="with --record: human demonstrations, cameras only (no robot, no actions)")
     p.add_argument("--kinesthetic", action="store_true",
@@ -949,11 +1281,18 @@ class EnterKey:
         for line in sys.stdin:
             self.lines.put(line)
 
-    def wait(self, prompt):
+    def wait(self, prompt, idle=None):
+        """Wait for Enter, calling `idle()` (the watchdog kick) every 20 ms meanwhile."""
         while not self.lines.empty():  # forget presses from before the prompt
             self.lines.get_nowait()
         print(prompt, file=sys.stderr, flush=True)
-        self.lines.get()
+        while True:
+            try:
+                self.lines.get(timeout=0.02)
+                return
+            except queue.Empty:
+                if idle is not None:
+                    idle()
 
     def pressed(self):
         try:
@@ -963,10 +1302,19 @@ class EnterKey:
             return False
 
 
+def warm_up(policy, task):
+    """One call on black images before the robot is opened: the first call pays for CUDA init and
+    allocation (seconds), which inside the loop would starve the watchdog and overrun."""
+    V, (H, W) = len(policy.views), policy.img_size
+    policy.act(np.zeros((V, H, W, 3), np.uint8), np.zeros(policy.proprio_dim, np.float32), task)
+    policy.reset()
+
+
 def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True):
     """Entry point; returns the exit code. Tests inject `hardware` (a Hardware or a callable
-    (cfg, robot_mode) -> Hardware), `policy` and `clock`."""
+    (cfg, robot_mode) -> Hardware), `policy` and `clock`; interactive=False: no terminal."""
     args = build_parser().parse_args(argv)
+    terminal = interactive and sys.stdin.isatty()
     # args error checking
     try:
         cfg = load_config(args.config)
@@ -979,59 +1327,76 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
         if args.record is not None and (args.policy or args.dry_run):
             raise ConfigError("argument error: --record: expected no --policy/--dry-run "
                               "(recording commands no motion), found them")
-        if (args.no_actions or args.kinesthetic) and args.record is None:
-            raise ConfigError("argument error: --no-actions/--kinesthetic: expected with --record, "
-                              "found without")
+        if (args.no_actions or args.kinesthetic or args.append or args.overwrite) and args.record is None:
+            raise ConfigError("argument error: --no-actions/--kinesthetic/--append/--overwrite: "
+                              "expected with --record, found without")
         if args.no_actions and args.kinesthetic:
             raise ConfigError("argument error: expected --no-actions (human, no robot) or "
                               "--kinesthetic (robot in freedrive), found both")
-        if args.episodes < 1:
-            raise ConfigError(f"argument error: --episodes: expected >= 1, found {args.episodes}")
+        if args.append and args.overwrite:
+            raise ConfigError("argument error: expected --append or --overwrite, found both")
+        if args.episodes < (0 if args.append else 1):
+            raise ConfigError(f"argument error: --episodes: expected >= 1 (0 only with --append), "
+                              f"found {args.episodes}")
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ConfigError(f"argument error: --max-steps: expected >= 1, found {args.max_steps}")
+        if args.record is None and not args.dry_run and not terminal and not args.yes:
+            raise ConfigError("argument error: expected a terminal to confirm each episode before the "
+                              "arm moves (or --yes to run without prompts), found no terminal")
+        existing = "append" if args.append else ("overwrite" if args.overwrite else "refuse")
+        if args.record is not None:
+            check_recording_target(args.record, existing)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
 
-    if args.record is not None:
+    running = args.record is None
+    if not running:
         mode = None if args.no_actions else ("control" if args.kinesthetic else "read")
     else:
         mode = "read" if args.dry_run else "control"
     hw = None
     log_file = open(args.log, "a") if args.log else None
     try:
-        if policy is None and args.record is None:
+        if policy is None and running:
             import amplify
             policy = amplify.load_policy(args.policy, args.device)
             print(f"policy {args.policy}: views {policy.views}, {policy.img_size[0]}x{policy.img_size[1]}, "
                   f"device {policy.device}", file=sys.stderr)
-        if policy is not None and args.record is None:
+        if running:
             check_policy(policy, cfg)
+            warm_up(policy, task)
         if hardware is None:
-            hw = open_hardware(cfg, robot=mode)
+            hw = open_hardware(cfg, robot=mode, watchdog=running and mode == "control")
         else:
             hw = hardware(cfg, mode) if callable(hardware) else hardware
-        wait_for_cameras(hw.cameras, cfg.control.camera_timeout_s)
+        idle = hw.robot.kick if hw.robot is not None and hasattr(hw.robot, "kick") else None
+        wait_for_cameras(hw.cameras, cfg.control.camera_timeout_s, idle=idle)
 
-        # prompts only on a terminal; with stdin redirected, episodes follow back to back
-        keys = EnterKey() if interactive and sys.stdin.isatty() else None
-        if args.record is not None:
+        # prompts only on a terminal; without one, --yes (checked above) lets episodes follow
+        keys = EnterKey() if terminal else None
+        if not running:
             def wait_start(i):
                 if keys:
                     keys.wait(f"episode {i}: press Enter to start recording, Enter again to end it "
-                              f"early (Ctrl-C: discard it and finish)")
+                              f"early (Ctrl-C: discard it and finish)", idle)
             should_end = keys.pressed if keys else None
             summary = record(hw, cfg, args.record, task, episodes=args.episodes,
                              with_actions=not args.no_actions, tracker=args.tracker, clock=clock,
-                             wait_start=wait_start, should_end=should_end, kinesthetic=args.kinesthetic)
+                             wait_start=wait_start, should_end=should_end,
+                             kinesthetic=args.kinesthetic, existing=existing)
             print(f"wrote {args.record}: {summary}", file=sys.stderr)
             return 0
 
         def on_step(entry):
             if log_file:
-                log_file.write(json.dumps(entry) + "\n")
+                log_file.write(json.dumps(entry, allow_nan=False) + "\n")
+                log_file.flush()
         for ep in range(args.episodes):
             if keys:
-                keys.wait(f"episode {ep}: reset the scene, press Enter to start, Enter again to end "
-                          f"it early (Ctrl-C: stop)")
+                homing = "the arm moves to robot.home, " if cfg.robot.home and not args.dry_run else ""
+                keys.wait(f"episode {ep}: reset the scene, press Enter to start ({homing}Enter again "
+                          f"ends it early, Ctrl-C stops)", idle)
             policy.reset()
             result = run_episode(policy, hw, cfg, task, clock=clock, dry_run=args.dry_run,
                                  on_step=on_step, max_steps=args.max_steps,
@@ -1040,7 +1405,7 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
                   f"{latency_summary(result.log, cfg.period)}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): robot stopped", file=sys.stderr)
+        print("interrupted: robot stopped", file=sys.stderr)
         return 130
     except (SafetyStop, ConfigError) as e:
         print(f"stopped: {e}" if isinstance(e, SafetyStop) else str(e), file=sys.stderr)
@@ -1055,12 +1420,19 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
             hw.close()
 
 
-def _sigterm_as_ctrl_c(signum, frame):
-    raise KeyboardInterrupt  # a supervisor's kill stops the arm exactly like Ctrl-C
+def _stop_signal(signum, frame):
+    raise KeyboardInterrupt  # stops the arm exactly like Ctrl-C
+
+
+def install_stop_signals():
+    """SIGTERM (a supervisor's kill), SIGHUP (the SSH session or terminal dropped) and SIGQUIT
+    (Ctrl-\\) stop the arm like Ctrl-C instead of killing the process mid-motion. Returns the
+    previous handlers, {signal: handler}."""
+    import signal
+
+    return {s: signal.signal(s, _stop_signal) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
 
 
 if __name__ == "__main__":
-    import signal
-
-    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    install_stop_signals()
     sys.exit(main())

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -66,21 +67,29 @@ class FakeCamera:
 
 
 class FakeRobot:
-    """Follows servo targets exactly; records every command."""
+    """Follows servo targets exactly; records every command. `state`: what status() reports."""
 
     def __init__(self, pose=(0.0, -0.5, 0.2, 0.0, 3.14, 0.0)):
         self.pose = np.array(pose, np.float64)
         self.servo_calls, self.moves, self.teach_calls = [], [], []
-        self.stops = 0
+        self.stops = self.kicks = 0
+        self.state = SimpleNamespace(connected=True, program_running=True, protective_stop=False,
+                                     emergency_stop=False, safety_mode=1, speed_scaling=1.0)
 
     def tcp_pose(self):
         return self.pose.copy()
+
+    def status(self):
+        return SimpleNamespace(**vars(self.state))
+
+    def kick(self):
+        self.kicks += 1
 
     def servo(self, pose, period):
         self.servo_calls.append(np.array(pose))
         self.pose = np.array(pose, np.float64)
 
-    def move_to(self, pose):
+    def move_to(self, pose, speed=None, timeout=None):
         self.moves.append(np.array(pose))
         self.pose = np.array(pose, np.float64)
 
@@ -109,12 +118,17 @@ class FakeGripper:
 
 
 class FakePolicy:
-    """The amplify.Policy interface (docs/CONTRACTS.md); `fn(step, images, proprio) -> action`."""
+    """The amplify.Policy interface (docs/CONTRACTS.md); `fn(step, images, proprio) -> action`.
+    `act_norm`: the action statistics of its training data, by default metres in the test box."""
 
     def __init__(self, fn, views=("front", "left"), img_size=(32, 32), action_dim=4, clock=None,
-                 compute_s=0.0):
+                 compute_s=0.0, act_mean=None, act_std=None):
         self.fn, self.views, self.img_size = fn, list(views), img_size
         self.action_dim = self.proprio_dim = action_dim
+        rot = [0.0, 3.14, 0.0] if action_dim == 7 else []
+        self.act_norm = SimpleNamespace(
+            mean=np.array(act_mean if act_mean is not None else [0.0, -0.5, 0.2] + rot + [0.5]),
+            std=np.array(act_std if act_std is not None else [0.05] * 3 + [0.1] * len(rot) + [0.5]))
         self.horizon, self.device, self.last_tracks = 16, "cpu", None
         self.clock, self.compute_s = clock, compute_s
         self.calls, self.resets, self.seen = 0, 0, []
@@ -132,6 +146,91 @@ class FakePolicy:
         self.step = getattr(self, "step", 0) + 1
         return np.asarray(a, np.float32)
 
+
+class FakeRTDE:
+    """The ur-rtde calls UR5 makes, receive and control interface in one object (both are passed
+    as `interfaces`); every name exists in the installed ur-rtde (test_fake_rtde_names_exist).
+    Asynchronous moveL takes `move_s` seconds of real time; blocking moveL would hold the caller."""
+
+    def __init__(self, pose, move_s=0.05):
+        self.pose, self.move_s = list(map(float, pose)), move_s
+        self.calls, self.kicks, self.watchdog_hz = [], 0, None
+        self._target, self._until = None, None
+
+    # RTDEReceiveInterface
+    def getActualTCPPose(self):
+        if self._until is not None and time.monotonic() >= self._until:  # the move has ended
+            self.pose, self._until = list(self._target), None
+        return list(self.pose)
+
+    def isConnected(self):
+        return True
+
+    def isProtectiveStopped(self):
+        return False
+
+    def isEmergencyStopped(self):
+        return False
+
+    def getSafetyMode(self):
+        return 1
+
+    def getSpeedScaling(self):
+        return 1.0
+
+    # RTDEControlInterface
+    def isProgramRunning(self):
+        return True
+
+    def setWatchdog(self, min_frequency=10.0):
+        self.watchdog_hz = min_frequency
+        return True
+
+    def kickWatchdog(self):
+        self.kicks += 1
+        return True
+
+    def moveL(self, pose, speed=0.25, acceleration=1.2, asynchronous=False):
+        self.calls.append(("moveL", asynchronous))
+        self._target = list(pose)
+        if not asynchronous:
+            time.sleep(self.move_s)
+            self.pose = list(pose)
+        else:
+            self._until = time.monotonic() + self.move_s
+        return True
+
+    def getAsyncOperationProgressEx(self):
+        self.getActualTCPPose()
+        running = self._until is not None
+        return SimpleNamespace(isAsyncOperationRunning=lambda: running)
+
+    def servoL(self, pose, speed, acceleration, time_, lookahead_time, gain):
+        self.calls.append(("servoL", list(pose)))
+        self.pose = list(pose)
+        return True
+
+    def stopL(self, a=10.0, asynchronous=False):
+        self.calls.append(("stopL", a))
+        self._until = None
+
+    def servoStop(self, a=10.0):
+        self.calls.append(("servoStop", a))
+        return True
+
+    def teachMode(self):
+        self.calls.append(("teachMode",))
+        return True
+
+    def endTeachMode(self):
+        self.calls.append(("endTeachMode",))
+        return True
+
+    def stopScript(self):
+        self.calls.append(("stopScript",))
+
+    def disconnect(self):
+        pass
 
 def config_dict(**overrides):
     raw = {
@@ -179,10 +278,10 @@ def test_example_config_loads():
 
 
 @pytest.mark.parametrize("override, delete, needle", [
-    ({"safety.max_step_m": "0.02"}, None, "safety.max_step_m: expected a finite number, found str"),
-    ({"control.rate_hz": True}, None, "control.rate_hz: expected a finite number, found bool"),
-    ({"safety.workspace_min": [0, 0]}, None, "safety.workspace_min: expected a list of 3 numbers"),
-    ({"safety.on_violation": "ignore"}, None, "expected one of ['clamp', 'refuse'], found \"ignore\""),
+    ({"safety.max_step_m": "0.02"}, None, "safety.max_step_m: expected a valid number, found str"),
+    ({"control.rate_hz": True}, None, "control.rate_hz: expected a valid number, found bool"),
+    ({"safety.workspace_min": [0, 0]}, None, "safety.workspace_min: expected a list of at least 3"),
+    ({"safety.on_violation": "ignore"}, None, "expected 'clamp' or 'refuse', found str (\"ignore\")"),
     ({"safety.max_stp_m": 0.1}, None, "unknown key 'max_stp_m'"),
     ({}, ("safety", "workspace_max"), "missing key 'safety.workspace_max'"),
     ({}, ("robot", "host"), "missing key 'robot.host'"),
@@ -206,7 +305,7 @@ def test_cli_bad_config_is_one_line_no_traceback(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "control.rate_hz: expected a finite number, found str" in lines[0]
+    assert len(lines) == 1 and "control.rate_hz: expected a valid number, found str" in lines[0]
 
 
 # -----------------------------------------------------------------------------
@@ -259,59 +358,84 @@ def test_rate_real_time_100_ticks_at_100hz():
 # Safety filter
 
 
-def safety(mode="clamp"):
-    return rr.SafetyFilter(rr.parse_config(config_dict(**{"safety.on_violation": mode})).safety)
-
-
 PREV = np.array([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
 
 
-def test_clamp_limits_step_and_workspace():
+def safety(mode="clamp", start=PREV, **overrides):
+    raw = config_dict(**{"safety.on_violation": mode}, **{f"safety.{k}": v for k, v in overrides.items()})
+    cfg = rr.parse_config(raw)
+    return rr.SafetyFilter(cfg.safety, cfg.period, start)
+
+
+def run_filter(f, target, n):
+    outs, events = zip(*(f.apply(target) for _ in range(n)))
+    return np.array(outs), list(events)
+
+
+def rotate(rotvec, extra):
+    """The orientation `rotvec` turned by the rotation vector `extra` (base frame)."""
+    from scipy.spatial.transform import Rotation
+    return (Rotation.from_rotvec(extra) * Rotation.from_rotvec(rotvec)).as_rotvec()
+
+
+def test_clamp_keeps_the_box_and_the_speed_limit():
     f = safety("clamp")
-    ok = PREV + [0.01, 0, 0, 0, 0, 0]
-    out, event = f.apply(ok, PREV)
-    assert event is None and np.allclose(out, ok)
-    far = PREV + [0.1, 0, 0, 0, 0, 0]  # inside the box, too far for one tick
-    out, event = f.apply(far, PREV)
-    assert event == "clamped" and np.allclose(out[:3], PREV[:3] + [0.02, 0, 0])
+    outs, events = run_filter(f, np.array([5.0, 5.0, 5.0, 0, 3.14, 0]), 80)  # far outside, diagonal
+    steps = np.linalg.norm(np.diff(np.vstack([PREV, outs])[:, :3], axis=0), axis=1)
+    assert all(f.inside(o[:3]) for o in outs) and steps.max() <= 0.02 + 1e-9
+    assert set(events) == {"clamped"}
+    np.testing.assert_allclose(outs[-1][:3], [0.3, -0.3, 0.4], atol=1e-6)  # the nearest corner
     below = PREV.copy()
     below[2] = 0.0  # under the table: z_min = 0.05
-    prev = PREV.copy()
-    prev[2] = 0.06
-    out, event = f.apply(below, prev)
-    assert event == "clamped" and out[2] == pytest.approx(0.05)
-    # far outside in a diagonal direction: result inside the box and within one step
-    out, _ = f.apply(np.array([5.0, 5.0, 5.0, 0, 3.14, 0]), PREV)
-    assert f.inside(out[:3]) and np.linalg.norm(out[:3] - PREV[:3]) <= 0.02 + 1e-9
+    outs, events = run_filter(safety("clamp"), below, 80)
+    assert set(events) == {"clamped"} and outs[:, 2].min() == pytest.approx(0.05)
+    # a reachable target: no event, reached
+    target = PREV + [0.01, 0, 0, 0, 0, 0]
+    outs, events = run_filter(safety("clamp"), target, 30)
+    assert events == [None] * 30 and np.allclose(outs[-1], target, atol=1e-9)
 
 
-def test_clamp_limits_rotation():
+def test_clamp_limits_rotation_speed_and_cone():
     f = safety("clamp")
     target = PREV.copy()
-    target[3:] = [0.0, 3.14, 0.5]  # a sizeable rotation away from the start orientation
-    out, event = f.apply(target, PREV)
-    from scipy.spatial.transform import Rotation
-    angle = (Rotation.from_rotvec(out[3:]) * Rotation.from_rotvec(PREV[3:]).inv()).magnitude()
-    assert event == "clamped" and angle == pytest.approx(0.1, abs=1e-6)
+    target[3:] = rotate(PREV[3:], [0, 0, 1.5])  # 1.5 rad about z: beyond the 0.8 rad cone
+    outs, events = run_filter(f, target, 80)
+    poses = np.vstack([PREV, outs])
+    turns = [rr.rotation_angle(a, b) for a, b in zip(poses[1:, 3:], poses[:-1, 3:])]
+    assert max(turns) <= 0.1 + 1e-6 and set(events) == {"clamped"}
+    assert rr.rotation_angle(outs[-1][3:], PREV[3:]) == pytest.approx(0.8, abs=1e-6)
+    np.testing.assert_allclose(outs[:, :3], np.tile(PREV[:3], (80, 1)))  # the position is held
 
 
-def test_refuse_holds_previous_target():
+def test_smooth_motion_is_followed_exactly_and_a_far_goal_reached_without_overshoot():
+    f = safety("clamp")  # 20 Hz, 0.4 m/s, 1.5 m/s^2, 1 s ramp-in
+    k = np.arange(1, 201)
+    x = 0.2 * np.sin(1.5 * k * 0.05)  # peak 0.3 m/s, 0.45 m/s^2: within every limit
+    outs = np.array([f.apply(PREV + [xi, 0, 0, 0, 0, 0])[0] for xi in x])
+    assert np.abs(outs[40:, 0] - x[40:]).max() < 1e-9  # after the ramp-in: no lag at all
+    f = safety("clamp")
+    outs, _ = run_filter(f, PREV + [0.2, 0, 0, 0, 0, 0], 60)
+    assert outs[:, 0].max() - 0.2 < 1e-3 and abs(outs[-1, 0] - 0.2) < 1e-9  # braked in time
+
+
+def test_refuse_holds_previous_command():
     f = safety("refuse")
-    out, event = f.apply(PREV + [0.1, 0, 0, 0, 0, 0], PREV)
+    out, event = f.apply(PREV + [0.1, 0, 0, 0, 0, 0])  # inside the box, too far for one tick
     assert event == "refused" and np.allclose(out, PREV)
-    outside = PREV.copy()
-    outside[0] = 0.31
     prev = PREV.copy()
-    prev[0] = 0.295  # one small step, but it leaves the box
-    out, event = f.apply(outside, prev)
+    prev[0] = 0.295
+    outside = prev.copy()
+    outside[0] = 0.31  # one small step, but it leaves the box
+    out, event = safety("refuse", start=prev).apply(outside)
     assert event == "refused" and np.allclose(out, prev)
-    out, event = f.apply(PREV + [0.005, 0, 0, 0, 0, 0], PREV)
-    assert event is None
+    target = PREV + [0.005, 0, 0, 0, 0, 0]
+    outs, events = run_filter(safety("refuse"), target, 20)
+    assert events == [None] * 20 and np.allclose(outs[-1], target, atol=1e-9)
 
 
-def test_non_finite_action_stops():
+def test_non_finite_target_stops():
     with pytest.raises(rr.SafetyStop):
-        safety().apply(PREV + [np.nan, 0, 0, 0, 0, 0], PREV)
+        safety().apply(PREV + [np.nan, 0, 0, 0, 0, 0])
 
 
 # -----------------------------------------------------------------------------
@@ -321,26 +445,29 @@ def test_non_finite_action_stops():
 def test_prepare_image_crop_rotate_resize():
     img = np.zeros((48, 64, 3), np.uint8)
     img[0, 8] = 255  # top-left corner of the crop
-    cam = rr.CameraConfig("front", "opencv", 0, crop=[8, 0, 48, 48], rotate=180)
+    cam = rr.CameraConfig(name="front", kind="opencv", device=0, crop=[8, 0, 48, 48], rotate=180)
     out = rr.prepare_image(img, cam, (48, 48))
     assert out.shape == (48, 48, 3) and out[47, 47, 0] == 255  # rotated to the bottom-right
     assert rr.prepare_image(img, cam, (32, 32)).shape == (32, 32, 3)
     with pytest.raises(ValueError):
-        rr.prepare_image(img, rr.CameraConfig("f", "opencv", 0, crop=[40, 0, 48, 48]), (32, 32))
+        rr.prepare_image(img, rr.CameraConfig(name="f", kind="opencv", device=0, crop=[40, 0, 48, 48]),
+                         (32, 32))
 
 
 def test_threaded_camera_stamps_frames_and_reports_loss():
-    n = {"i": 0}
+    n, unplug = {"i": 0}, threading.Event()
 
     def grab():
         n["i"] += 1
-        if n["i"] > 5:
+        if unplug.is_set() and n["i"] > 5:  # only once a frame was read: no race on a busy CPU
             raise OSError("device unplugged")
         time.sleep(0.002)
         return np.zeros((4, 4, 3), np.uint8)
     cam = rr.ThreadedCamera("front", grab)
     try:
         rr.wait_for_cameras({"front": cam}, timeout=2.0)
+        assert 0 <= time.monotonic() - cam.read().stamp < 2.0
+        unplug.set()
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             try:
@@ -361,28 +488,30 @@ def test_threaded_camera_stamps_frames_and_reports_loss():
 
 
 def test_episode_runs_at_rate_within_limits_and_stops_at_the_end():
-    cfg, clock, hw = rig()
-    # ask for a big jump every step: clamping must keep each step <= max_step_m
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"control.episode_s": 3.0})))  # 60 ticks
+    # ask for a big jump every step: each step <= max_step_m, each change of step <= max_accel
     policy = FakePolicy(lambda s, im, p: [0.2, -0.4, 0.3, 1.0], views=("left", "front"),
                         clock=clock, compute_s=0.01)
     res = rr.run_episode(policy, hw, cfg, "push the block", clock=clock)
-    assert res.steps == 20 and len(hw.robot.servo_calls) == 20
+    assert res.steps == 60 and len(hw.robot.servo_calls) == 60
     assert hw.robot.stops == 1
-    prev = np.array([0.0, -0.5, 0.2])
-    for pose in hw.robot.servo_calls:
-        assert np.linalg.norm(pose[:3] - prev) <= 0.02 + 1e-9
-        assert np.allclose(pose[3:], [0.0, 3.14, 0.0])  # xyz_gripper holds the start orientation
-        prev = pose[:3]
-    # 0.245 m away: clamped for 12 ticks (0.24 m), then reached and held
-    assert [e["event"] for e in res.log] == ["clamped"] * 12 + [None] * 8
+    poses = np.array([[0.0, -0.5, 0.2, 0.0, 3.14, 0.0]] + hw.robot.servo_calls)
+    steps = np.diff(poses[:, :3], axis=0)
+    assert np.linalg.norm(steps, axis=1).max() <= 0.02 + 1e-9
+    assert np.linalg.norm(np.diff(steps, axis=0), axis=1).max() <= 1.5 * 0.05 ** 2 + 1e-9
+    assert np.allclose(poses[:, 3:], [0.0, 3.14, 0.0])  # xyz_gripper holds the start orientation
+    # 0.245 m away: clamped while farther than one step, then reached and held
+    events = [e["event"] for e in res.log]
+    far = [np.linalg.norm(np.array([0.2, -0.4, 0.3]) - p[:3]) > 0.02 for p in poses[:-1]]
+    assert events == ["clamped" if f else None for f in far] and events[-1] is None
     assert np.allclose(hw.robot.servo_calls[-1][:3], [0.2, -0.4, 0.3])
-    assert hw.gripper.commands == [1.0] * 20
+    assert hw.gripper.commands == [1.0] * 60
     # views reach the policy in the policy's order, at its size, uint8 (V, H, W, 3)
     shape, dtype, proprio, colour = policy.seen[-1]
     assert shape == (2, 32, 32, 3) and dtype == np.uint8 and proprio.shape == (4,)
     assert colour.tolist() == [150, 50]
     # ticks on the grid: t = k * period exactly (fake clock), latency logged
-    assert [e["t"] for e in res.log] == pytest.approx([k * 0.05 for k in range(20)])
+    assert [e["t"] for e in res.log] == pytest.approx([k * 0.05 for k in range(60)])
     assert all(e["latency_ms"] == pytest.approx(10.0) for e in res.log)
     assert "overruns 0" in rr.latency_summary(res.log, cfg.period)
 
@@ -511,11 +640,11 @@ def test_main_dry_run_logs_every_step(tmp_path, capsys):
 def test_main_reports_stops_in_one_line(tmp_path, capsys):
     cfg_path = write_cfg(tmp_path)
     _, clock, hw = rig()
-    code = rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+    code = rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock,
                    policy=FakePolicy(failing_at(2, KeyboardInterrupt()), clock=clock))
     assert code == 130 and hw.robot.stops == 1
     hw.cameras["left"].age = 1.0
-    code = rr.main(["--config", cfg_path], hardware=hw, clock=clock, policy=FakePolicy(hold))
+    code = rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock, policy=FakePolicy(hold))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("stopped: stale frame from camera 'left'")
 
@@ -523,10 +652,10 @@ def test_main_reports_stops_in_one_line(tmp_path, capsys):
 def test_main_rejects_a_policy_that_does_not_match_the_config(tmp_path, capsys):
     cfg_path = write_cfg(tmp_path)
     _, clock, hw = rig()
-    assert rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock,
                    policy=FakePolicy(hold, views=("front", "wrist"))) == 1
     assert "expected views ['front', 'wrist']" in capsys.readouterr().err
-    assert rr.main(["--config", cfg_path], hardware=hw, clock=clock,
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock,
                    policy=FakePolicy(hold, action_dim=7)) == 1
     assert hw.robot.servo_calls == []
 
@@ -603,7 +732,7 @@ def test_policy_trained_on_recorded_demos_runs_in_the_loop(robot_demos, tmp_path
         _, clock, hw = rig()
         log = tmp_path / f"steps_{dry_run}.jsonl"
         argv = ["--config", cfg_path, "--policy", str(run), "--device", "cpu",
-                "--max-steps", "4", "--log", str(log)] + (["--dry-run"] if dry_run else [])
+                "--max-steps", "4", "--log", str(log)] + (["--dry-run"] if dry_run else ["--yes"])
         assert rr.main(argv, hardware=hw, clock=clock) == 0
         entries = [json.loads(line) for line in log.read_text().splitlines()]
         assert len(entries) == 4 and all(np.isfinite(e["target"]).all() for e in entries)
@@ -637,7 +766,8 @@ def test_record_ctrl_c_keeps_completed_episodes(tmp_path, monkeypatch):
     def wait_start(i):
         if i == 2:
             raise KeyboardInterrupt
-    summary = rr.record(hw, cfg, "out", "t", episodes=5, clock=clock, wait_start=wait_start)
+    summary = rr.record(hw, cfg, str(tmp_path / "out"), "t", episodes=5, clock=clock,
+                        wait_start=wait_start)
     assert summary == {"episodes": 2} and written["views"] == ["front", "left"]
     assert written["fps"] == 20 and written["source"] == "real_robot"
     ep = written["episodes"][0]
@@ -675,6 +805,345 @@ def test_main_rejects_conflicting_flags(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "expected" in err[0] and "found" in err[0]
 
+
+# -----------------------------------------------------------------------------
+# The safety review (issue 17): one test per reproduced scenario, in its order
+
+
+class FlippingRobot(FakeRobot):
+    """Holds a gripper-down orientation, a half turn about y. As UR does, it reports rotation
+    vectors with angles in [0, pi]; the wrist jitters by 2 mrad, so the reported vector jumps
+    between about [0, pi, 0] and [0, -pi, 0] from one reading to the next."""
+
+    def __init__(self, pose=(0.0, -0.5, 0.2, 0.0, 3.1416, 0.0)):
+        super().__init__(pose)
+        self.reads = 0
+
+    def tcp_pose(self):
+        from scipy.spatial.transform import Rotation
+        self.reads += 1
+        jitter = Rotation.from_rotvec([0.0, 0.002 if self.reads % 2 else -0.002, 0.0])
+        rot = (Rotation.from_rotvec(self.pose[3:]) * jitter).as_rotvec()  # angle in [0, pi]
+        return np.concatenate([self.pose[:3], rot])
+
+
+HOME_DOWN = [0.0, -0.5, 0.2, 0.0, 3.1416, 0.0]
+
+
+def test_wrist_near_pi_rotation_vectors_continuous_and_orientation_limited():
+    cfg = rr.parse_config(config_dict(**{"control.action": "xyz_rotvec_gripper", "robot.home": HOME_DOWN}))
+    _, clock, hw = rig(cfg)
+    hw.robot = FlippingRobot()
+    assert np.sign(hw.robot.tcp_pose()[4]) != np.sign(hw.robot.tcp_pose()[4])  # the raw readings flip
+    seen = []
+
+    def averaging(s, im, p):  # what a regression on the recorded rotation vectors converges to
+        seen.append(p[3:6].copy())
+        return np.concatenate([p[:3], np.mean(seen, axis=0), [0.0]])
+    policy = FakePolicy(averaging, action_dim=7)
+    rr.run_episode(policy, hw, cfg, "t", clock=clock)
+    seen = np.array(seen)
+    assert np.abs(np.diff(seen, axis=0)).max() < 0.01  # continuous: no jump between +pi and -pi
+    turns = [rr.rotation_angle(c[3:], HOME_DOWN[3:]) for c in hw.robot.servo_calls]
+    assert max(turns) < 0.01  # the wrist holds (it turned 2 rad towards the identity before)
+
+    # a policy that asks for the identity rotation gets no more than the cone around home
+    _, clock, hw = rig(cfg)
+    hw.robot = FlippingRobot()
+    rr.run_episode(FakePolicy(lambda s, im, p: np.r_[p[:3], 0, 0, 0, 0], action_dim=7), hw, cfg, "t",
+                   clock=clock, max_steps=60)
+    turns = [rr.rotation_angle(c[3:], HOME_DOWN[3:]) for c in hw.robot.servo_calls]
+    assert max(turns) == pytest.approx(0.8, abs=1e-6)  # safety.max_rot_from_home_rad
+
+    # recording: proprio and actions continuous too, on the same reference (robot.home)
+    clock = FakeClock()
+    rec = rr.Hardware(FlippingRobot(), FakeGripper(), {"front": FakeCamera(clock, 50),
+                                                       "left": FakeCamera(clock, 150)})
+    ep = rr.record_episode(rec, cfg, clock=clock)
+    for key in ("proprio", "actions"):
+        rot = ep[key][:, 3:6]
+        assert np.abs(np.diff(rot, axis=0)).max() < 0.01 and np.allclose(rot[:, 1], 3.1416, atol=0.01)
+
+
+def test_alternating_policy_gets_bounded_acceleration_and_a_soft_start():
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"control.episode_s": 3.0})))
+    flip = lambda s, im, p: p + [0.02 if s % 2 == 0 else -0.02, 0, 0, 0]  # +0.4 / -0.4 m/s
+    rr.run_episode(FakePolicy(flip), hw, cfg, "t", clock=clock)
+    x = np.array([0.0] + [c[0] for c in hw.robot.servo_calls])
+    v = np.diff(x) / cfg.period  # commanded velocity, m/s
+    accel = np.abs(np.diff(np.r_[0.0, v])) / cfg.period  # from rest
+    assert accel.max() <= 1.5 + 1e-6  # safety.max_accel (it was 16 m/s^2)
+    assert np.abs(v).max() < 0.1
+    # ramp-in: a policy asking for full speed gets a gentle start
+    cfg, clock, hw = rig()
+    rr.run_episode(FakePolicy(lambda s, im, p: p + [0.02, 0, 0, 0]), hw, cfg, "t", clock=clock)
+    x = np.array([0.0] + [c[0] for c in hw.robot.servo_calls])
+    dv = 1.5 * cfg.period ** 2  # max_accel as a change of the per-tick step
+    assert np.diff(x)[0] <= dv + 1e-9 and np.abs(np.diff(x, 2)).max() <= dv + 1e-9
+
+
+@pytest.mark.parametrize("mean, std", [
+    ([0.0, 0.0, 0.0, 0.0], [0.6, 0.6, 0.6, 0.6]),  # normalized actions in [-1, 1]
+    ([0.0, 0.0, 0.0, 0.5], [0.004, 0.004, 0.004, 0.5]),  # deltas of position per step
+    ([0.0, -0.5, 0.2, 0.5], [2.0, 0.05, 0.05, 0.5]),  # x spread far wider than the box
+])
+def test_policy_trained_in_other_units_is_refused(tmp_path, capsys, mean, std):
+    cfg_path = write_cfg(tmp_path)
+    _, clock, hw = rig()
+    policy = FakePolicy(lambda s, im, p: [0.3, -0.3, 0.4, 1.0], act_mean=mean, act_std=std)
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock, policy=policy) == 1
+    assert "expected actions in metres inside the workspace" in capsys.readouterr().err
+    assert hw.robot.servo_calls == [] and hw.robot.moves == []
+    # the layout stored by a recording must match the config's
+    policy = FakePolicy(hold)
+    policy.action_layout = "xyz_rotvec_gripper"
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock, policy=policy) == 1
+    assert "expected the policy's action layout 'xyz_rotvec_gripper'" in capsys.readouterr().err
+
+
+def test_homing_checked_asynchronous_and_interruptible():
+    home = [0.0, -0.45, 0.25, 0.0, 3.14, 0.0]
+    cfg = rr.parse_config(config_dict(**{"robot.home": home}))
+    # 1. the start is outside the workspace: moveL's straight line could leave it; no move at all
+    _, clock, hw = rig(cfg)
+    hw.robot.pose[0] = 0.5
+    with pytest.raises(rr.SafetyStop, match="outside the workspace"):
+        rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
+    assert hw.robot.moves == [] and hw.robot.servo_calls == [] and hw.robot.stops == 1
+
+    # 2. the move ends short of home (blocked, stopped on the pendant): the episode does not start
+    class Blocked(FakeRobot):
+        def move_to(self, pose, speed=None, timeout=None):
+            super().move_to(pose, speed, timeout)
+            self.pose[2] -= 0.03
+    _, clock, hw = rig(cfg)
+    hw.robot = Blocked()
+    with pytest.raises(rr.SafetyStop, match="homing ended 30.0 mm"):
+        rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
+    assert hw.robot.servo_calls == [] and hw.robot.stops == 1
+
+    # 3. ur-rtde: moveL asynchronous, the watchdog fed while it runs, Ctrl-C ends it with stopL
+    rtde = FakeRTDE([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
+    _, clock, hw = rig(cfg)
+    hw.robot = rr.UR5(cfg.robot, interfaces=(rtde, rtde), watchdog_hz=5.0)
+    rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock, max_steps=2)  # a 50 ms move
+    assert rtde.calls[0] == ("moveL", True)
+    assert [c[0] for c in rtde.calls[1:]] == ["servoL"] * 2 + ["servoStop"]
+    rtde.pose, rtde.move_s, rtde.calls = [0.0, -0.5, 0.2, 0.0, 3.14, 0.0], 30.0, []  # a long move
+    kicks = rtde.kicks
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
+    timer.cancel()
+    assert time.monotonic() - t0 < 5.0 and rtde.calls == [("moveL", True), ("stopL", 1.0)]
+    assert rtde.kicks > kicks  # fed while the move ran
+
+
+def test_moving_the_arm_without_a_terminal_needs_yes(tmp_path, capsys):
+    cfg_path = write_cfg(tmp_path)
+    _, clock, hw = rig()
+    code = rr.main(["--config", cfg_path, "--episodes", "3"], hardware=pytest.fail, clock=clock,
+                   policy=FakePolicy(hold), interactive=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--yes" in err[0]
+    assert rr.main(["--config", cfg_path, "--episodes", "2", "--yes"], hardware=hw, clock=clock,
+                   policy=FakePolicy(hold), interactive=False) == 0
+    assert len(hw.robot.servo_calls) == 40
+
+
+def test_fake_rtde_names_exist_in_the_installed_ur_rtde():
+    rtde_control, rtde_receive = need("rtde_control"), need("rtde_receive")
+    names = [n for n in vars(FakeRTDE) if not n.startswith("_")]
+    missing = [n for n in names if not hasattr(rtde_control.RTDEControlInterface, n)
+               and not hasattr(rtde_receive.RTDEReceiveInterface, n)]
+    assert not missing
+    assert hasattr(rtde_control.AsyncOperationStatus, "isAsyncOperationRunning")
+
+
+def test_watchdog_armed_and_kicked_every_tick():
+    cfg, clock, hw = rig()
+    rtde = FakeRTDE([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
+    hw.robot = rr.UR5(cfg.robot, interfaces=(rtde, rtde), watchdog_hz=cfg.control.rate_hz / rr.WATCHDOG_TICKS)
+    assert rtde.watchdog_hz == 5.0
+    res = rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
+    assert rtde.kicks >= res.steps == 20
+
+
+@pytest.mark.parametrize("signame", ["SIGHUP", "SIGQUIT", "SIGTERM"])
+def test_hangup_and_quit_signals_stop_the_robot(signame):
+    import signal
+    sig = getattr(signal, signame)
+    cfg, clock, hw = rig()
+    previous = rr.install_stop_signals()
+    try:
+        def fn(s, im, p):
+            if s == 3:
+                os.kill(os.getpid(), sig)  # an SSH session dropping sends SIGHUP
+            return p
+        with pytest.raises(KeyboardInterrupt):
+            rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert len(hw.robot.servo_calls) == 3 and hw.robot.stops == 1
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("connected", False, "connection lost"),
+    ("protective_stop", True, "safety stop"),
+    ("safety_mode", 5, "safety mode 5"),
+    ("program_running", False, "control script is not running"),
+    ("speed_scaling", 0.5, "speed scaling 0.50 < control.min_speed_scaling"),
+])
+def test_robot_state_is_checked_every_tick(field, value, needle):
+    cfg, clock, hw = rig()
+
+    def fn(s, im, p):
+        if s == 2:
+            setattr(hw.robot.state, field, value)
+        return p
+    with pytest.raises(rr.SafetyStop, match=needle):
+        rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
+    assert len(hw.robot.servo_calls) == 3 and hw.robot.stops == 1
+
+
+def test_tracking_error_stops_and_the_log_holds_measured_pose_and_raw_action():
+    class Slowed(FakeRobot):  # the speed slider down, or the arm held: it covers a tenth of each step
+        def servo(self, pose, period):
+            self.servo_calls.append(np.array(pose))
+            self.pose = self.pose + 0.1 * (np.array(pose) - self.pose)
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"control.episode_s": 5.0})))
+    hw.robot = Slowed()
+    log = []
+    policy = FakePolicy(lambda s, im, p: [0.25, -0.5, 0.2, 0.0])  # 0.25 m to the right
+    with pytest.raises(rr.SafetyStop, match="tracking error"):
+        rr.run_episode(policy, hw, cfg, "t", clock=clock, on_step=log.append)
+    assert 20 < log[-1]["tracking_mm"] <= 80 and hw.robot.stops == 1
+    assert log[-1]["action"] == pytest.approx([0.25, -0.5, 0.2, 0.0])
+    assert log[-1]["measured"] == pytest.approx(list(hw.robot.pose), abs=0.05)  # before the last servo
+    assert np.linalg.norm(hw.robot.pose[:3] - hw.robot.servo_calls[-1][:3]) > 0.06
+
+
+def test_a_single_stall_stops_the_loop():
+    cfg, clock, hw = rig()
+
+    def fn(s, im, p):
+        if s == 3:
+            clock.advance(5.0)  # the policy hangs for 5 s once
+        return p
+    with pytest.raises(rr.OverrunBudget, match="stalled"):
+        rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
+    assert len(hw.robot.servo_calls) == 4 and hw.robot.stops == 1
+
+
+def test_a_high_overrun_rate_stops_the_loop():
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"control.episode_s": 3.0})))
+
+    def fn(s, im, p):
+        clock.advance(0.09 if s % 2 == 0 else 0.005)  # late every other tick, never twice in a row
+        return p
+    with pytest.raises(rr.OverrunBudget, match="of the last"):
+        rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
+    assert len(hw.robot.servo_calls) <= 12 and hw.robot.stops == 1
+
+
+class FlakyGripper(FakeGripper):
+    """Times out on the `fail_at`-th read (a socket that stopped answering)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.reads, self.fail_at = 0, fail_at
+
+    def position(self):
+        self.reads += 1
+        if self.reads >= self.fail_at:
+            raise TimeoutError("timed out")
+        return 0.0
+
+
+def test_recording_keeps_completed_episodes_on_disk_whatever_stops_it(tmp_path, monkeypatch):
+    cfg = rr.parse_config(config_dict())
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    hw = rr.Hardware(TeleopRobot(clock), FlakyGripper(fail_at=2 * 20 + 5), cams)  # in episode 3
+    written = fake_preprocess(monkeypatch)
+    out = str(tmp_path / "demos")
+    with pytest.raises(TimeoutError):
+        rr.record(hw, cfg, out, "t", episodes=5, clock=clock)
+    files = sorted(os.listdir(out + ".episodes"))
+    assert len(files) == 2 and all(f.endswith(".npz") for f in files)  # saved as they ended
+    assert len(written["episodes"]) == 2 and written["out"] == out  # and the dataset built from them
+    assert written["episodes"][1]["images"].shape == (20, 2, 32, 32, 3)
+    assert written["extra_meta"] == {"action_layout": "xyz_gripper"}
+
+
+def test_recording_refuses_an_existing_recording_unless_append_or_overwrite(tmp_path, monkeypatch, capsys):
+    cfg_path = write_cfg(tmp_path)
+    out = tmp_path / "demos"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")  # someone's dataset
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    hardware = lambda cfg, mode: rr.Hardware(TeleopRobot(clock), FakeGripper(), cams)
+    written = fake_preprocess(monkeypatch)
+    argv = ["--config", cfg_path, "--record", str(out), "--tracker", "lk"]
+    assert rr.main(argv + ["--episodes", "1"], hardware=pytest.fail, interactive=False) == 2
+    assert "--append adds episodes to it, --overwrite replaces it" in capsys.readouterr().err
+    assert (out / "meta.json").read_text() == "{}"
+    assert rr.main(argv + ["--append", "--episodes", "1"], hardware=hardware, clock=clock,
+                   interactive=False) == 0 and len(written["episodes"]) == 1
+    assert rr.main(argv + ["--append", "--episodes", "2"], hardware=hardware, clock=clock,
+                   interactive=False) == 0 and len(written["episodes"]) == 3
+    assert rr.main(argv + ["--overwrite", "--episodes", "1"], hardware=hardware, clock=clock,
+                   interactive=False) == 0 and len(written["episodes"]) == 1
+    assert len(os.listdir(str(out) + ".episodes")) == 1  # the earlier episodes went with the old dataset
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"robot.stop_decel": -1}, "robot.stop_decel: expected a number >= 0.5, found int (-1)"),
+    ({"robot.servo_gain": 5000}, "robot.servo_gain: expected a number <= 2000"),
+    ({"robot.servo_lookahead_s": 2.0}, "robot.servo_lookahead_s: expected a number <= 0.2"),
+    ({"control.rate_hz": 500, "safety.max_step_m": 0.5}, "safety.max_step_m: expected at most 1.0 m/s"),
+    ({"safety.max_step_rad": 0.5}, "safety.max_step_rad: expected at most 3.14 rad/s"),
+    ({"safety.max_accel": 50}, "safety.max_accel: expected a number <= 5"),
+    ({"control.rate_hz": float("nan")}, "control.rate_hz: expected a finite number"),
+    ({"control.max_overrun_fraction": 0}, "control.max_overrun_fraction: expected a number > 0"),
+    ({"control.max_consecutive_overruns": 2.0}, "expected a valid integer"),
+    ({"gripper": {"port": 70000}}, "gripper.port: expected a number <= 65535"),
+])
+def test_every_config_number_has_a_range(override, needle):
+    with pytest.raises(rr.ConfigError, match=".*".join(map(__import__("re").escape, needle.split(".*")))):
+        rr.parse_config(config_dict(**override))
+
+
+def test_duplicate_config_keys_and_bad_max_steps_are_refused(tmp_path, capsys):
+    text = json.dumps(config_dict())
+    dup = text.replace('"max_step_m": 0.02', '"max_step_m": 0.02, "max_step_m": 0.2')
+    path = tmp_path / "dup.json"
+    path.write_text(dup)
+    with pytest.raises(rr.ConfigError, match="duplicate key 'max_step_m'"):
+        rr.load_config(str(path))
+    cfg_path = write_cfg(tmp_path)
+    assert rr.main(["--config", cfg_path, "--yes", "--max-steps", "0"], hardware=pytest.fail,
+                   policy=FakePolicy(hold)) == 2
+    assert "--max-steps: expected >= 1, found 0" in capsys.readouterr().err
+
+
+def test_nan_gripper_action_stops_and_the_log_stays_json(tmp_path):
+    cfg_path = write_cfg(tmp_path)
+    _, clock, hw = rig()
+    policy = FakePolicy(lambda s, im, p: np.r_[p[:3], np.nan if s == 2 else 0.5])
+    log = tmp_path / "steps.jsonl"
+    assert rr.main(["--config", cfg_path, "--yes", "--log", str(log)], hardware=hw, clock=clock,
+                   policy=policy) == 1
+    assert hw.gripper.commands == [0.5, 0.5] and hw.robot.stops == 1
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+    entries = [json.loads(line, parse_constant=strict) for line in log.read_text().splitlines()]
+    assert len(entries) == 2
 
 # -----------------------------------------------------------------------------
 # Robotiq socket protocol against a local fake server (the real gripper cannot be tested here)
