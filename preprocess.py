@@ -1419,6 +1419,67 @@ def bench_tracker(tracker, *, size=128, frames=32, sequences=3, speeds=(0.5, 2.0
 
 
 # -----------------------------------------------------------------------------
+# Tracker benchmark on real frames: Meta-World episodes scored against the exact tracks
+
+BENCH_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "button-press-v3")
+
+
+def score_tracks(pred, pred_vis, truth, truth_vis, moving_px=1.0):
+    """Errors of predicted tracks against exact ones, on points that move.
+
+    pred, truth (F, S, N, 2) pixels; pred_vis, truth_vis (F, S, N). A point of a window counts when
+    the truth moves it more than moving_px from its start within the window; its steps 1..S-1
+    where the truth sees it are scored. Returns the errors (pixels), the tracker's visibility at
+    those steps and the "no motion" errors (the start position held), all flat arrays.
+    """
+    disp = np.linalg.norm(truth - truth[:, :1], axis=-1)  # (F, S, N)
+    moving = disp.max(1) > moving_px  # (F, N)
+    m = truth_vis[:, 1:] & moving[:, None]  # (F, S-1, N)
+    err = np.linalg.norm(pred[:, 1:] - truth[:, 1:], axis=-1)[m]
+    still = disp[:, 1:][m]
+    return err, pred_vis[:, 1:][m], still
+
+
+def bench_tracker_truth(tracker, tasks, *, episodes=1, cameras=DEFAULT_CAMERAS, img_size=128, T=16,
+                        grid=20, seed=0, log=None):
+    """Score a tracker on scripted Meta-World episodes against the exact simulator tracks.
+
+    Returns one row per view: moving points' median / 90th-percentile error in pixels, the share
+    of the truth's visible moving steps the tracker calls visible, the same errors for "no
+    motion", the moving share of all points, and windows/s of the tracker alone.
+    """
+    queries = grid_pixels(img_size, img_size, grid)
+    acc = {c: {"err": [], "vis": [], "still": [], "moving": 0, "points": 0, "windows": 0, "s": 0.0}
+           for c in cameras}
+    for ep in metaworld_episodes(tasks, episodes, cameras=cameras, img_size=img_size, seed=seed, sim=True):
+        for v, cam in enumerate(cameras):
+            truth, truth_vis = sim_view_tracks(ep["sim"], v, queries, T)
+            t0 = time.time()
+            pred, pred_vis = tracker.track(ep["images"][:, v], queries, T)
+            a = acc[cam]
+            a["s"] += time.time() - t0
+            err, vis, still = score_tracks(pred, pred_vis, truth, truth_vis)
+            a["err"].append(err)
+            a["vis"].append(vis)
+            a["still"].append(still)
+            a["windows"] += len(truth)
+            a["moving"] += int((np.linalg.norm(truth - truth[:, :1], axis=-1).max(1) > 1).sum())
+            a["points"] += truth.shape[0] * truth.shape[2]
+        if log:
+            log(f"{ep['task']}: {len(ep['images'])} frames")
+    rows = []
+    for cam, a in acc.items():
+        err, vis, still = (np.concatenate(a[k]) if a[k] else np.zeros(0) for k in ("err", "vis", "still"))
+        q = (lambda x, p: float(np.percentile(x, p)) if len(x) else float("nan"))
+        rows.append({"view": cam, "windows": a["windows"], "moving": a["moving"] / max(a["points"], 1),
+                     "median_px": q(err, 50), "p90_px": q(err, 90),
+                     "visible": float(vis.mean()) if len(vis) else float("nan"),
+                     "still_median_px": q(still, 50), "still_p90_px": q(still, 90),
+                     "windows_per_s": a["windows"] / max(a["s"], 1e-9)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -1502,6 +1563,12 @@ def build_parser():
     p.add_argument("--sequences", type=int, default=3, help="sequences per speed")
     p.add_argument("--speeds", default="0.5,2,4", help="comma-separated max motion, px per frame")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truth", default="synthetic", choices=["synthetic", "metaworld"],
+                   help="synthetic: a texture moved by a known motion; metaworld: scripted-expert "
+                        "episodes scored against the exact simulator tracks, per view")
+    p.add_argument("--tasks", default=",".join(BENCH_TASKS), help="--truth metaworld: task names")
+    p.add_argument("--episodes", type=int, default=1, help="--truth metaworld: episodes per task")
+    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS), help="--truth metaworld: views")
     return parser
 
 
@@ -1513,6 +1580,19 @@ def _print_bench(rows, tracker, args):
     for r in rows:
         print(f"| {r['speed']:g} | {r['median_px']:.3f} | {r['p90_px']:.3f} | {r['visible']:.3f} "
               f"| {r['frames_per_s']:.1f} |")
+
+
+def _print_bench_truth(rows, tracker, args, tasks):
+    print(f"tracker {tracker.name} vs exact simulator tracks: Meta-World {','.join(tasks)}, "
+          f"{args.episodes} episode(s) each, {args.size}x{args.size} px, T=16, grid 20x20; "
+          f"points moving > 1 px within the window, steps the truth sees")
+    print("| view | windows | moving points | median error (px) | 90th pct (px) | visible "
+          "| no motion: median (px) | no motion: 90th pct (px) | windows/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['view']} | {r['windows']} | {r['moving']:.2f} | {r['median_px']:.2f} | {r['p90_px']:.2f} "
+              f"| {r['visible']:.2f} | {r['still_median_px']:.2f} | {r['still_p90_px']:.2f} "
+              f"| {r['windows_per_s']:.1f} |")
 
 
 def main(argv=None):
@@ -1597,6 +1677,13 @@ def main(argv=None):
     tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
                            cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
                            batch=args.batch, log=log)
+    if args.command == "bench-tracker" and args.truth == "metaworld":
+        tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
+        cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+        rows = bench_tracker_truth(tracker, tasks, episodes=args.episodes, cameras=cameras,
+                                   img_size=args.size, seed=args.seed, log=log)
+        _print_bench_truth(rows, tracker, args, tasks)
+        return 0
     if args.command == "bench-tracker":
         speeds = [float(s) for s in args.speeds.split(",")]
         rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,

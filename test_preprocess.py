@@ -771,3 +771,32 @@ def test_metaworld_uses_exact_tracks_by_default_and_check_sim_command(tmp_path, 
     assert line.startswith("reach-v3 episode 0:") and "surface_ok" in line and "ok True" in line
     with pytest.raises(amplify.DataError, match="--tracker sim: expected a simulator source"):
         P.main(["videos", str(tmp_path), "--task", "x", "--tracker", "sim", "--out", str(tmp_path / "v")])
+
+
+def test_score_tracks_counts_moving_points_where_the_truth_sees_them():
+    truth = np.zeros((1, 4, 3, 2))
+    truth[0, :, 1, 0] = [0, 1, 2, 3]  # point 1 moves 3 px; points 0 and 2 stay (not scored)
+    truth_vis = np.ones((1, 4, 3), bool)
+    truth_vis[0, 3, 1] = False  # the truth loses point 1 at step 3: not scored there
+    pred = truth.copy()
+    pred[0, :, 1, 0] += [0, 0.5, 1.0, 9.0]
+    pred_vis = np.zeros((1, 4, 3), bool)
+    pred_vis[0, 1, 1] = True
+    err, vis, still = P.score_tracks(pred, pred_vis, truth, truth_vis)
+    np.testing.assert_allclose(err, [0.5, 1.0])
+    np.testing.assert_array_equal(vis, [True, False])
+    np.testing.assert_allclose(still, [1, 2])
+
+
+def test_bench_tracker_truth_metaworld_prints_its_table(capsys):
+    need("cv2")
+    need("metaworld")
+    assert P.main(["bench-tracker", "--truth", "metaworld", "--tasks", "reach-v3", "--size", "48"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("tracker lk vs exact simulator tracks: Meta-World reach-v3")
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in out[3:]}
+    assert sorted(rows) == sorted(P.DEFAULT_CAMERAS)
+    for view, (windows, moving, median, p90, visible, still_median, still_p90, speed) in rows.items():
+        assert windows > 16 and 0 < moving <= 1 and 0 <= visible <= 1 and speed > 0
+        assert median <= p90 and still_median <= still_p90
+        assert median < still_median, (view, median, still_median)  # LK beats "nothing moves"
