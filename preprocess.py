@@ -1037,11 +1037,12 @@ def sim_segments(model):
     return np.concatenate([model.geom_bodyid, model.site_bodyid]).astype(np.int32)
 
 
-def record_sim_frame(renderer, model, data, cameras, rot180):
+def record_sim_frame(renderer, model, data, cameras, rot180, scene_option=None):
     """What exact tracks need from one frame, in the orientation the images are stored in.
 
     renderer: a mujoco.Renderer of the stored image size; rot180[v]: view v is stored rotated by
-    180 degrees (Meta-World's corner cameras). Returns a dict of arrays: depth (V, H, W) float32
+    180 degrees (Meta-World's corner cameras); scene_option: the mujoco.MjvOption the images were
+    rendered with (which geom groups show). Returns a dict of arrays: depth (V, H, W) float32
     metres along the optical axis, seg (V, H, W) int32 (geom id, ngeom + site id; -1 background
     or sky, -2 other objects), cam_pos (V, 3), cam_mat (V, 3, 3) camera-to-world (the camera looks
     along -z, y up), xpos (nbody, 3), xmat (nbody, 3, 3), geom_xpos/geom_xmat (for the self-check).
@@ -1051,7 +1052,7 @@ def record_sim_frame(renderer, model, data, cameras, rot180):
     geom, site = mujoco.mjtObj.mjOBJ_GEOM.value, mujoco.mjtObj.mjOBJ_SITE.value
     depth, seg, cam_pos, cam_mat = [], [], [], []
     for cam, flip in zip(cameras, rot180):
-        renderer.update_scene(data, camera=cam)
+        renderer.update_scene(data, camera=cam, scene_option=scene_option)
         renderer.enable_depth_rendering()
         d = renderer.render().copy()
         renderer.enable_segmentation_rendering()
@@ -1073,9 +1074,15 @@ def record_sim_frame(renderer, model, data, cameras, rot180):
             "geom_xpos": data.geom_xpos.copy(), "geom_xmat": data.geom_xmat.reshape(-1, 3, 3).copy()}
 
 
-def sim_record(frames, model, cameras, rot180):
-    """Stack per-frame records (record_sim_frame) into one episode record (leading axis F)."""
+def sim_record(frames, model, cameras, rot180, geomgroup=None):
+    """Stack per-frame records (record_sim_frame) into one episode record (leading axis F).
+
+    geomgroup: the 6 geom-group flags the frames were rendered with (default: MuJoCo's).
+    """
+    import mujoco
+
     rec = {k: np.stack([f[k] for f in frames]) for k in frames[0]}
+    rec["geomgroup"] = np.array(mujoco.MjvOption().geomgroup if geomgroup is None else geomgroup, np.uint8)
     rec["fovy"] = np.array([model.cam_fovy[model.camera(c).id] for c in cameras], np.float64)
     rec["rot180"] = np.array(rot180, bool)
     rec["seg_body"] = sim_segments(model)
@@ -1274,7 +1281,7 @@ def sim_self_check(model, rec, images, *, grid=20, T=16, every=4, patch=5):
     F, V, H, W = images.shape[:4]
     queries = grid_pixels(H, W, grid)
     data = mujoco.MjData(model)
-    groups = np.array(mujoco.MjvOption().geomgroup, np.uint8)  # what the renderer draws
+    groups = rec["geomgroup"]  # rays meet only the geoms the renderer drew
     starts = np.arange(0, F, every)
     hits = total = 0
     surf_err = []
@@ -1416,6 +1423,140 @@ def bench_tracker(tracker, *, size=128, frames=32, sequences=3, speeds=(0.5, 2.0
                      "visible": float(np.concatenate(vis_in).mean()),
                      "frames_per_s": sequences * frames / elapsed})
     return rows
+
+
+# -----------------------------------------------------------------------------
+# Exact tracks for LIBERO demonstrations: replay the MuJoCo states the hdf5 files record
+# LIBERO's files keep, per demonstration, the simulator state of every frame (data/demo_i/states:
+# time, qpos, qvel, as robosuite's MjSim.get_state().flatten()) and the model it ran
+# (attribute model_file: the MJCF text). Setting each state and running mj_forward gives the
+# same body and camera poses the images were rendered from, with MuJoCo alone (no robosuite env).
+
+LIBERO_CAMERAS = ["agentview", "robot0_eye_in_hand"]  # the model's cameras behind LIBERO_VIEWS
+LIBERO_GEOMGROUP = (0, 1, 1, 0, 0, 0)  # robosuite hides collision geoms (group 0), shows visual (1)
+
+
+def _asset_roots():
+    """(marker, local directory) pairs for remapping asset paths recorded on another machine."""
+    roots = []
+    try:
+        import robosuite
+
+        roots.append(("robosuite", Path(robosuite.__file__).parent))
+    except ImportError:
+        pass
+    try:
+        from libero.libero import get_libero_path
+
+        roots.append(("assets", Path(get_libero_path("assets"))))
+    except Exception:  # not installed, or its config cannot be written: no LIBERO assets here
+        pass
+    return roots
+
+
+def libero_model(xml, where="model_file"):
+    """MJCF text from a LIBERO file -> mujoco.MjModel, with mesh/texture paths made local.
+
+    The recorded paths are absolute on the machine that collected the demonstrations; a missing
+    file is looked up under the local robosuite package (after the last "robosuite" component)
+    and LIBERO's assets folder (after the last "assets" component).
+    """
+    import xml.etree.ElementTree as ET
+
+    import mujoco
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise DataError(f"{where}: expected MJCF xml text, found unparsable text ({e})") from None
+    roots = _asset_roots()
+    for elem in root.iter():
+        file = elem.get("file")
+        if file is None or Path(file).is_file():
+            continue
+        parts = Path(file).parts
+        for marker, local in roots:
+            if marker in parts:
+                k = len(parts) - 1 - parts[::-1].index(marker)
+                candidate = local.joinpath(*parts[k + 1:])
+                if candidate.is_file():
+                    elem.set("file", str(candidate))
+                    break
+        else:
+            if Path(file).is_absolute():
+                raise DataError(f"{where}: asset {file} not found here, nor under the local "
+                                f"{' or '.join(str(r) for _, r in roots) or 'robosuite / LIBERO packages'}")
+    try:
+        return mujoco.MjModel.from_xml_string(ET.tostring(root, encoding="unicode"))
+    except ValueError as e:
+        raise DataError(f"{where}: MuJoCo cannot build the model ({str(e).splitlines()[0]})") from None
+
+
+def replay_libero(model, states, size, rgb=False):
+    """Replay flattened states (F, 1 + nq + nv) -> the sim record (record_sim_frame) of LIBERO's
+    two views at size (H, W), and with rgb=True the re-rendered upright images (F, 2, H, W, 3)."""
+    import mujoco
+
+    states = np.asarray(states, np.float64)
+    if states.ndim != 2 or states.shape[1] != 1 + model.nq + model.nv:
+        raise DataError(f"states: expected (F, 1 + nq + nv) = (F, {1 + model.nq + model.nv}) for this "
+                        f"model, found {states.shape}")
+    H, W = size
+    data = mujoco.MjData(model)
+    option = mujoco.MjvOption()
+    option.geomgroup[:] = LIBERO_GEOMGROUP
+    frames, images = [], []
+    with mujoco.Renderer(model, H, W) as renderer:
+        for s in states:
+            data.time = s[0]
+            data.qpos[:] = s[1:1 + model.nq]
+            data.qvel[:] = s[1 + model.nq:]
+            mujoco.mj_forward(model, data)
+            frames.append(record_sim_frame(renderer, model, data, LIBERO_CAMERAS, [False, False], option))
+            if rgb:
+                views = []
+                for cam in LIBERO_CAMERAS:
+                    renderer.update_scene(data, camera=cam, scene_option=option)
+                    views.append(renderer.render().copy())  # mujoco.Renderer returns upright rows
+                images.append(np.stack(views))
+    rec = sim_record(frames, model, LIBERO_CAMERAS, [False, False], LIBERO_GEOMGROUP)
+    return (rec, np.stack(images)) if rgb else rec
+
+
+def check_libero_states(path):
+    """The replay needs data/demo_i/states and the attribute model_file in every demonstration."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        for d in _libero_demos(f, path):
+            g = f["data"][d]
+            if "states" not in g or "model_file" not in g.attrs:
+                raise DataError(f"{path}: data/{d}: expected 'states' and the attribute 'model_file' "
+                                f"(recorded MuJoCo states, as LIBERO's own files have) for --tracker "
+                                f"sim, found {'no states' if 'states' not in g else 'no model_file'}; "
+                                f"use --tracker lk or cotracker")
+            if len(g["states"]) != len(g["actions"]):
+                raise DataError(f"{path}: data/{d}/states: expected {len(g['actions'])} rows like "
+                                f"actions, found {len(g['states'])}")
+
+
+def read_libero_sim(path, img_size=None, demos=None):
+    """read_libero's episodes, each with ep["sim"] from replaying its recorded states."""
+    import h5py
+
+    check_libero_states(path)
+    models = {}
+    with h5py.File(path, "r") as f:
+        keys = [d for j, d in enumerate(_libero_demos(f, path)) if demos is None or j in demos]
+        for key, ep in zip(keys, read_libero(path, img_size, demos)):
+            g = f["data"][key]
+            xml = g.attrs["model_file"]
+            xml = xml.decode() if isinstance(xml, bytes) else str(xml)
+            h = hashlib.sha1(xml.encode()).hexdigest()
+            if h not in models:  # demonstrations of one file usually share the model
+                models = {h: libero_model(xml, f"{path}: data/{key}.model_file")}
+            ep["sim"] = replay_libero(models[h], g["states"][()], ep["images"].shape[2:4])
+            yield ep
 
 
 # -----------------------------------------------------------------------------
@@ -1614,8 +1755,8 @@ def main(argv=None):
             print(f"{task} episode {k}: " + _summary_line(check))
             failed += not check["ok"]
         return 1 if failed else 0
-    if args.tracker == "sim" and args.command in ("videos", "libero"):
-        raise DataError(f"--tracker sim: expected a simulator source (metaworld), found {args.command}; "
+    if args.tracker == "sim" and args.command == "videos":
+        raise DataError(f"--tracker sim: expected a simulator source (metaworld, libero), found {args.command}; "
                         f"use lk or cotracker")
     if args.command != "bench-tracker":
         out = Path(args.out)
@@ -1630,12 +1771,16 @@ def main(argv=None):
     extra = {}
     if args.command == "libero":
         counts = [check_libero(f)[1] for f in args.files]
+        if args.tracker == "sim":
+            for f in args.files:
+                check_libero_states(f)
         demos = sum(counts)
         keep = shard_indices(demos, shard)  # global demo indices, over the files in order
         offsets = np.cumsum([0] + counts)
         picks = [{int(k - lo) for k in keep if lo <= k < hi} for lo, hi in zip(offsets[:-1], offsets[1:])]
+        read = read_libero_sim if args.tracker == "sim" else read_libero
         episodes = (ep for f, pick in zip(args.files, picks) if pick
-                    for ep in read_libero(f, args.img_size, demos=pick))
+                    for ep in read(f, args.img_size, demos=pick))
         run = dict(views=LIBERO_VIEWS, fps=TRAINING_FPS,
                    source="libero: " + ", ".join(Path(f).name for f in args.files),
                    extra_meta={"proprio": "joint positions (7) + gripper (2)",

