@@ -173,6 +173,7 @@ class ModelConfig:
 class TokenizerConfig(ModelConfig):
     """n_layer encoder layers and as many decoder layers."""
     window: int = 15  # W: the decoder classifies each step into W x W pixel moves
+    head_hidden: int = 128  # hidden width of the decoder's per-(view, step, point) MLP (published code: 256)
     grid: int = 20
 
 
@@ -227,7 +228,7 @@ PRESETS = {
     },
     # Table 10 of the paper: widths, depths, heads, dropout, batch, learning rate, codebook.
     "paper": {
-        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048),
+        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048, head_hidden=256),
         "forward": ForwardConfig(d_model=768, n_layer=8, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "train": TrainConfig(steps=100_000, batch_size=256, lr=1e-4, warmup=1000, log_every=100, eval_every=5000,
@@ -399,7 +400,7 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> point decoder -> windows
+# Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> step decoder -> windows
 
 
 class MotionTokenizer(nn.Module):
@@ -416,17 +417,26 @@ class MotionTokenizer(nn.Module):
         self.encoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.enc_ln = nn.LayerNorm(D)
         self.to_latent = nn.Linear(D, n_levels)
-        # Decoder: one learned query per point and view, cross-attending to the codes. The queries
-        # do not attend to each other: the codes carry the motion, the embedding says which point
-        # to read out, and skipping (V*N)^2 self-attention keeps the paper's 31M parameters.
+        # Decoder, as in the published code: L learned step queries attend to each other and to the
+        # codes, giving one D-wide feature per step; a small MLP per (view, step, point) reads that
+        # point's move out of its step's feature, its point embedding and its view embedding, and a
+        # head shared by all of them classifies the move. Measured against one query per point that
+        # must hold all L steps in one D-wide vector (README, "The motion tokenizer's decoder").
         self.code_in = nn.Linear(n_levels, D)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        self.step_queries = nn.Parameter(0.02 * torch.randn(L, D))
+        self.decoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
+        self.dec_ln = nn.LayerNorm(D)
         self.point_emb = nn.Parameter(0.02 * torch.randn(N, D))
         self.view_emb = nn.Parameter(0.02 * torch.randn(V, D))
-        self.decoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True, self_attn=False)
-                                     for _ in range(cfg.n_layer))
-        self.dec_ln = nn.LayerNorm(D)
-        self.head = nn.Linear(D, L * cfg.window ** 2)
+        # The MLP's first layer on [step feature, point embedding, view embedding] is computed as a
+        # sum of three linear maps (the same function), so no (B, V, L, N, 3D) tensor is built.
+        self.mlp_step = nn.Linear(D, cfg.head_hidden)
+        self.mlp_point = nn.Linear(D, cfg.head_hidden, bias=False)
+        self.mlp_view = nn.Linear(D, cfg.head_hidden, bias=False)
+        self.mlp_out = nn.Linear(cfg.head_hidden, D)
+        self.head_ln = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.window ** 2)
         self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
 
     def encode(self, tracks):
@@ -440,14 +450,15 @@ class MotionTokenizer(nn.Module):
 
     def decode_logits(self, codes):
         """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
-        cfg = self.cfg
         memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
-        queries = rearrange(self.view_emb[:, None] + self.point_emb[None], "v n d -> (v n) d")
-        x = repeat(queries, "s d -> b s d", b=codes.shape[0])  # (B, V*N, D)
+        x = repeat(self.step_queries, "l d -> b l d", b=codes.shape[0])
         for block in self.decoder:
             x = block(x, context=memory)
-        logits = self.head(self.dec_ln(x))  # (B, V*N, L*Cw)
-        return rearrange(logits, "b (v n) (l cw) -> b v l n cw", v=cfg.views, l=cfg.T - 1)
+        x = rearrange(self.dec_ln(x), "b l d -> b 1 l 1 d")
+        hidden = (self.mlp_step(x) + rearrange(self.mlp_view(self.view_emb), "v e -> 1 v 1 1 e")
+                  + rearrange(self.mlp_point(self.point_emb), "n e -> 1 1 1 n e"))  # (B, V, L, N, head_hidden)
+        y = x + self.mlp_out(F.relu(hidden))  # (B, V, L, N, D)
+        return self.head(self.head_ln(y))  # (B, V, L, N, Cw)
 
     def forward(self, tracks):
         codes, indices = self.encode(tracks)
@@ -457,9 +468,8 @@ class MotionTokenizer(nn.Module):
         """Cross-entropy of every point's every step against its true local-window class -> (loss, {})."""
         logits, _ = self(tracks)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
-        # Flatten in the decoder's native (b v n l) order: a view, not a copy of the biggest tensor.
-        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v n l) cw"),
-                               rearrange(target, "b v l n -> (b v n l)"))
+        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v l n) cw"),  # a view: the decoder's order
+                               rearrange(target, "b v l n -> (b v l n)"))
         return loss, {}
 
     def decode(self, indices, start):
