@@ -173,6 +173,7 @@ class ModelConfig:
 class TokenizerConfig(ModelConfig):
     """n_layer encoder layers and as many decoder layers."""
     window: int = 15  # W: the decoder classifies each step into W x W pixel moves
+    head_hidden: int = 128  # hidden width of the decoder's per-(view, step, point) MLP (published code: 256)
     grid: int = 20
 
 
@@ -227,7 +228,7 @@ PRESETS = {
     },
     # Table 10 of the paper: widths, depths, heads, dropout, batch, learning rate, codebook.
     "paper": {
-        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048),
+        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048, head_hidden=256),
         "forward": ForwardConfig(d_model=768, n_layer=8, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "train": TrainConfig(steps=100_000, batch_size=256, lr=1e-4, warmup=1000, log_every=100, eval_every=5000,
@@ -301,6 +302,24 @@ class FSQ(nn.Module):
     def indices_to_codes(self, indices):
         digits = (indices.unsqueeze(-1) // self.basis) % self.levels  # (..., len(levels))
         return (digits - self.levels // 2).float() / (self.levels // 2).float()
+
+
+class CodeInput(nn.Module):
+    """Motion-code indices (..., L) -> model inputs (..., L, D): the FSQ code vectors through a linear map.
+
+    This is how the forward and inverse models read codes, as in the published code. A code is a
+    point on the FSQ grid, so codes one level apart are nearby inputs, and a code seen rarely in a
+    few demonstrations still lands beside its neighbours; an nn.Embedding of indices would give
+    every code its own random vector that only training on that very code can move.
+    """
+
+    def __init__(self, codebook_size, d):
+        super().__init__()
+        self.fsq = FSQ(fsq_levels(codebook_size))
+        self.proj = nn.Linear(len(self.fsq.levels), d)
+
+    def forward(self, indices):
+        return self.proj(self.fsq.indices_to_codes(indices))
 
 
 # -----------------------------------------------------------------------------
@@ -381,7 +400,7 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> point decoder -> windows
+# Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> step decoder -> windows
 
 
 class MotionTokenizer(nn.Module):
@@ -398,17 +417,26 @@ class MotionTokenizer(nn.Module):
         self.encoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.enc_ln = nn.LayerNorm(D)
         self.to_latent = nn.Linear(D, n_levels)
-        # Decoder: one learned query per point and view, cross-attending to the codes. The queries
-        # do not attend to each other: the codes carry the motion, the embedding says which point
-        # to read out, and skipping (V*N)^2 self-attention keeps the paper's 31M parameters.
+        # Decoder, as in the published code: L learned step queries attend to each other and to the
+        # codes, giving one D-wide feature per step; a small MLP per (view, step, point) reads that
+        # point's move out of its step's feature, its point embedding and its view embedding, and a
+        # head shared by all of them classifies the move. Measured against one query per point that
+        # must hold all L steps in one D-wide vector (README, "The motion tokenizer's decoder").
         self.code_in = nn.Linear(n_levels, D)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        self.step_queries = nn.Parameter(0.02 * torch.randn(L, D))
+        self.decoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
+        self.dec_ln = nn.LayerNorm(D)
         self.point_emb = nn.Parameter(0.02 * torch.randn(N, D))
         self.view_emb = nn.Parameter(0.02 * torch.randn(V, D))
-        self.decoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True, self_attn=False)
-                                     for _ in range(cfg.n_layer))
-        self.dec_ln = nn.LayerNorm(D)
-        self.head = nn.Linear(D, L * cfg.window ** 2)
+        # The MLP's first layer on [step feature, point embedding, view embedding] is computed as a
+        # sum of three linear maps (the same function), so no (B, V, L, N, 3D) tensor is built.
+        self.mlp_step = nn.Linear(D, cfg.head_hidden)
+        self.mlp_point = nn.Linear(D, cfg.head_hidden, bias=False)
+        self.mlp_view = nn.Linear(D, cfg.head_hidden, bias=False)
+        self.mlp_out = nn.Linear(cfg.head_hidden, D)
+        self.head_ln = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.window ** 2)
         self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
 
     def encode(self, tracks):
@@ -422,14 +450,15 @@ class MotionTokenizer(nn.Module):
 
     def decode_logits(self, codes):
         """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
-        cfg = self.cfg
         memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
-        queries = rearrange(self.view_emb[:, None] + self.point_emb[None], "v n d -> (v n) d")
-        x = repeat(queries, "s d -> b s d", b=codes.shape[0])  # (B, V*N, D)
+        x = repeat(self.step_queries, "l d -> b l d", b=codes.shape[0])
         for block in self.decoder:
             x = block(x, context=memory)
-        logits = self.head(self.dec_ln(x))  # (B, V*N, L*Cw)
-        return rearrange(logits, "b (v n) (l cw) -> b v l n cw", v=cfg.views, l=cfg.T - 1)
+        x = rearrange(self.dec_ln(x), "b l d -> b 1 l 1 d")
+        hidden = (self.mlp_step(x) + rearrange(self.mlp_view(self.view_emb), "v e -> 1 v 1 1 e")
+                  + rearrange(self.mlp_point(self.point_emb), "n e -> 1 1 1 n e"))  # (B, V, L, N, head_hidden)
+        y = x + self.mlp_out(F.relu(hidden))  # (B, V, L, N, D)
+        return self.head(self.head_ln(y))  # (B, V, L, N, Cw)
 
     def forward(self, tracks):
         codes, indices = self.encode(tracks)
@@ -439,9 +468,8 @@ class MotionTokenizer(nn.Module):
         """Cross-entropy of every point's every step against its true local-window class -> (loss, {})."""
         logits, _ = self(tracks)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
-        # Flatten in the decoder's native (b v n l) order: a view, not a copy of the biggest tensor.
-        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v n l) cw"),
-                               rearrange(target, "b v l n -> (b v n l)"))
+        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v l n) cw"),  # a view: the decoder's order
+                               rearrange(target, "b v l n -> (b v l n)"))
         return loss, {}
 
     def decode(self, indices, start):
@@ -639,7 +667,8 @@ class ForwardDynamics(nn.Module):
         self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
         self.text = TextEncoder(cfg)
         self.n_cond = self.vision.n_tokens + 1
-        self.code_emb = nn.Embedding(K + 1, D)  # index K is the start token
+        self.code_in = CodeInput(cfg.codebook_size, D)
+        self.start = nn.Parameter(0.02 * torch.randn(D))  # the token before the first code
         self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
@@ -653,9 +682,9 @@ class ForwardDynamics(nn.Module):
 
     def logits(self, cond, prefix):
         """cond (B, n_cond, D), prefix codes (B, j), j < L -> logits for codes 1..j+1, (B, j+1, K)."""
-        start = torch.full((cond.shape[0], 1), self.K, dtype=torch.long, device=cond.device)
-        seq = torch.cat([start, prefix], dim=1)  # (B, j+1)
-        x = torch.cat([cond, self.code_emb(seq) + self.code_pos[: seq.shape[1]]], dim=1)
+        start = self.start.expand(cond.shape[0], 1, -1)
+        seq = torch.cat([start, self.code_in(prefix)], dim=1)  # (B, j+1, D)
+        x = torch.cat([cond, seq + self.code_pos[: seq.shape[1]]], dim=1)
         S = x.shape[1]
         for block in self.blocks:
             x = block(x, mask=self.mask[:S, :S])
@@ -679,7 +708,7 @@ class ForwardDynamics(nn.Module):
                 codes = torch.cat([codes, nxt[:, None]], dim=1)
             return codes
         caches = [{} for _ in self.blocks]
-        x = torch.cat([cond, self.code_emb.weight[self.K].expand(B, 1, -1) + self.code_pos[:1]], dim=1)
+        x = torch.cat([cond, self.start.expand(B, 1, -1) + self.code_pos[:1]], dim=1)
         mask = self.mask[: x.shape[1], : x.shape[1]]  # the prefix keeps its block-causal mask
         for i in range(self.L):
             for block, cache in zip(self.blocks, caches):
@@ -687,7 +716,7 @@ class ForwardDynamics(nn.Module):
             nxt = sample_logits(self.head(self.ln_f(x[:, -1])), temperature, top_k, generator)
             codes = torch.cat([codes, nxt[:, None]], dim=1)
             if i + 1 < self.L:
-                x = self.code_emb(nxt)[:, None] + self.code_pos[i + 1]  # (B, 1, D): one new token
+                x = self.code_in(nxt[:, None]) + self.code_pos[i + 1]  # (B, 1, D): one new token
                 mask = None  # it may see everything cached so far
         return codes
 
@@ -704,7 +733,7 @@ class InverseDynamics(nn.Module):
         self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
         self.proprio_in = nn.Linear(cfg.proprio_dim, D)
         if cfg.use_codes:
-            self.code_emb = nn.Embedding(int(np.prod(fsq_levels(cfg.codebook_size))), D)
+            self.code_in = CodeInput(cfg.codebook_size, D)
             self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
         self.memory_ln = nn.LayerNorm(D)
         self.queries = nn.Parameter(0.02 * torch.randn(cfg.T, D))
@@ -716,7 +745,7 @@ class InverseDynamics(nn.Module):
         """images (B, V, H, W, 3) uint8, proprio (B, P) normalized, codes (B, L) -> mean, log_std (B, T, A)."""
         memory = [self.vision(images), self.proprio_in(proprio).unsqueeze(1)]
         if self.cfg.use_codes:
-            memory.append(self.code_emb(codes) + self.code_pos)
+            memory.append(self.code_in(codes) + self.code_pos)
         memory = self.memory_ln(torch.cat(memory, dim=1))  # (B, S, D)
         x = repeat(self.queries, "t d -> b t d", b=images.shape[0])
         for block in self.blocks:
@@ -1021,6 +1050,10 @@ def track_metrics(pred, gt, img_size):
 
     mse, pixel_acc, delta_auc follow the published evaluation, which thresholds each coordinate
     separately; the *_euclid variants threshold the Euclidean pixel distance (TAP-Vid style).
+    Static background dominates all of these, so two more look at the motion itself: moving_px,
+    the median endpoint error in pixels over points that move (> 1 px from their start within the
+    window, in gt; NaN when none does), and moving_frac, the share of such points. Report them
+    beside the same metrics of `no_motion(gt)`.
     """
     pred, gt = as_tensor(pred).float(), as_tensor(gt).float()
     if pred.shape != gt.shape:
@@ -1031,13 +1064,30 @@ def track_metrics(pred, gt, img_size):
     err_px = err / pixel  # per-coordinate error in pixels
     dist_px = err_px.norm(dim=-1)
     taus = range(1, 11)
+    moving = ((gt - gt[..., :1, :, :]) / pixel).norm(dim=-1).amax(dim=-2) > 1.0  # (..., N)
+    end_px = dist_px[..., -1, :]  # (..., N) error at the window's last frame
     return {
+        "moving_px": float(end_px[moving].median()) if moving.any() else float("nan"),
+        "moving_frac": float(moving.float().mean()),
         "mse": float(((pred - gt) ** 2).mean()),
         "pixel_acc": float((err_px < 0.5).float().mean()),
         "delta_auc": float(np.mean([(err_px < tau).float().mean().item() for tau in taus])),
         "pixel_acc_euclid": float((dist_px < 0.5).float().mean()),
         "delta_auc_euclid": float(np.mean([(dist_px < tau).float().mean().item() for tau in taus])),
     }
+
+
+def no_motion(tracks):
+    """The "nothing moves" prediction for tracks (..., T, N, 2): every point stays at its start."""
+    tracks = as_tensor(tracks)
+    return tracks[..., :1, :, :].expand_as(tracks)
+
+
+def track_report(pred, gt, img_size):
+    """track_metrics of `pred`, and those of "nothing moves" on the same windows as still_*."""
+    still = track_metrics(no_motion(gt), gt, img_size)
+    return {**track_metrics(pred, gt, img_size),
+            **{f"still_{k}": still[k] for k in ("moving_px", "mse", "pixel_acc", "delta_auc")}}
 
 
 # -----------------------------------------------------------------------------
@@ -1085,8 +1135,22 @@ def write_png(path, image):
 # Checkpoints: weights + config + stats + step, plain types only, written atomically
 
 
+# Bumped when a model's parameters change meaning, so an old file is refused instead of misread.
+CHECKPOINT_FORMAT = 2
+FORMAT_CHANGES = {1: "motion codes read through an nn.Embedding of indices, tokenizer decoder of one query per point"}
+
+
 def save_checkpoint(path, payload):
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def check_format(ckpt, where):
+    """Refuse a checkpoint written for other model layouts, with one line that says what to do."""
+    found = ckpt.get("format", 1)  # format 1 files predate the key
+    if found != CHECKPOINT_FORMAT:
+        why = f" ({FORMAT_CHANGES[found]})" if found in FORMAT_CHANGES else ""
+        raise DataError(f"checkpoint {where}: expected format {CHECKPOINT_FORMAT}, found format {found}{why}; "
+                        f"retrain the {ckpt.get('stage', 'model')} stage with this amplify.py")
 
 
 def load_checkpoint(path, stage=None):
@@ -1101,6 +1165,9 @@ def load_checkpoint(path, stage=None):
         raise DataError(f"checkpoint: expected an amplify checkpoint dict with a 'stage', found {type(ckpt).__name__} in {path}")
     if stage is not None and ckpt["stage"] != stage:
         raise DataError(f"checkpoint {path}: expected stage '{stage}', found '{ckpt['stage']}'")
+    for name, part in ([(k, ckpt[k]) for k in CONFIG_CLASSES if k in ckpt] if ckpt["stage"] == "policy"
+                       else [(None, ckpt)]):
+        check_format(part, f"{path}" + (f" ({name})" if name else ""))
     return ckpt
 
 
@@ -1127,6 +1194,7 @@ def build_model(stage, config, state=None):
 
 
 def model_from_checkpoint(ckpt):
+    check_format(ckpt, f"of stage '{ckpt['stage']}'")
     model = build_model(ckpt["stage"], ckpt["config"], ckpt["model"])
     if ckpt.get("text_cache"):
         model.text.cache = {k: torch.tensor(v) for k, v in ckpt["text_cache"].items()}
@@ -1259,7 +1327,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         net = torch.compile(net)
 
     def save(step):
-        payload = {"stage": stage, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                    "rng": torch.get_rng_state(), "train": asdict(train), **extra}
         text = getattr(model, "text", None)
         if text is not None and text.cache:
@@ -1404,7 +1472,7 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
             used.update(idx.flatten().tolist())
             preds.append(model.decode(idx, tracks[:, :, 0]).cpu())
             gts.append(tracks.cpu())
-        metrics = track_metrics(torch.cat(preds), torch.cat(gts), corpus.img_size)
+        metrics = track_report(torch.cat(preds), torch.cat(gts), corpus.img_size)
         return {"val_loss": float(np.mean(losses)), **metrics, "codes_used": len(used) / model.fsq.codebook_size}
 
     def on_eval(model, step):
@@ -1450,7 +1518,7 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
             preds.append(tokenizer.decode(model.generate(b["images"], b["tasks"]), b["tracks"][:, :, 0]).cpu())
             gts.append(b["tracks"].cpu())
         return {"val_loss": float(np.mean(losses)), "code_acc": float(np.mean(accs)),
-                **track_metrics(torch.cat(preds), torch.cat(gts), corpus.img_size)}
+                **track_report(torch.cat(preds), torch.cat(gts), corpus.img_size)}
 
     def on_eval(model, step):
         b = to_device(make_batch(val[:1]), run.device)
@@ -1463,16 +1531,29 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
                out_path=os.path.join(out, "forward.pt"), extra=extra)
 
 
+PROTOCOLS = {  # how the inverse model comes to read forward-predicted codes (README: "Fine-tuning protocols")
+    "paper": "trained on codes of the true tracks (inverse.pt), then fine-tuned on forward-predicted codes",
+    "published": "the published code's: trained from scratch on forward-predicted codes",
+}
+
+
 def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None,
-                  forward=None, init=None, predicted_codes=False):
+                  forward=None, init=None, predicted_codes=False, from_scratch=False):
     """Train the inverse model on codes of the true tracks (tokenizer, default out/tokenizer.pt;
-    none if not cfg.use_codes), writing out/inverse.pt; or, with predicted_codes, fine-tune `init`
-    (default out/inverse.pt, whose config and normalizers are kept) on the codes the forward model
-    (default out/forward.pt) predicts, writing out/inverse_ft.pt."""
+    none if not cfg.use_codes), writing out/inverse.pt; or, with predicted_codes, on the codes the
+    forward model (default out/forward.pt) predicts, writing out/inverse_ft.pt: fine-tuning `init`
+    (default out/inverse.pt, whose config and normalizers are kept; the paper's protocol) or, with
+    from_scratch, a new model (the published code's protocol).
+
+    Held-out action errors are reported for the codes trained on (action_mse) and, whichever of
+    the tokenizer and forward model is at hand, for codes of the true tracks (action_mse_true) and
+    for forward-predicted codes (action_mse_pred): a prior that works has both well below the
+    no-codes baseline's action_mse."""
     train, run = resolve(train, run)
     name = "inverse_ft" if predicted_codes else "inverse"
-    tok_model = fwd_model = None
-    if predicted_codes:  # fine-tuning keeps the model's config and normalization
+    tok_path, fwd_path = tokenizer or os.path.join(out, "tokenizer.pt"), forward or os.path.join(out, "forward.pt")
+    init_ckpt = None
+    if predicted_codes and not from_scratch:  # fine-tuning keeps the model's config and normalization
         init_path = init or os.path.join(out, "inverse.pt")
         init_ckpt = load_checkpoint(init_path, "inverse")
         check_data_matches(init_ckpt, corpus, init_path)
@@ -1480,11 +1561,18 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
         if not cfg.use_codes:
             raise UserError(f"--predicted-codes fine-tunes on forward-model codes, but {init_path} was trained "
                             f"without codes (--no-codes)")
-        _, fwd_model = load_stage(forward or os.path.join(out, "forward.pt"), "forward", corpus, run.device)
-    elif cfg.use_codes:  # codes of the true tracks need the tokenizer
-        tok_ckpt, tok_model = load_stage(tokenizer or os.path.join(out, "tokenizer.pt"), "tokenizer", corpus,
-                                         run.device)
-        cfg = replace(cfg, codebook_size=tok_ckpt["config"]["codebook_size"])
+    elif predicted_codes and not cfg.use_codes:
+        raise UserError("--predicted-codes trains on forward-model codes; it cannot be combined with --no-codes")
+    # The models that make codes: the one trained on is required, the other is loaded for the
+    # diagnostics when its checkpoint is there.
+    tok_model = fwd_model = None
+    if cfg.use_codes and (not predicted_codes or tokenizer or os.path.exists(tok_path)):
+        tok_ckpt, tok_model = load_stage(tok_path, "tokenizer", corpus, run.device)
+    if cfg.use_codes and (predicted_codes or forward or os.path.exists(fwd_path)):
+        fwd_ckpt, fwd_model = load_stage(fwd_path, "forward", corpus, run.device)
+    if cfg.use_codes and init_ckpt is None:
+        source = fwd_ckpt if predicted_codes else tok_ckpt
+        cfg = replace(cfg, codebook_size=source["config"]["codebook_size"])
     train_eps, val_eps = split_episodes(corpus, run.val_episodes)
     train_eps = select_episodes(corpus, train_eps, need_actions=True, shots=run.shots,
                                 only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
@@ -1492,7 +1580,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     frames = require_frames(corpus, train_eps, "inverse (episodes with actions)")
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
-    if predicted_codes:
+    if init_ckpt is not None:
         act_norm, prop_norm = Normalizer(**init_ckpt["stats"]["actions"]), Normalizer(**init_ckpt["stats"]["proprio"])
     else:
         # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
@@ -1500,10 +1588,10 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
         prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
         cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
-    model = build_model("inverse", cfg, init_ckpt["model"] if predicted_codes else None)
+    model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
     val = eval_frames(corpus, val_eps, train.eval_samples)
-    codes_from = ("forward-predicted" if predicted_codes else "true tracks" if cfg.use_codes
-                  else "none (inverse-only baseline)")
+    codes_from = ("none (inverse-only baseline)" if not cfg.use_codes else "true tracks" if not predicted_codes
+                  else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init_path}")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
         f"{len(val_eps)} held out | codes: {codes_from}")
 
@@ -1516,32 +1604,40 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
             b["tracks"] = tracks_batch(corpus, f)
         return b
 
-    def codes_for(batch):
+    def codes_for(batch, source="pred" if predicted_codes else "true"):
         if not cfg.use_codes:
             return None
         with torch.no_grad():
-            if predicted_codes:
+            if source == "pred":
                 return fwd_model.generate(batch["images"], batch["tasks"])
             return tok_model.encode(batch["tracks"])[1]
 
     def loss_fn(model, batch):
         return model.loss(batch["images"], batch["proprio"], codes_for(batch), batch["actions"], batch["valid"])
 
+    def action_mse(model, b, codes):
+        """Squared error of the predicted mean, in data units: (over the valid steps, at the first step)."""
+        mean, _ = model(b["images"], b["proprio"], codes)
+        err = (act_norm.inverse(mean.cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
+        return err[b["valid"].bool().cpu().numpy()].mean(), err[:, 0].mean()
+
+    sources = [s for s, m in (("true", tok_model), ("pred", fwd_model)) if m is not None]
+
     def eval_fn(model):
-        losses, err_norm, err_data, err_first = [], [], [], []
+        sums = {}
         for b in held_out_batches(model, val, make_batch, train, run):
-            codes = codes_for(b)
-            loss, metrics = model.loss(b["images"], b["proprio"], codes, b["actions"], b["valid"])
-            mean, _ = model(b["images"], b["proprio"], codes)
-            losses.append(loss.item())
-            err_norm.append(metrics["action_mse_norm"].item())
-            data_err = (act_norm.inverse(mean.cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
-            err_data.append(data_err[b["valid"].bool().cpu().numpy()].mean())
-            err_first.append(data_err[:, 0].mean())
-        return {"val_nll": float(np.mean(losses)), "action_mse_norm": float(np.mean(err_norm)),
-                "action_mse": float(np.mean(err_data)), "action_mse_first": float(np.mean(err_first))}
+            loss, metrics = model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"])
+            row = {"val_nll": loss.item(), "action_mse_norm": metrics["action_mse_norm"].item()}
+            row["action_mse"], row["action_mse_first"] = action_mse(model, b, codes_for(b))
+            for source in sources:  # the diagnostics: both kinds of codes on the same windows
+                same = source == ("pred" if predicted_codes else "true")
+                row[f"action_mse_{source}"] = row["action_mse"] if same else action_mse(model, b, codes_for(b, source))[0]
+            for k, v in row.items():
+                sums.setdefault(k, []).append(v)
+        return {k: float(np.mean(v)) for k, v in sums.items()}
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": predicted_codes,
+             "codes_protocol": None if not predicted_codes else "published" if init_ckpt is None else "paper",
              "stats": {"actions": act_norm.state(), "proprio": prop_norm.state()},
              "protocol": {"shots": run.shots, "only_task": list(run.only_tasks),
                           "exclude_task": list(run.exclude_tasks), "train_episodes": len(train_eps)}}
@@ -1604,7 +1700,8 @@ def stage_checkpoints(out_dir):
 
 def write_policy(out_dir):
     """Bundle the stage checkpoints in out_dir into out_dir/policy.pt."""
-    save_checkpoint(os.path.join(out_dir, "policy.pt"), {"stage": "policy", **stage_checkpoints(out_dir)})
+    save_checkpoint(os.path.join(out_dir, "policy.pt"), {"stage": "policy", "format": CHECKPOINT_FORMAT,
+                                                         **stage_checkpoints(out_dir)})
     return os.path.join(out_dir, "policy.pt")
 
 
@@ -1761,15 +1858,20 @@ def run(args):
         train_tokenizer(corpus, models["tokenizer"], args.out, train, run_cfg)
     if args.stage in ("forward", "all") and not (args.stage == "all" and args.no_codes):
         train_forward(corpus, models["forward"], args.out, train, run_cfg, tokenizer=args.tokenizer)
+    from_scratch = args.protocol == "published"
     if args.stage == "inverse":
         train_inverse(corpus, models["inverse"], args.out, train, run_cfg, predicted_codes=args.predicted_codes,
-                      **inverse_inputs)
-    if args.stage == "all":
+                      from_scratch=from_scratch, **inverse_inputs)
+    if args.stage == "all" and (args.no_codes or not from_scratch):  # the paper's protocol (or the baseline)
         train_inverse(corpus, models["inverse"], args.out, train, run_cfg, **inverse_inputs)
         ft_steps = args.finetune_steps if args.finetune_steps is not None else train.steps // 2
         if not args.no_codes and ft_steps > 0:
             train_inverse(corpus, models["inverse"], args.out, replace(train, steps=ft_steps), run_cfg,
                           predicted_codes=True, **inverse_inputs)
+    elif args.stage == "all":  # the published code's protocol: one inverse model, on predicted codes only
+        train_inverse(corpus, models["inverse"], args.out, train, run_cfg, predicted_codes=True, from_scratch=True,
+                      **inverse_inputs)
+    if args.stage == "all":
         if ddp.rank == 0:
             log(f"policy: {write_policy(args.out)}")
 
@@ -1807,8 +1909,13 @@ def build_parser():
     p.add_argument("--forward", help="forward-model checkpoint for --predicted-codes (default: OUT/forward.pt)")
     p.add_argument("--init", help="inverse checkpoint that --predicted-codes fine-tunes (default: OUT/inverse.pt)")
     p.add_argument("--predicted-codes", action="store_true",
-                   help="inverse: fine-tune on codes predicted by the forward model (writes OUT/inverse_ft.pt)")
-    p.add_argument("--finetune-steps", type=int, help="--stage all: steps of that fine-tuning (default: steps/2)")
+                   help="inverse: train on codes predicted by the forward model (writes OUT/inverse_ft.pt), "
+                   "as --protocol says")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
+                   help="how the inverse model comes to read predicted codes (--stage all, --predicted-codes): "
+                   + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
+    p.add_argument("--finetune-steps", type=int, help="--stage all --protocol paper: steps of the fine-tuning on "
+                   "predicted codes (default: steps/2)")
     # data protocols (paper section 5): few-shot, zero-shot, cross-embodiment
     p.add_argument("--shots", type=int, default=0, help="inverse: use only the first K action episodes of each task (0: all)")
     p.add_argument("--only-task", action="append", default=[], help="train only on episodes of this task (repeatable)")
@@ -1844,6 +1951,9 @@ def check_args(p, args):
         p.error("--predicted-codes applies to --stage inverse (--stage all fine-tunes by itself)")
     if args.predicted_codes and args.no_codes:
         raise UserError("--predicted-codes fine-tunes on forward-model codes; it cannot be combined with --no-codes")
+    if args.protocol == "published" and args.finetune_steps is not None:
+        p.error("--finetune-steps: the published protocol has no fine-tuning (it trains on predicted codes from the "
+                "start); use --protocol paper")
     for path in args.data or []:
         if not os.path.exists(path):
             raise UserError(f"--data: path does not exist: {path}")

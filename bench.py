@@ -97,8 +97,8 @@ def bench(args):
     print(f"kv_cache_identical_codes: {bool(torch.equal(cached, uncached))}", flush=True)
     data = {"views": [f"view{v}" for v in range(V)], "img_size": list(size), "T": tok_cfg.T, "grid": tok_cfg.grid}
     stats = {"actions": {"mean": [0.0] * A_, "std": [1.0] * A_}, "proprio": {"mean": [0.0] * P, "std": [1.0] * P}}
-    ckpt = {name: {"stage": name, "config": asdict(m.cfg), "model": m.state_dict(), "data": data, "stats": stats}
-            for name, m in models.items()}
+    ckpt = {name: {"stage": name, "format": A.CHECKPOINT_FORMAT, "config": asdict(m.cfg), "model": m.state_dict(),
+                   "data": data, "stats": stats} for name, m in models.items()}
     policy = A.Policy(ckpt["inverse"], ckpt["tokenizer"], ckpt["forward"], device=str(device))
     obs, prop = images[0].cpu().numpy(), np.zeros(P, dtype=np.float32)
     t_policy = timed(lambda: policy.act(obs, prop, "task 0"), device, reps)

@@ -148,6 +148,23 @@ def test_track_metrics_hand_computed():
     assert m["delta_auc_euclid"] == pytest.approx(0.9)
 
 
+def test_moving_point_error_and_no_motion_reference():
+    """moving_px: median endpoint error over the points that move > 1 px; the still_* reference is
+    "nothing moves" on the same windows."""
+    size, px = 100, 2 / 100
+    gt = torch.zeros(1, 4, 3, 2)  # (V, T, N, xy): point 0 moves 6 px right, point 1 moves 1 px (not "moving")
+    gt[0, :, 0, 0] = torch.tensor([0, 2, 4, 6]) * px
+    gt[0, :, 1, 1] = torch.tensor([0, 1, 1, 1]) * px
+    pred = gt.clone()
+    pred[0, -1, 0, 0] += 3 * px  # 3 px off at the end of the window
+    m = A.track_metrics(pred, gt, size)
+    assert m["moving_frac"] == pytest.approx(1 / 3) and m["moving_px"] == pytest.approx(3)
+    report = A.track_report(pred, gt, size)
+    assert report["still_moving_px"] == pytest.approx(6)  # staying put misses the whole motion
+    assert report["still_delta_auc"] == A.track_metrics(A.no_motion(gt), gt, size)["delta_auc"]
+    assert np.isnan(A.track_metrics(torch.zeros(1, 4, 3, 2), torch.zeros(1, 4, 3, 2), size)["moving_px"])
+
+
 def test_temporal_ensembler_weights_oldest_first_and_expiry():
     ens = A.TemporalEnsembler(horizon=3, k=0.5)
     assert ens.step(np.zeros((3, 1)))[0] == 0
@@ -171,6 +188,13 @@ def small_forward(views=2, img=16, codebook=256):
     cfg = A.ForwardConfig(d_model=32, n_layer=2, n_head=4, codebook_size=codebook, views=views, img_size=(img, img),
                           vision=A.VisionConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)))
     return A.ForwardDynamics(cfg).eval()
+
+
+def small_inverse(views=1, img=16, codebook=256):
+    torch.manual_seed(0)
+    cfg = A.InverseConfig(d_model=32, n_head=4, codebook_size=codebook, views=views, img_size=(img, img), action_dim=3,
+                          proprio_dim=2, vision=A.VisionConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)))
+    return A.InverseDynamics(cfg)
 
 
 def test_block_causal_mask():
@@ -261,10 +285,7 @@ def test_forward_overfits_codes():
 
 
 def test_inverse_overfits_actions():
-    torch.manual_seed(0)
-    cfg = A.InverseConfig(d_model=32, n_head=4, codebook_size=256, views=1, img_size=(16, 16), action_dim=3,
-                          proprio_dim=2, vision=A.VisionConfig(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1)))
-    model = A.InverseDynamics(cfg)
+    model = small_inverse()
     B = 6
     images = torch.randint(0, 255, (B, 1, 16, 16, 3), dtype=torch.uint8)
     proprio = torch.randn(B, 2)
@@ -277,6 +298,25 @@ def test_inverse_overfits_actions():
     with torch.no_grad():  # still in train mode: BatchNorm statistics of this very batch
         mean, _ = model(images, proprio, codes)
     assert ((mean - actions) ** 2).mean() < 0.05
+
+
+@pytest.mark.parametrize("stage", ["forward", "inverse"])
+def test_code_inputs_are_continuous_in_the_levels(stage):
+    """Both models read a code as its FSQ vector through a linear map: codes one level apart in one
+    channel give nearby inputs (an embedding of indices would put them as far apart as any two)."""
+    torch.manual_seed(0)
+    model = small_forward() if stage == "forward" else small_inverse()
+    fsq = model.code_in.fsq
+    idx = torch.arange(fsq.codebook_size)
+    digits = (idx[:, None] // fsq.basis) % fsq.levels  # (K, channels)
+    with torch.no_grad():
+        emb = model.code_in(idx)  # (K, D)
+        near = torch.cat([(emb[idx[ok] + fsq.basis[c]] - emb[idx[ok]]).norm(dim=-1)
+                          for c in range(len(fsq.levels)) for ok in [digits[:, c] < fsq.levels[c] - 1]])
+        pairs = torch.randint(0, fsq.codebook_size, (2, 2000), generator=torch.Generator().manual_seed(0))
+        far = (emb[pairs[0]] - emb[pairs[1]]).norm(dim=-1)
+    assert near.mean() < 0.4 * far.mean(), (near.mean(), far.mean())
+    assert near.max() < far.mean(), (near.max(), far.mean())
 
 
 def test_inverse_loss_discounts_and_masks():
@@ -502,6 +542,56 @@ def test_interrupted_training_resumes_exactly(trained, tmp_path, monkeypatch, ca
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         assert_close(a["model"][k], b["model"][k], 1e-6, k)
+
+
+def test_old_checkpoints_are_refused_with_one_line(trained, tmp_path):
+    """Checkpoints of the earlier layout (codes through an index embedding, one decoder query per
+    point) have no 'format'; they are refused, never loaded into the new models."""
+    root, _ = trained
+    run = root / "run"
+    old = {}
+    for stage in ("tokenizer", "forward", "inverse"):
+        ckpt = A.load_checkpoint(str(run / f"{stage}.pt"), stage)
+        assert ckpt["format"] == A.CHECKPOINT_FORMAT
+        ckpt.pop("format")
+        old[stage] = tmp_path / f"old_{stage}.pt"
+        torch.save(ckpt, old[stage])
+    for stage, args in (("tokenizer", ["--stage", "forward", "--tokenizer", old["tokenizer"]]),
+                        ("forward", ["--stage", "inverse", "--predicted-codes", "--forward", old["forward"],
+                                     "--init", run / "inverse.pt"]),
+                        ("inverse", ["--stage", "inverse", "--predicted-codes", "--init", old["inverse"]])):
+        proc = run_cli(*args, "--data", root / "data", "--out", tmp_path / "out", "--steps", "1", *FAST, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "expected format 2, found format 1" in proc.stderr, proc.stderr
+        assert f"retrain the {stage} stage" in proc.stderr
+    bundle = A.load_checkpoint(str(run / "policy.pt"), "policy")
+    bundle["forward"].pop("format")
+    torch.save(bundle, tmp_path / "old_policy.pt")
+    with pytest.raises(A.DataError, match=r"old_policy.pt \(forward\): expected format 2, found format 1"):
+        A.load_policy(str(tmp_path / "old_policy.pt"))
+
+
+def test_both_finetuning_protocols_end_to_end(trained, tmp_path):
+    """paper: inverse on true codes, then fine-tuned on predicted codes (the fixture's --stage all);
+    published: one inverse model trained from scratch on predicted codes. Both report the held-out
+    action error with true and with predicted codes."""
+    root, proc = trained
+    paper = A.load_checkpoint(str(root / "run" / "inverse_ft.pt"), "inverse")
+    assert paper["predicted_codes"] and paper["codes_protocol"] == "paper"
+    for line in ("inverse | eval step 4", "action_mse_true", "action_mse_pred", "still_moving_px", "moving_px"):
+        assert line in proc.stdout, line
+    out = tmp_path / "published"
+    proc = run_cli("--stage", "all", "--protocol", "published", "--data", root / "data", "--out", out, "--steps", "3",
+                   *FAST)
+    assert "inverse_ft | step 3/3" in proc.stdout and "codes: forward-predicted, from scratch" in proc.stdout
+    assert "inverse | " not in proc.stdout and not (out / "inverse.pt").exists()  # no true-code stage
+    published = A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")
+    assert published["predicted_codes"] and published["codes_protocol"] == "published" and published["step"] == 3
+    action = A.load_policy(str(out)).act(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "move the square right")
+    assert action.shape == (7,) and np.isfinite(action).all()
+    proc = run_cli("--stage", "all", "--protocol", "published", "--finetune-steps", "2", "--data", root / "data",
+                   "--out", out, *FAST, check=False)
+    assert proc.returncode == 2 and "--finetune-steps" in proc.stderr
 
 
 def test_stages_train_from_python_with_dataclasses(trained, tmp_path):
