@@ -299,8 +299,9 @@ def load_tracker(name="auto", *, cotracker_repo=None, cotracker_checkpoint=None,
 def _bilinear(field, points):
     """field (H, W, C) float32 at points (M, 2) pixels (x, y) -> (M, C); edges replicated."""
     m = np.ascontiguousarray(points, np.float32).reshape(-1, 1, 2)
-    out = _remap(field, m[..., 0], m[..., 1])
-    return out.reshape(len(m), -1)
+    rows = 32000  # cv2.remap takes maps of fewer than 32767 rows
+    out = [_remap(field, m[i:i + rows, :, 0], m[i:i + rows, :, 1]) for i in range(0, len(m), rows)]
+    return np.concatenate(out).reshape(len(m), -1) if len(m) else np.zeros((0, field.shape[-1]), np.float32)
 
 
 def _remap(img, map_x, map_y):
@@ -313,11 +314,12 @@ def _patches(img, points, win):
     """win x win patches of img (H, W) float32 centred at points (M, 2), bilinear -> (M, win, win)."""
     off = np.arange(win, dtype=np.float32) - (win - 1) / 2
     M = len(points)
-    mx = np.broadcast_to(points[:, None, None, 0] + off[None, None, :], (M, win, win))
-    my = np.broadcast_to(points[:, None, None, 1] + off[None, :, None], (M, win, win))
-    out = _remap(img, np.ascontiguousarray(mx, np.float32).reshape(-1, win),
-                    np.ascontiguousarray(my, np.float32).reshape(-1, win))
-    return out.reshape(M, win, win)
+    mx = np.broadcast_to(points[:, None, None, 0] + off[None, None, :], (M, win, win)).reshape(M, -1)
+    my = np.broadcast_to(points[:, None, None, 1] + off[None, :, None], (M, win, win)).reshape(M, -1)
+    rows = 32000  # cv2.remap takes maps of fewer than 32767 rows
+    out = [_remap(img, np.ascontiguousarray(mx[i:i + rows], np.float32),
+                  np.ascontiguousarray(my[i:i + rows], np.float32)) for i in range(0, M, rows)]
+    return np.concatenate(out).reshape(M, win, win) if M else np.zeros((0, win, win), np.float32)
 
 
 class FlowTracker:
@@ -1690,39 +1692,38 @@ BENCH_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "button-press-v3")
 
 
 def score_tracks(pred, pred_vis, truth, truth_vis, moving_px=1.0):
-    """Errors of predicted tracks against exact ones, on points that move.
+    """Endpoint errors of predicted tracks against exact ones, on points that move (SPEC 3).
 
     pred, truth (F, S, N, 2) pixels; pred_vis, truth_vis (F, S, N). A point of a window counts when
-    the truth moves it more than moving_px from its start within the window; its steps 1..S-1
-    where the truth sees it are scored. Returns the errors (pixels), the tracker's visibility at
-    those steps and the "no motion" errors (the start position held), all flat arrays.
+    the truth moves it more than moving_px from its start within the window and sees it at the
+    window's last step. Returns, for those points, the error there (pixels), whether the tracker
+    calls it visible there, and the error of "no motion" (the start position held): flat arrays.
     """
     disp = np.linalg.norm(truth - truth[:, :1], axis=-1)  # (F, S, N)
-    moving = disp.max(1) > moving_px  # (F, N)
-    m = truth_vis[:, 1:] & moving[:, None]  # (F, S-1, N)
-    err = np.linalg.norm(pred[:, 1:] - truth[:, 1:], axis=-1)[m]
-    still = disp[:, 1:][m]
-    return err, pred_vis[:, 1:][m], still
+    m = truth_vis[:, -1] & (disp.max(1) > moving_px)  # (F, N)
+    err = np.linalg.norm(pred[:, -1] - truth[:, -1], axis=-1)[m]
+    return err, pred_vis[:, -1][m], disp[:, -1][m]
 
 
-def bench_tracker_truth(tracker, tasks, *, episodes=1, cameras=DEFAULT_CAMERAS, img_size=128, T=16,
+def bench_tracker_truth(trackers, tasks, *, episodes=1, cameras=DEFAULT_CAMERAS, img_size=128, T=16,
                         grid=20, seed=0, log=None):
-    """Score a tracker on scripted Meta-World episodes against the exact simulator tracks.
+    """Score trackers on scripted Meta-World episodes against the exact simulator tracks.
 
-    Returns one row per view: moving points' median / 90th-percentile error in pixels, the share
-    of the truth's visible moving steps the tracker calls visible, the same errors for "no
+    trackers: a list (the episodes are rolled out once and every tracker sees the same frames, so
+    their speeds are comparable). Returns one row per tracker and view: moving points' median / 90th-percentile endpoint error in pixels,
+    the share of those the tracker calls visible where the truth sees them, the same errors for "no
     motion", the moving share of all points, the share of still points (the truth moves them
     < 0.5 px) that the tracker moves > 1 px (invented motion), and windows/s of the tracker alone.
     """
     queries = grid_pixels(img_size, img_size, grid)
-    acc = {c: {"err": [], "vis": [], "still": [], "moving": 0, "points": 0, "windows": 0, "s": 0.0,
-               "static": 0, "invented": 0} for c in cameras}
+    acc = {(j, c): {"err": [], "vis": [], "still": [], "moving": 0, "points": 0, "windows": 0,
+                    "s": 0.0, "static": 0, "invented": 0} for j in range(len(trackers)) for c in cameras}
     for ep in metaworld_episodes(tasks, episodes, cameras=cameras, img_size=img_size, seed=seed, sim=True):
-        for v, cam in enumerate(cameras):
+        for (j, cam), a in acc.items():
+            v = cameras.index(cam)
             truth, truth_vis = sim_view_tracks(ep["sim"], v, queries, T)
             t0 = time.time()
-            pred, pred_vis = tracker.track(ep["images"][:, v], queries, T)
-            a = acc[cam]
+            pred, pred_vis = trackers[j].track(ep["images"][:, v], queries, T)
             a["s"] += time.time() - t0
             err, vis, still = score_tracks(pred, pred_vis, truth, truth_vis)
             a["err"].append(err)
@@ -1738,10 +1739,10 @@ def bench_tracker_truth(tracker, tasks, *, episodes=1, cameras=DEFAULT_CAMERAS, 
         if log:
             log(f"{ep['task']}: {len(ep['images'])} frames")
     rows = []
-    for cam, a in acc.items():
+    for (j, cam), a in acc.items():
         err, vis, still = (np.concatenate(a[k]) if a[k] else np.zeros(0) for k in ("err", "vis", "still"))
         q = (lambda x, p: float(np.percentile(x, p)) if len(x) else float("nan"))
-        rows.append({"view": cam, "windows": a["windows"], "moving": a["moving"] / max(a["points"], 1),
+        rows.append({"tracker": trackers[j].name, "view": cam, "windows": a["windows"], "moving": a["moving"] / max(a["points"], 1),
                      "median_px": q(err, 50), "p90_px": q(err, 90),
                      "visible": float(vis.mean()) if len(vis) else float("nan"),
                      "still_median_px": q(still, 50), "still_p90_px": q(still, 90),
@@ -1825,7 +1826,9 @@ def build_parser():
     p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
 
     p = sub.add_parser("bench-tracker", help="tracker accuracy on frames with known motion")
-    p.add_argument("--tracker", default="lk", choices=["auto", "cotracker", "lk", "flow"])
+    p.add_argument("--tracker", default="lk",
+                   help="comma-separated: auto, cotracker, lk, flow (e.g. lk,flow: one table, the "
+                        "same frames for each)")
     p.add_argument("--cotracker-repo", default=None, help="as for the other subcommands")
     p.add_argument("--cotracker-checkpoint", default=None, help="as for the other subcommands")
     p.add_argument("--device", default=None, help="torch device for CoTracker")
@@ -1854,15 +1857,15 @@ def _print_bench(rows, tracker, args):
               f"| {r['frames_per_s']:.1f} |")
 
 
-def _print_bench_truth(rows, tracker, args, tasks):
-    print(f"tracker {tracker.name} vs exact simulator tracks: Meta-World {','.join(tasks)}, "
+def _print_bench_truth(rows, args, tasks):
+    print(f"trackers vs exact simulator tracks: Meta-World {','.join(tasks)}, "
           f"{args.episodes} episode(s) each, {args.size}x{args.size} px, T=16, grid 20x20; "
-          f"points moving > 1 px within the window, steps the truth sees")
-    print("| view | windows | moving points | median error (px) | 90th pct (px) | visible "
+          f"endpoint error (step 15) of points moving > 1 px within the window, where the truth sees them")
+    print("| tracker | view | windows | moving points | median error (px) | 90th pct (px) | visible "
           "| no motion: median (px) | no motion: 90th pct (px) | still points moved > 1 px | windows/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['view']} | {r['windows']} | {r['moving']:.2f} | {r['median_px']:.2f} | {r['p90_px']:.2f} "
+        print(f"| {r['tracker']} | {r['view']} | {r['windows']} | {r['moving']:.2f} | {r['median_px']:.2f} | {r['p90_px']:.2f} "
               f"| {r['visible']:.2f} | {r['still_median_px']:.2f} | {r['still_p90_px']:.2f} "
               f"| {r['invented']:.3f} | {r['windows_per_s']:.1f} |")
 
@@ -1950,22 +1953,32 @@ def main(argv=None):
                                "actions": "delta hand xyz + gripper effort, in [-1, 1]",
                                "success": record})
 
+    if args.command == "bench-tracker":
+        names = [t.strip() for t in args.tracker.split(",") if t.strip()]
+        bad = [t for t in names if t not in ("auto", "cotracker", "lk", "flow")]
+        if bad or not names:
+            raise DataError(f"--tracker: expected comma-separated names from auto, cotracker, lk, "
+                            f"flow, found {args.tracker!r}")
+        trackers = [load_tracker(t, cotracker_repo=args.cotracker_repo, device=args.device,
+                                 cotracker_checkpoint=args.cotracker_checkpoint, batch=args.batch,
+                                 log=log) for t in names]
+        if args.truth == "metaworld":
+            tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
+            cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+            rows = bench_tracker_truth(trackers, tasks, episodes=args.episodes, cameras=cameras,
+                                       img_size=args.size, seed=args.seed, log=log)
+            _print_bench_truth(rows, args, tasks)
+            return 0
+        speeds = [float(s) for s in args.speeds.split(",")]
+        for tracker in trackers:
+            rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,
+                                 speeds=speeds, seed=args.seed)
+            _print_bench(rows, tracker, args)
+        return 0
+
     tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
                            cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
                            batch=args.batch, log=log)
-    if args.command == "bench-tracker" and args.truth == "metaworld":
-        tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
-        cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
-        rows = bench_tracker_truth(tracker, tasks, episodes=args.episodes, cameras=cameras,
-                                   img_size=args.size, seed=args.seed, log=log)
-        _print_bench_truth(rows, tracker, args, tasks)
-        return 0
-    if args.command == "bench-tracker":
-        speeds = [float(s) for s in args.speeds.split(",")]
-        rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,
-                             speeds=speeds, seed=args.seed)
-        _print_bench(rows, tracker, args)
-        return 0
 
     if shard is not None:
         run["extra_meta"] = {**run.get("extra_meta", {}),
