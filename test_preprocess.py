@@ -775,31 +775,34 @@ def test_metaworld_uses_exact_tracks_by_default_and_check_sim_command(tmp_path, 
         P.main(["videos", str(tmp_path), "--task", "x", "--tracker", "sim", "--out", str(tmp_path / "v")])
 
 
-def test_score_tracks_counts_moving_points_where_the_truth_sees_them():
-    truth = np.zeros((1, 4, 3, 2))
-    truth[0, :, 1, 0] = [0, 1, 2, 3]  # point 1 moves 3 px; points 0 and 2 stay (not scored)
-    truth_vis = np.ones((1, 4, 3), bool)
-    truth_vis[0, 3, 1] = False  # the truth loses point 1 at step 3: not scored there
+def test_score_tracks_scores_endpoints_of_moving_points_the_truth_sees():
+    truth = np.zeros((2, 4, 3, 2))
+    truth[:, :, 1, 0] = [0, 1, 2, 3]  # point 1 moves 3 px; points 0 and 2 stay (not scored)
+    truth[:, :, 2, 1] = [0, 2, 0.5, 0.5]  # point 2 moves 2 px and comes back: it moved, scored
+    truth_vis = np.ones((2, 4, 3), bool)
+    truth_vis[1, 3, 1] = False  # window 1: the truth does not see point 1 at the end: not scored
     pred = truth.copy()
-    pred[0, :, 1, 0] += [0, 0.5, 1.0, 9.0]
-    pred_vis = np.zeros((1, 4, 3), bool)
-    pred_vis[0, 1, 1] = True
+    pred[:, :, 1, 0] += [0, 0.5, 1.0, 1.5]
+    pred_vis = np.zeros((2, 4, 3), bool)
+    pred_vis[0, 3, 1] = True
     err, vis, still = P.score_tracks(pred, pred_vis, truth, truth_vis)
-    np.testing.assert_allclose(err, [0.5, 1.0])
-    np.testing.assert_array_equal(vis, [True, False])
-    np.testing.assert_allclose(still, [1, 2])
+    np.testing.assert_allclose(err, [1.5, 0, 0])  # window 0: points 1, 2; window 1: point 2
+    np.testing.assert_array_equal(vis, [True, False, False])
+    np.testing.assert_allclose(still, [3, 0.5, 0.5])
 
 
 def test_bench_tracker_truth_metaworld_prints_its_table(capsys):
     need("cv2")
     need("metaworld")
-    assert P.main(["bench-tracker", "--truth", "metaworld", "--tasks", "reach-v3", "--size", "48"]) == 0
+    assert P.main(["bench-tracker", "--truth", "metaworld", "--tracker", "lk,flow", "--tasks", "reach-v3",
+                   "--size", "48"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("tracker lk vs exact simulator tracks: Meta-World reach-v3")
-    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in out[3:]}
-    assert sorted(rows) == sorted(P.DEFAULT_CAMERAS)
-    for view, (windows, moving, median, p90, visible, still_median, still_p90, speed) in rows.items():
-        assert windows > 16 and 0 < moving <= 1 and 0 <= visible <= 1 and speed > 0
+    assert out[0].startswith("trackers vs exact simulator tracks: Meta-World reach-v3")
+    rows = {tuple(x.strip() for x in line.split("|")[1:3]): [float(x) for x in line.split("|")[3:-1]]
+            for line in out[3:]}
+    assert sorted(rows) == sorted((t, v) for t in ("lk", "flow") for v in P.DEFAULT_CAMERAS)
+    for view, (windows, moving, median, p90, visible, still_median, still_p90, invented, speed) in rows.items():
+        assert windows > 16 and 0 < moving <= 1 and 0 <= visible <= 1 and 0 <= invented <= 1 and speed > 0
         assert median <= p90 and still_median <= still_p90
         assert median < still_median, (view, median, still_median)  # LK beats "nothing moves"
 
@@ -884,3 +887,53 @@ def test_libero_subcommand_exact_tracks(libero_demo_file, tmp_path):
     with pytest.raises(amplify.DataError, match="expected 'states' and the attribute 'model_file'"):
         P.main(["libero", str(bad), "--tracker", "sim", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+# -----------------------------------------------------------------------------
+# Flow tracker (dense optical flow chained through the window)
+
+
+def test_flow_tracks_known_translation_with_padding():
+    need("cv2")
+    F, size = 6, 32
+    frames = shifted_frames(F, size, dx=1, dy=-1)
+    queries = P.grid_pixels(size, size, 20)
+    tracks, vis = P.FlowTracker().track(frames, queries, span=16)
+    assert tracks.shape == (F, 16, 400, 2) and tracks.dtype == np.float32
+    np.testing.assert_array_equal(tracks[:, 0], np.broadcast_to(queries, (F, 400, 2)))
+    inner = ((queries >= 8) & (queries <= size - 9)).all(1)
+    for s in range(F):
+        k = np.minimum(np.arange(16), F - 1 - s)
+        err = tracks[s][:, inner] - (queries[inner] + np.stack([k, -k], 1)[:, None])
+        assert np.median(np.abs(err)) < 0.2, (s, np.median(np.abs(err)))
+        assert vis[s][:, inner].mean() > 0.9
+        held = tracks[s, F - 1 - s:]
+        np.testing.assert_array_equal(held, np.broadcast_to(held[0], held.shape))
+
+
+def test_flow_static_flat_background_stays_put_next_to_a_moving_object():
+    need("cv2")
+    F, size, side, span = 10, 64, 16, 8
+    frames, corners = moving_patch_on_flat_wall(F, size, side)
+    queries = P.grid_pixels(size, size, 20)
+    tracks, vis = P.FlowTracker().track(frames, queries, span)
+    for s in range(F):
+        seen = corners[s:s + span]
+        lo, hi = seen.min(0) - 6, seen.max(0) + side - 1 + 6  # the zero-motion check's window: 7 px
+        wall = ~((queries >= lo) & (queries <= hi)).all(1)
+        on = ((queries >= corners[s] + 3) & (queries <= corners[s] + side - 4)).all(1)
+        np.testing.assert_array_equal(tracks[s][:, wall], np.broadcast_to(queries[wall], (span, wall.sum(), 2)))
+        k = np.minimum(np.arange(span), F - 1 - s)
+        err = np.abs(tracks[s][:, on] - (queries[on] + np.stack([k, 0 * k], 1)[:, None])).max(-1)
+        assert np.median(err) < 0.25 and vis[s][:, on].mean() > 0.9, (s, np.median(err))
+
+
+def test_bench_tracker_flow_synthetic():
+    need("cv2")
+    rows = P.bench_tracker(P.FlowTracker(), size=48, frames=8, sequences=1, speeds=(1.0,), T=8)
+    assert rows[0]["median_px"] < 0.3 and rows[0]["p90_px"] < 1.0 and rows[0]["visible"] > 0.9
+
+
+def test_bench_tracker_rejects_unknown_tracker_names():
+    with pytest.raises(amplify.DataError, match=r"--tracker: expected comma-separated names .* found 'lk,nope'"):
+        P.main(["bench-tracker", "--tracker", "lk,nope"])
