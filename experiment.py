@@ -592,7 +592,8 @@ def make_table(args, steps):
                          " | ".join(fmt(x, 2) for x in m["moving_px_per_view"]) +
                          f" | {fmt(m['mse'], 4)} | {fmt(m['pixel_acc'])} | {fmt(m['delta_auc'])} |")
     fwd = read_jsonl(out / "motion" / "forward_metrics.jsonl")
-    lines += ["", f"Moving points: {100 * d['moving_frac']:.0f}% of all; forward-model code accuracy on held-out "
+    d = json.loads((out / "motion" / "diagnostics.json").read_text())
+    lines += ["", f"Moving points (exact tracks): {100 * d['moving_frac']:.0f}% of all, {d['windows']} windows; forward-model code accuracy on held-out "
                   f"windows: {fmt(fwd[-1].get('code_acc') if fwd else None)}.", ""]
     lines += tracker_rows(steps)
     lines += ["", plateau_line(args, out), "",

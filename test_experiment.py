@@ -159,7 +159,9 @@ def test_plan_lists_every_step_and_runs_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     names = [line.split()[0] for line in printed.splitlines() if "~" in line and "min" in line][:-1]
     assert names[:3] == ["data-videos-raw", "data-videos", "data-demos"]
-    assert "data-lk-demos" in names and "tokenizer-lk" in names and "lk-fewshot1-s1-bc-eval" in names
+    assert "data-lk-demos" in names and "tokenizer-lk" in names and "lk-fewshot1-s1-amplify-eval" in names
+    assert not any(n.startswith("lk-") and "-bc-" in n for n in names)  # BC reads no tracks: shared
+    assert "tokenizer-round2" in names  # a round the plateau rule may add
     assert "zeroshot-s1-amplify-finetune" in names and names[-1] == "tracker-bench"
     assert not (tmp_path / "run").exists()
 
@@ -214,3 +216,57 @@ def test_strip_actions_keeps_everything_else(tmp_path):
     meta = json.loads((tmp_path / "dst" / "meta.json").read_text())
     assert meta["views"] == ["corner"] and "action_stats" not in meta and "actions" in meta
     assert (src / "actions.npy").exists()  # the source is left as it was
+
+
+def fake_run(out, args):
+    """The files a finished run leaves, with known outcomes: AMPLIFY wins every few-shot episode with
+    exact tracks, BC none; the Lucas-Kanade AMPLIFY wins half; zero-shot both win everything."""
+    def write(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    for variant in experiment.variants(args):
+        for name, _, _, tasks in experiment.variant_settings(args, variant):
+            for seed in args.seeds:
+                for method in experiment.variant_methods(variant):
+                    p = experiment.policy_name(variant, name, seed, method)
+                    win = lambda ep: (name == "zeroshot" or method == "amplify") and (variant == "sim" or ep % 2 == 0)  # noqa: E731
+                    episodes = [{"task": t, "episode": ep, "success": win(ep)} for t in tasks
+                                for ep in range(args.eval_episodes)]
+                    write(out / "eval" / p / "results.json", json.dumps({"complete": True, "episodes": episodes}))
+                    mse = 0.1 if method == "amplify" else 0.2
+                    write(out / "policies" / p / "inverse_metrics.jsonl", "".join(
+                        json.dumps({"step": s, "action_mse": mse + seed / 100}) + "\n" for s in (1, 2, 3)))
+                    if method == "amplify":
+                        write(out / "policies" / p / "inverse_ft_metrics.jsonl", json.dumps(
+                            {"step": 1, "action_mse": 0.3}) + "\n")
+        motion = out / ("motion" if variant == "sim" else "motion-lk")
+        m = {"moving_px": 2.0, "moving_px_per_view": [1.0, 3.0], "mse": 0.01, "pixel_acc": 0.5, "delta_auc": 0.9}
+        write(motion / "diagnostics.json", json.dumps({"views": ["corner", "gripperPOV"], "windows": 8,
+                                                       "moving_frac": 0.25, "tokenizer": m, "forward": m,
+                                                       "still": {**m, "moving_px": 4.0}}))
+        for stage in ("tokenizer", "forward"):
+            write(motion / f"{stage}_metrics.jsonl", "".join(json.dumps({"step": s, "val_loss": 1.0, "code_acc": 0.5})
+                                                              + "\n" for s in (1, 2, 3, 4)))
+    write(out / "logs" / "tracker-bench.log", "| view | windows |\n|---|---|\n| corner | 9 |\n")
+
+
+def test_table_pools_seeds_and_pairs_episodes(tmp_path):
+    out = tmp_path / "run"
+    args = experiment.parse_args(["--out", str(out), *TINY, "--seeds", "0,1", "--eval-episodes", "4", "--lk-ablation"])
+    fake_run(out, args)
+    table = experiment.make_table(args, experiment.Steps(out))
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    few = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact | 1 x 2 tasks | 2 x 4 x 2 |"))
+    assert "100% (16/16)" in few and "0% (0/16)" in few and few.endswith("| +100 [+100, +100] |")
+    lk = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | Lucas-Kanade |") and "x 2 |" in r)
+    assert "50% (8/16)" in lk and "0% (0/16)" in lk  # against the exact run's BC
+    assert not any(r.startswith("| zero-shot on button-press-topdown-v3 | Lucas-Kanade") for r in rows)
+    zero = next(r for r in rows if r.startswith("| zero-shot on button-press-topdown-v3 | exact |") and "x 2 |" in r)
+    assert zero.count("100% (8/8)") == 2 and zero.endswith("| 0 [0, 0] |")
+    assert "| few-shot, 1 demo/task | AMPLIFY | 8/8 | 8/8 |" in rows
+    oracle = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact |") and r.count("|") == 7)
+    assert [float(x) for x in oracle.split("|")[3:7]] == pytest.approx([0.105, 0.205, 0.3, 0.205])
+    assert "| exact | nothing moves (reference) | 4.00 | 1.00 | 3.00 |" in table
+    assert "| Lucas-Kanade | tokenizer reconstruction | 2.00 |" in table
+    assert "| corner | 9 |" in rows and "plateau reached" in table
