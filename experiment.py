@@ -499,7 +499,7 @@ def mean_of(xs):
 
 
 def closed_loop_rows(args, variant):
-    """Rows of the success table for one track variant, and the per-task counts."""
+    """Rows of the success table for one track variant, and counts per (setting, method, task or seed)."""
     out = Path(args.out)
     rows, per_task = [], {}
     n_videos, n_demos = args.videos, args.demos
@@ -515,9 +515,10 @@ def closed_loop_rows(args, variant):
                 for (task, _), success in eps[m].items():
                     wins[m][0] += success
                     wins[m][1] += 1
-                    c = per_task.setdefault((name, m, task), [0, 0])
-                    c[0] += success
-                    c[1] += 1
+                    for key in ((name, m, task), (name, m, f"seed {seed}")):
+                        c = per_task.setdefault(key, [0, 0])
+                        c[0] += success
+                        c[1] += 1
         diff, lo, hi = paired_bootstrap(pairs)
         if name == "zeroshot":
             actions = f"{n_demos} x {len(args.tasks) - len(eval_tasks)} other tasks"
@@ -547,13 +548,16 @@ def make_table(args, steps):
         per_task[variant] = counts
     lines += ["", "Success (successes/episodes) [95% Wilson interval], pooled over tasks and seeds. The difference's "
                   "interval: paired bootstrap (10000 resamples of episode pairs within seed x task; both methods "
-                  "meet the same goal variations). Per task, exact tracks, pooled over seeds:", "",
-              "| setting | method | " + " | ".join(args.tasks) + " |", "|---|---|" + "---|" * len(args.tasks)]
+                  "meet the same goal variations). Per task (pooled over seeds) and per seed (pooled over tasks), "
+                  "exact tracks:", ""]
+    columns = args.tasks + [f"seed {s}" for s in args.seeds]
+    lines += ["| setting | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name, label, _, _ in settings(args):
         for m, m_label in METHODS.items():
-            cells = [per_task["sim"].get((name, m, t)) for t in args.tasks]
-            lines.append(f"| {label} | {m_label} | " + " | ".join("-" if c is None else f"{c[0]}/{c[1]}" for c in cells)
-                         + " |")
+            cells = [per_task["sim"].get((name, m, c)) for c in columns]
+            lines.append(f"| {label} | {m_label} | " + " | ".join(
+                "-" if c is None else f"{c[0]}/{c[1]} [{100 * wilson(*c)[0]:.0f}-{100 * wilson(*c)[1]:.0f}]"
+                for c in cells) + " |")
 
     # the links, so a reader sees which one fails
     lines += ["", f"The links (held-out episodes: the last demo of each task). Inverse model, held-out action MSE "

@@ -264,7 +264,9 @@ def test_table_pools_seeds_and_pairs_episodes(tmp_path):
     assert not any(r.startswith("| zero-shot on button-press-topdown-v3 | Lucas-Kanade") for r in rows)
     zero = next(r for r in rows if r.startswith("| zero-shot on button-press-topdown-v3 | exact |") and "x 2 |" in r)
     assert zero.count("100% (8/8)") == 2 and zero.endswith("| 0 [0, 0] |")
-    assert "| few-shot, 1 demo/task | AMPLIFY | 8/8 | 8/8 |" in rows
+    per = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | AMPLIFY |")).split("|")[3:-1]
+    assert [c.split()[0] for c in per] == ["8/8", "8/8", "8/8", "8/8"]  # two tasks, then two seeds
+    assert all(c.strip().endswith("-100]") for c in per)  # Wilson intervals
     oracle = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact |") and r.count("|") == 7)
     assert [float(x) for x in oracle.split("|")[3:7]] == pytest.approx([0.105, 0.205, 0.3, 0.205])
     assert "| exact | nothing moves (reference) | 4.00 | 1.00 | 3.00 |" in table
