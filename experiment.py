@@ -279,7 +279,6 @@ def motion_diagnostics(data, motion, samples):
     (forward codes decoded by the tokenizer) and "nothing moves" (every point stays at its start).
     Also the published per-coordinate metrics of each and the share of moving points.
     """
-    import numpy as np
     import torch
 
     import amplify  # lazily, as everywhere in this script
@@ -502,7 +501,7 @@ def closed_loop_rows(args, variant):
     """Rows of the success table for one track variant, and counts per (setting, method, task or seed)."""
     out = Path(args.out)
     rows, per_task = [], {}
-    n_videos, n_demos = args.videos, args.demos
+    n_demos = args.demos
     for name, label, _, eval_tasks in variant_settings(args, variant):
         wins = {m: [0, 0] for m in METHODS}
         pairs = {}
@@ -586,7 +585,7 @@ def make_table(args, steps):
         d = json.loads((out / ("motion" if variant == "sim" else f"motion-{variant}") / "diagnostics.json").read_text())
         views = d["views"]
         if variant == "sim":
-            lines += [f"| tracks | prediction | moving px | " + " | ".join(f"{v} px" for v in views) +
+            lines += ["| tracks | prediction | moving px | " + " | ".join(f"{v} px" for v in views) +
                       " | MSE | pixel acc | Delta_AUC |", "|---|---|---|" + "---|" * len(views) + "---|---|---|"]
         tracks = "exact" if variant == "sim" else "Lucas-Kanade"
         for key, label in (("tokenizer", "tokenizer reconstruction"), ("forward", "forward model prediction"),
