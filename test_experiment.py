@@ -1,13 +1,15 @@
-"""Smoke test of experiment.py: the whole protocol on tiny sizes, so the script cannot rot.
+"""Tests of experiment.py: the whole protocol on tiny sizes, so the script cannot rot.
 
-    pytest test_experiment.py -q        # about a minute on an idle CPU
+    pytest test_experiment.py -q        # a few minutes on a busy 2-core CPU
 
-Two Meta-World tasks, two expert episodes each at 32 px with a 5x5 grid and 4-step windows, two
-training steps per stage, one evaluation episode of three steps per task. It checks that the
-script runs preprocess.py -> amplify.py -> eval_libero.py end to end and prints the table, that a
-second invocation skips every finished step and prints the same table, and that changed settings
-are refused rather than mixed into the same output directory. Skipped where Meta-World or OpenCV
-is absent (fails under CI=true, see conftest.need).
+The protocol test runs two Meta-World tasks at 32 px with a 5x5 grid and 4-step windows: one
+action-free video and one action demo (plus one held out) per task, two training steps per round,
+one evaluation episode of three steps per task. It checks that the script runs preprocess.py ->
+amplify.py -> eval_libero.py end to end and prints the table with every link, that the videos
+reach the motion prior without actions, that the plateau rule adds a round, that a second
+invocation skips every finished step and prints the same table, and that changed settings are
+refused rather than mixed into the same output directory. Skipped where Meta-World is absent
+(fails under CI=true, see conftest.need). The statistics and the plan are tested without it.
 """
 import json
 import os
@@ -17,27 +19,31 @@ from pathlib import Path
 
 import pytest
 
+import experiment
 from conftest import need
 
 HERE = Path(__file__).resolve().parent
 TINY = ["--tasks", "reach-v3,button-press-topdown-v3", "--zero-shot-tasks", "button-press-topdown-v3",
-        "--episodes", "2", "--img-size", "32", "--grid", "5", "--T", "4", "--shots", "1",
-        "--tokenizer-steps", "2", "--forward-steps", "2", "--inverse-steps", "2", "--finetune-steps", "1",
+        "--videos", "1", "--demos", "1", "--img-size", "32", "--grid", "5", "--T", "4", "--shots", "1",
+        "--seeds", "0", "--tokenizer-steps", "2", "--forward-steps", "2", "--max-motion-steps", "4",
+        "--motion-eval-samples", "8", "--inverse-steps", "2", "--finetune-steps", "1", "--inverse-eval-every", "1",
         "--batch-size", "2", "--eval-episodes", "1", "--max-steps", "3", "--workers", "1"]
-STEPS = ["data", "tokenizer", "forward"] + [f"{s}-{part}" for s in ("fewshot1", "zeroshot") for part in (
+POLICY_STEPS = [f"{s}-s0-{part}" for s in ("fewshot1", "zeroshot") for part in (
     "amplify-inverse", "amplify-finetune", "bc-inverse", "amplify-eval", "bc-eval")]
+STEPS = ["data-videos-raw", "data-videos", "data-demos", "tokenizer", "tokenizer-round2", "forward", "forward-round2",
+         "diagnostics", *POLICY_STEPS, "tracker-bench"]
 
 
 def run_experiment(out, *extra):
     env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(HERE / "experiment.py"), "--out", str(out), *TINY, *extra],
-                          capture_output=True, text=True, timeout=900, cwd=HERE, env=env)
+                          capture_output=True, text=True, timeout=1500, cwd=HERE, env=env)
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     need("metaworld")
-    need("cv2")  # preprocess.py's offline tracker
+    need("cv2")  # bench-tracker's Lucas-Kanade tracker
     out = tmp_path_factory.mktemp("experiment") / "run"
     proc = run_experiment(out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,7 +52,7 @@ def first_run(tmp_path_factory):
 
 def table_of(stdout):
     """The printed table: from its first line to the line before the closing summary."""
-    start = stdout.index("AMPLIFY on Meta-World")
+    start = stdout.index("AMPLIFY vs BC on Meta-World")
     return stdout[start:stdout.index("ran ", start)].strip()
 
 
@@ -57,18 +63,21 @@ def test_runs_every_step_and_prints_the_table(first_run):
     table = table_of(proc.stdout)
     assert table + "\n" == (out / "results.md").read_text().strip() + "\n"
     rows = [line for line in table.splitlines() if line.startswith("|")]
-    header = rows[0]
-    assert "AMPLIFY" in header and "inverse only (BC)" in header
-    few = next(r for r in rows if r.startswith("| few-shot, 1 demo/task |") and "x 1 |" in r)
-    zero = next(r for r in rows if r.startswith("| zero-shot on button-press-topdown-v3 |") and "x 1 |" in r)
-    assert "(0/2)" in few or "(1/2)" in few or "(2/2)" in few  # 2 tasks x 1 episode per method
-    assert zero.count("/1)") == 2  # the held-out task only, both methods
-    for label in ("tokenizer reconstruction", "forward prediction", "reference: no motion predicted"):
-        row = next(r for r in rows if r.startswith(f"| {label}"))
-        mse, pixel_acc, delta_auc = (float(x) for x in row.split("|")[2:5])
-        assert mse >= 0 and 0 <= pixel_acc <= 1 and 0 <= delta_auc <= 1, row
-    assert "0.913" in table and "0.629" in table  # the paper's LIBERO figures beside ours
-    assert "Total time of all steps" in table
+    few = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact | 1 x 2 tasks | 2 x 1 x 1 |"))
+    zero = next(r for r in rows if r.startswith("| zero-shot on button-press-topdown-v3 | exact |"))
+    assert few.count("/2)") == 2 and zero.count("/1)") == 2  # both methods, pooled over tasks
+    diff = few.split("|")[7]  # AMPLIFY - BC [low, high]: the difference lies in its interval
+    d, lo, hi = (float(x) for x in diff.replace("[", " ").replace("]", " ").replace(",", " ").split())
+    assert lo <= d <= hi
+    oracle = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact |") and r.count("|") == 7)
+    assert all(float(x) >= 0 for x in oracle.split("|")[3:7])  # four held-out action errors, none missing
+    for label in ("tokenizer reconstruction", "forward model prediction", "nothing moves (reference)"):
+        row = next(r for r in rows if r.startswith(f"| exact | {label}"))
+        cells = row.split("|")[3:-1]  # moving px, per view, MSE, pixel acc, Delta_AUC
+        assert len(cells) == 6, row
+        assert 0 <= float(cells[-2]) <= 1 and 0 <= float(cells[-1]) <= 1, row
+    assert any(r.startswith("| corner |") for r in rows) and any(r.startswith("| gripperPOV |") for r in rows)
+    assert "Motion training (plateau rule" in table and "Total time of all steps" in table
 
 
 def test_protocol_reaches_the_command_lines(first_run):
@@ -76,21 +85,35 @@ def test_protocol_reaches_the_command_lines(first_run):
     done = json.loads((out / "steps.json").read_text())
     assert sorted(done) == sorted(STEPS)
     cmd = {name: " ".join(s["cmd"]) for name, s in done.items()}
-    assert "--shots 1" in cmd["fewshot1-amplify-inverse"] and "--shots 1" in cmd["fewshot1-bc-inverse"]
-    assert "--no-codes" in cmd["fewshot1-bc-inverse"] and "--no-codes" not in cmd["fewshot1-amplify-inverse"]
-    assert "--predicted-codes" in cmd["fewshot1-amplify-finetune"]
-    assert "--steps 3" in cmd["fewshot1-bc-inverse"]  # the baseline gets inverse + fine-tuning steps
-    zero_bc = done["zeroshot-bc-inverse"]["cmd"]
+    # the asymmetry: many videos without actions for the motion prior, a few demos with actions
+    assert "--episodes 1 --seed 0" in cmd["data-videos-raw"] and "--episodes 2 --seed 1" in cmd["data-demos"]
+    assert "--tracker sim" in cmd["data-demos"] and "--img-size 32" in cmd["data-demos"]
+    videos = out / "data" / "videos"
+    assert not (videos / "actions.npy").exists() and not (videos / "proprio.npy").exists()
+    assert (out / "data" / "demos" / "actions.npy").exists()
+    assert f"--data {videos} {out / 'data' / 'demos'}" in cmd["tokenizer"]
+    log = (out / "logs" / "fewshot1-s0-amplify-inverse.log").read_text()
+    assert "6 episodes" in log and "4 episodes with actions" in log  # 1 video + 2 demos per task; 2 x 2 with actions
+    # plateau rule: a second round resumes the same stage for twice the steps
+    assert "--steps 2 " in cmd["tokenizer"] + " " and "--steps 4 " in cmd["tokenizer-round2"] + " "
+    assert "--resume" in cmd["tokenizer-round2"]
+    # the policies and the fair baseline
+    assert "--shots 1" in cmd["fewshot1-s0-amplify-inverse"] and "--shots 1" in cmd["fewshot1-s0-bc-inverse"]
+    assert "--no-codes" in cmd["fewshot1-s0-bc-inverse"] and "--no-codes" not in cmd["fewshot1-s0-amplify-inverse"]
+    assert "--predicted-codes" in cmd["fewshot1-s0-amplify-finetune"]
+    assert "--steps 3 " in cmd["fewshot1-s0-bc-inverse"]  # the baseline gets inverse + fine-tuning steps
+    zero_bc = done["zeroshot-s0-bc-inverse"]["cmd"]
     assert zero_bc[zero_bc.index("--exclude-task") + 1] == "button press topdown"
-    results = json.loads((out / "eval" / "zeroshot-amplify" / "results.json").read_text())
-    assert [t["task"] for t in results["tasks"]] == ["button-press-topdown-v3"]
-    assert results["complete"] is True
-    fewshot = json.loads((out / "eval" / "fewshot1-bc" / "results.json").read_text())
-    assert [t["task"] for t in fewshot["tasks"]] == ["reach-v3", "button-press-topdown-v3"]
-    # The AMPLIFY policy directory loads as a whole; the baseline needs no motion models.
+    results = json.loads((out / "eval" / "zeroshot-s0-amplify" / "results.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == ["button-press-topdown-v3"] and results["complete"] is True
     for f in ("tokenizer.pt", "forward.pt", "inverse.pt", "inverse_ft.pt"):
-        assert (out / "policies" / "fewshot1-amplify" / f).exists(), f
-    assert not (out / "policies" / "fewshot1-bc" / "forward.pt").exists()
+        assert (out / "policies" / "fewshot1-s0-amplify" / f).exists(), f
+    assert not (out / "policies" / "fewshot1-s0-bc" / "forward.pt").exists()
+    diag = json.loads((out / "motion" / "diagnostics.json").read_text())
+    assert diag["views"] == ["corner", "gripperPOV"] and set(diag) >= {"tokenizer", "forward", "still"}
+    curves = sorted(p.name for p in (out / "curves").glob("*.png"))
+    assert "motion-tokenizer.png" in curves and "motion-forward.png" in curves
+    assert "fewshot1-s0-bc-inverse.png" in curves
 
 
 def test_second_invocation_skips_finished_steps(first_run):
@@ -100,8 +123,8 @@ def test_second_invocation_skips_finished_steps(first_run):
     for name in STEPS:
         assert f"skip  {name}" in again.stdout, name
     assert "run   " not in again.stdout
-    assert "ran 0 steps, skipped 13" in again.stdout
-    assert table_of(again.stdout) == table_of(proc.stdout)
+    assert f"ran 0 steps, skipped {len(STEPS)}" in again.stdout
+    assert table_of(again.stdout).split("Total time")[0] == table_of(proc.stdout).split("Total time")[0]
 
 
 def test_other_settings_in_the_same_out_are_refused(first_run):
@@ -117,9 +140,135 @@ def test_other_settings_in_the_same_out_are_refused(first_run):
 @pytest.mark.parametrize("flags, message", [
     (["--zero-shot-tasks", "reach-v3,button-press-topdown-v3"], "--zero-shot-tasks"),
     (["--shots", "two"], "--shots"),
-    (["--episodes", "1"], "--episodes"),
+    (["--shots", "2"], "--shots"),  # more shots than --demos 1
+    (["--seeds", "0,0"], "--seeds"),
+    (["--inverse-eval-every", "2"], "--inverse-eval-every"),  # does not divide --finetune-steps 1
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, flags, message):
     proc = run_experiment(tmp_path / "run", *flags)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# -----------------------------------------------------------------------------
+# Without a simulator
+
+
+def test_plan_lists_every_step_and_runs_nothing(tmp_path, capsys):
+    experiment.main(["--out", str(tmp_path / "run"), *TINY, "--seeds", "0,1", "--lk-ablation", "--plan"])
+    printed = capsys.readouterr().out
+    names = [line.split()[0] for line in printed.splitlines() if "~" in line and "min" in line][:-1]
+    assert names[:3] == ["data-videos-raw", "data-videos", "data-demos"]
+    assert "data-lk-demos" in names and "tokenizer-lk" in names and "lk-fewshot1-s1-amplify-eval" in names
+    assert not any(n.startswith("lk-") and "-bc-" in n for n in names)  # BC reads no tracks: shared
+    assert "tokenizer-round2" in names  # a round the plateau rule may add
+    assert "zeroshot-s1-amplify-finetune" in names and names[-1] == "tracker-bench"
+    assert not (tmp_path / "run").exists()
+
+
+def test_quick_sizes_are_defaults_that_flags_override():
+    args = experiment.parse_args(["--quick", "--eval-episodes", "3"])
+    assert args.videos == experiment.QUICK["videos"] and args.seeds == [0] and args.eval_episodes == 3
+    full = experiment.parse_args([])
+    assert full.videos >= 30 and full.demos >= 5 and full.shots == [2, 5] and full.seeds == [0, 1, 2]
+    assert full.img_size == 128 and full.eval_episodes == 20
+
+
+def test_plateau_rule():
+    falling = [{"step": s, "val_loss": 3.0 / s} for s in range(1, 9)]
+    flat = [{"step": s, "val_loss": 1.0 + (0.5 if s == 1 else 0.001 * (s % 2))} for s in range(1, 9)]
+    rising = [{"step": s, "val_loss": 1.0 + 0.1 * s} for s in range(1, 9)]  # over-fitting: stop too
+    assert not experiment.plateaued(falling, 0.02)
+    assert experiment.plateaued(flat, 0.02) and experiment.plateaued(rising, 0.02)
+    assert not experiment.plateaued(flat[:3], 0.02)  # too few evaluations to say
+
+
+def test_wilson_and_paired_bootstrap():
+    lo, hi = experiment.wilson(0, 20)
+    assert lo == 0 and 0.1 < hi < 0.2
+    lo, hi = experiment.wilson(10, 20)
+    assert lo < 0.5 < hi and abs((0.5 - lo) - (hi - 0.5)) < 1e-9
+    # AMPLIFY wins 15 of 20 paired episodes per stratum where BC fails, never the reverse: clearly positive
+    better = {(s, t): [(1, 0)] * 15 + [(1, 1)] * 5 for s in range(3) for t in range(4)}
+    d, lo, hi = experiment.paired_bootstrap(better)
+    assert d == pytest.approx(0.75) and 0.6 < lo < d < hi <= 0.9
+    # identical outcomes: the difference is zero and so is the interval
+    same = {(0, t): [(1, 1), (0, 0)] * 10 for t in range(4)}
+    assert experiment.paired_bootstrap(same) == (0.0, 0.0, 0.0)
+    # pure noise: the interval covers zero
+    rng = __import__("numpy").random.default_rng(0)
+    noise = {(0, t): [tuple(rng.integers(0, 2, 2)) for _ in range(20)] for t in range(4)}
+    d, lo, hi = experiment.paired_bootstrap(noise)
+    assert lo < 0 < hi
+
+
+def test_strip_actions_keeps_everything_else(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    import numpy as np
+
+    for name in ("images", "tracks", "actions", "proprio", "episode_ends"):
+        np.save(src / f"{name}.npy", np.arange(3))
+    (src / "meta.json").write_text(json.dumps({"views": ["corner"], "action_stats": {}, "proprio_stats": {}}))
+    experiment.strip_actions(src, tmp_path / "dst")
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["episode_ends.npy", "images.npy", "meta.json",
+                                                                      "tracks.npy"]
+    meta = json.loads((tmp_path / "dst" / "meta.json").read_text())
+    assert meta["views"] == ["corner"] and "action_stats" not in meta and "actions" in meta
+    assert (src / "actions.npy").exists()  # the source is left as it was
+
+
+def fake_run(out, args):
+    """The files a finished run leaves, with known outcomes: AMPLIFY wins every few-shot episode with
+    exact tracks, BC none; the Lucas-Kanade AMPLIFY wins half; zero-shot both win everything."""
+    def write(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    for variant in experiment.variants(args):
+        for name, _, _, tasks in experiment.variant_settings(args, variant):
+            for seed in args.seeds:
+                for method in experiment.variant_methods(variant):
+                    p = experiment.policy_name(variant, name, seed, method)
+                    win = lambda ep: (name == "zeroshot" or method == "amplify") and (variant == "sim" or ep % 2 == 0)  # noqa: E731
+                    episodes = [{"task": t, "episode": ep, "success": win(ep)} for t in tasks
+                                for ep in range(args.eval_episodes)]
+                    write(out / "eval" / p / "results.json", json.dumps({"complete": True, "episodes": episodes}))
+                    mse = 0.1 if method == "amplify" else 0.2
+                    write(out / "policies" / p / "inverse_metrics.jsonl", "".join(
+                        json.dumps({"step": s, "action_mse": mse + seed / 100}) + "\n" for s in (1, 2, 3)))
+                    if method == "amplify":
+                        write(out / "policies" / p / "inverse_ft_metrics.jsonl", json.dumps(
+                            {"step": 1, "action_mse": 0.3}) + "\n")
+        motion = out / ("motion" if variant == "sim" else "motion-lk")
+        m = {"moving_px": 2.0, "moving_px_per_view": [1.0, 3.0], "mse": 0.01, "pixel_acc": 0.5, "delta_auc": 0.9}
+        write(motion / "diagnostics.json", json.dumps({"views": ["corner", "gripperPOV"], "windows": 8,
+                                                       "moving_frac": 0.25, "tokenizer": m, "forward": m,
+                                                       "still": {**m, "moving_px": 4.0}}))
+        for stage in ("tokenizer", "forward"):
+            write(motion / f"{stage}_metrics.jsonl", "".join(json.dumps({"step": s, "val_loss": 1.0, "code_acc": 0.5})
+                                                              + "\n" for s in (1, 2, 3, 4)))
+    write(out / "logs" / "tracker-bench.log", "| view | windows |\n|---|---|\n| corner | 9 |\n")
+
+
+def test_table_pools_seeds_and_pairs_episodes(tmp_path):
+    out = tmp_path / "run"
+    args = experiment.parse_args(["--out", str(out), *TINY, "--seeds", "0,1", "--eval-episodes", "4", "--lk-ablation"])
+    fake_run(out, args)
+    table = experiment.make_table(args, experiment.Steps(out))
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    few = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact | 1 x 2 tasks | 2 x 4 x 2 |"))
+    assert "100% (16/16)" in few and "0% (0/16)" in few and few.endswith("| +100 [+100, +100] |")
+    lk = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | Lucas-Kanade |") and "x 2 |" in r)
+    assert "50% (8/16)" in lk and "0% (0/16)" in lk  # against the exact run's BC
+    assert not any(r.startswith("| zero-shot on button-press-topdown-v3 | Lucas-Kanade") for r in rows)
+    zero = next(r for r in rows if r.startswith("| zero-shot on button-press-topdown-v3 | exact |") and "x 2 |" in r)
+    assert zero.count("100% (8/8)") == 2 and zero.endswith("| 0 [0, 0] |")
+    per = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | AMPLIFY |")).split("|")[3:-1]
+    assert [c.split()[0] for c in per] == ["8/8", "8/8", "8/8", "8/8"]  # two tasks, then two seeds
+    assert all(c.strip().endswith("-100]") for c in per)  # Wilson intervals
+    oracle = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact |") and r.count("|") == 7)
+    assert [float(x) for x in oracle.split("|")[3:7]] == pytest.approx([0.105, 0.205, 0.3, 0.205])
+    assert "| exact | nothing moves (reference) | 4.00 | 1.00 | 3.00 |" in table
+    assert "| Lucas-Kanade | tokenizer reconstruction | 2.00 |" in table
+    assert "| corner | 9 |" in rows and "plateau reached" in table
