@@ -895,7 +895,8 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.K, self.steps, self.action_dim = cfg.diffusion_train_steps, cfg.diffusion_sample_steps, cfg.action_dim
         if not 1 <= self.steps <= self.K:
-            raise UserError(f"diffusion head: expected 1 to {self.K} DDIM steps (the training levels), found {self.steps}")
+            raise UserError(f"diffusion head: expected 1 to {self.K} DDIM steps (the training levels), "
+                            f"found {self.steps}")
         self.unet = UNet1D(cfg.action_dim, cfg.d_model, cfg.unet_dims)
         self.register_buffer("alpha_bar", cosine_alpha_bar(self.K), persistent=False)
 
@@ -910,8 +911,8 @@ class DiffusionHead(nn.Module):
     def sample(self, tokens, generator=None, steps=None):
         B, T = tokens.shape[:2]
         S = steps or self.steps
-        # Every (K // S)-th level from S-1 down to 0, spaced as Diffusion Policy's DDIM scheduler spaces them; the
-        # top level is left out: there abar = 2e-7, and x0_hat would magnify the noise error 2000-fold.
+        # S levels K // S apart down to 0, as Diffusion Policy's DDIM scheduler spaces them (16 of 100: 90, 84, ..., 0).
+        # Starting below the top level matters: at K - 1, abar = 2e-7 and x0_hat would magnify errors 2000-fold.
         levels = torch.arange(S - 1, -1, -1, device=tokens.device) * (self.K // S)
         x = torch.randn(B, T, self.action_dim, device=tokens.device, generator=generator)
         for i, k in enumerate(levels):
@@ -1795,7 +1796,8 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                 valid = b["valid"].bool()
                 losses.append(loss.item())
                 err_norm.append(((chunk - b["actions"]) ** 2)[valid].mean().item())
-                data_err = (act_norm.inverse(chunk.float().cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
+                data_err = (act_norm.inverse(chunk.float().cpu().numpy())
+                            - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
                 err_data.append(data_err[valid.cpu().numpy()].mean())
                 err_first.append(data_err[:, 0].mean())
         return {"val_nll" if cfg.head == "gaussian" else "val_loss": float(np.mean(losses)),
@@ -1993,8 +1995,8 @@ def configs_from_args(args):
     train = replace(preset["train"], **{k: v for k, v in overrides.items() if v is not None})
     head = {"head": args.action_head, "diffusion_train_steps": args.diffusion_train_steps,
             "diffusion_sample_steps": args.diffusion_sample_steps, "flow_steps": args.flow_steps}
-    forward = preset["forward"]
-    inverse = replace(preset["inverse"], use_codes=not args.no_codes, **{k: v for k, v in head.items() if v is not None})
+    head = {k: v for k, v in head.items() if v is not None}
+    forward, inverse = preset["forward"], replace(preset["inverse"], use_codes=not args.no_codes, **head)
     if args.vision_weights:
         forward = replace(forward, vision=replace(forward.vision, weights=args.vision_weights))
         inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
