@@ -2087,9 +2087,9 @@ def build_parser():
     p.add_argument("--action-head", choices=["gaussian", "diffusion", "flow"],
                    help="inverse: Gaussian (default), DDPM/DDIM with a 1-D U-Net, or flow matching with a DiT "
                    "(--predicted-codes fine-tuning keeps the head of the model it fine-tunes)")
-    p.add_argument("--diffusion-train-steps", type=int, help="diffusion head: noise levels in training (default 100)")
-    p.add_argument("--diffusion-sample-steps", type=int, help="diffusion head: DDIM steps per chunk (default 16)")
-    p.add_argument("--flow-steps", type=int, help="flow head: midpoint steps per chunk (default 10)")
+    p.add_argument("--diffusion-train-steps", type=int, help="diffusion head: noise levels in training (default: the preset's, 100)")
+    p.add_argument("--diffusion-sample-steps", type=int, help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
+    p.add_argument("--flow-steps", type=int, help="flow head: midpoint steps per chunk (default: the preset's, 10)")
     p.add_argument("--no-codes", action="store_true",
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
     # pretrained encoders (optional; the defaults train from scratch)
