@@ -17,6 +17,8 @@ Notable features
   - `--preset cpu` trains in minutes on a laptop; `--preset paper` builds the Table 10 models.
   - Self-describing, atomically written checkpoints (config, normalization stats, step), and
     `--resume` continues a stage exactly where it stopped (batches are drawn from (seed, step)).
+  - Three action heads for the inverse model (`--action-head`): Gaussian, diffusion (1-D U-Net, DDPM
+    training, DDIM sampling) and flow matching (DiT, midpoint integration), sampled reproducibly.
   - Forward-model sampling with a key/value cache; torchrun data parallelism; datasets larger
     than memory (memory-mapped, validated in chunks).
   - Trainable from Python too: train_tokenizer / train_forward / train_inverse take dataclass
@@ -32,6 +34,7 @@ Examples (DIR holds the checkpoints of all stages):
   python amplify.py --stage inverse   --data data.npz --out DIR       # codes of the true tracks
   python amplify.py --stage inverse   --data data.npz --out DIR --predicted-codes   # fine-tune
   python amplify.py --stage all       --data data.npz --out DIR       # all of it -> DIR/policy.pt
+  python amplify.py --stage all --data data.npz --out DIR --action-head diffusion   # or flow; default gaussian
   python amplify.py --stage forward --preset paper --count-params
   python bench.py --preset paper                                     # throughput, memory, latency
   torchrun --nproc_per_node=4 amplify.py --stage all --data D --out DIR   # data-parallel, GPUs or CPU
@@ -198,8 +201,15 @@ class ForwardConfig(ModelConfig):
 @dataclass
 class InverseConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
-    gamma: float = 0.99  # discount of the NLL over the action chunk
+    gamma: float = 0.99  # discount over the action chunk, of whichever head's loss
     use_codes: bool = True  # False: the "inverse only" behaviour-cloning baseline (no motion codes)
+    head: str = "gaussian"  # action head: gaussian | diffusion | flow (the paper's Table 13 compares the three)
+    # diffusion: noise levels in training and DDIM steps per chunk, as Diffusion Policy trains and runs on robots
+    diffusion_train_steps: int = 100
+    diffusion_sample_steps: int = 16
+    unet_dims: tuple = (32, 64, 128)  # U-Net channels per level (Diffusion Policy's: 256, 512, 1024)
+    flow_steps: int = 10  # flow matching: midpoint steps per chunk (the paper's 10)
+    dit_layers: int = 2  # flow matching: DiT blocks, D wide
     action_dim: int = 7
     proprio_dim: int = 9
 
@@ -230,7 +240,8 @@ PRESETS = {
     "paper": {
         "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048, head_hidden=256),
         "forward": ForwardConfig(d_model=768, n_layer=8, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
-        "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
+        "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION,
+                                 unet_dims=(256, 512, 1024), dit_layers=4),  # the published heads' sizes
         "train": TrainConfig(steps=100_000, batch_size=256, lr=1e-4, warmup=1000, log_every=100, eval_every=5000,
                              eval_samples=1024),
     },
@@ -247,7 +258,7 @@ def config_from_dict(cls, d):
     d = dict(d)
     if "vision" in d:
         d["vision"] = config_from_dict(VisionConfig, d["vision"])
-    for key in ("img_size", "widths", "blocks"):
+    for key in ("img_size", "widths", "blocks", "unet_dims"):
         if key in d:
             d[key] = tuple(d[key])
     return cls(**d)
@@ -722,7 +733,7 @@ class ForwardDynamics(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Inverse dynamics: T action queries cross-attend to [vision, proprio, motion codes] -> Gaussian chunk
+# Inverse dynamics: T action queries cross-attend to [vision, proprio, motion codes] -> an action head
 
 
 class InverseDynamics(nn.Module):
@@ -739,10 +750,10 @@ class InverseDynamics(nn.Module):
         self.queries = nn.Parameter(0.02 * torch.randn(cfg.T, D))
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
-        self.head = nn.Linear(D, 2 * cfg.action_dim)  # mean and log-std per action dimension
+        self.head = build_head(cfg)
 
-    def forward(self, images, proprio, codes=None):
-        """images (B, V, H, W, 3) uint8, proprio (B, P) normalized, codes (B, L) -> mean, log_std (B, T, A)."""
+    def tokens(self, images, proprio, codes=None):
+        """images (B, V, H, W_img, 3) uint8, proprio (B, P) normalized, codes (B, L) -> one token per step (B, T, D)."""
         memory = [self.vision(images), self.proprio_in(proprio).unsqueeze(1)]
         if self.cfg.use_codes:
             memory.append(self.code_in(codes) + self.code_pos)
@@ -750,20 +761,265 @@ class InverseDynamics(nn.Module):
         x = repeat(self.queries, "t d -> b t d", b=images.shape[0])
         for block in self.blocks:
             x = block(x, context=memory)
-        mean, log_std = self.head(self.ln_f(x)).chunk(2, dim=-1)
-        return mean, log_std.clamp(-7.0, 2.0)
+        return self.ln_f(x)
+
+    def forward(self, images, proprio, codes=None, generator=None):
+        """-> an action chunk (B, T, A), normalized: the Gaussian's mean, or a sample of the other heads."""
+        return self.head.sample(self.tokens(images, proprio, codes), generator)
 
     def loss(self, images, proprio, codes, actions, valid):
-        """sum_k gamma^k NLL(a_{t+k}), averaged over the batch -> (loss, {"action_mse_norm"}).
+        """sum_k gamma^k l(a_{t+k}), averaged over the batch, l the head's per-step loss -> (loss, metrics).
 
-        valid (B, T) masks steps past the episode end; action_mse_norm is the mean's squared error
-        on the valid steps, in normalized units.
+        valid (B, T) masks steps past the episode end.
         """
-        mean, log_std = self(images, proprio, codes)
+        discount = self.cfg.gamma ** torch.arange(self.cfg.T, device=actions.device, dtype=actions.dtype)
+        return self.head.loss(self.tokens(images, proprio, codes), actions, discount * valid)
+
+
+# -----------------------------------------------------------------------------
+# Action heads: the inverse transformer's T output tokens (B, T, D) -> action chunk (B, T, A)
+#
+# Appendix E of the paper compares three heads (Table 13); the published code ships all three.
+# Each is a module with the same two methods:
+#   loss(tokens, actions, weights) -> (loss, metrics)   weights (B, T) = gamma^k * valid_k
+#   sample(tokens, generator) -> chunk (B, T, A)         reproducible with a torch.Generator
+# Every loss is sum_k w_k l_k averaged over the batch, l_k the step's term summed over action
+# dimensions (NLL, noise error, velocity error): the discount weights all three alike.
+
+
+def build_head(cfg: InverseConfig):
+    if cfg.head == "gaussian":
+        return GaussianHead(cfg.d_model, cfg.action_dim)
+    if cfg.head == "diffusion":
+        return DiffusionHead(cfg)
+    if cfg.head == "flow":
+        return FlowHead(cfg)
+    raise DataError(f"inverse config: expected head gaussian, diffusion or flow, found {cfg.head!r}")
+
+
+def discounted_sum(per_step, weights):
+    """per_step (B, T), weights (B, T) -> sum_k w_k l_k, averaged over the batch."""
+    return (per_step * weights).sum(1).mean()
+
+
+def timestep_embedding(t, dim, max_period=10_000):
+    """t (B,) noise level or flow time -> (B, dim) sinusoids, like positions in a Transformer."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = t.float()[:, None] * freqs  # (B, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Gaussian head (the default): a_k ~ N(mu_k, diag sigma_k^2); loss sum_k gamma^k NLL(a_k); acts on mu
+
+
+class GaussianHead(nn.Linear):
+    """One linear map to the mean and log-std of every action dimension at every step."""
+
+    def __init__(self, d, action_dim):
+        super().__init__(d, 2 * action_dim)
+
+    def forward(self, tokens):
+        mean, log_std = super().forward(tokens).chunk(2, dim=-1)  # (B, T, A) each
+        return mean, log_std.clamp(-7.0, 2.0)
+
+    def loss(self, tokens, actions, weights):
+        mean, log_std = self(tokens)
         nll = -torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)  # (B, T)
-        discount = self.cfg.gamma ** torch.arange(self.cfg.T, device=nll.device, dtype=nll.dtype)
-        mse = (((mean - actions) ** 2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
-        return (nll * discount * valid).sum(1).mean(), {"action_mse_norm": mse.detach()}
+        valid = (weights > 0).float()
+        mse = (((mean - actions) ** 2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)  # the mean's error
+        return discounted_sum(nll, weights), {"action_mse_norm": mse.detach()}
+
+    def sample(self, tokens, generator=None):
+        """The mean: the policy acts on the mode, so the generator goes unused."""
+        return self(tokens)[0]
+
+
+# -----------------------------------------------------------------------------
+# Diffusion head (Diffusion Policy, Chi et al. 2023): a 1-D temporal U-Net predicts the noise in a chunk
+#   forward process  x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps,  eps ~ N(0, I),  k ~ U{0..K-1}
+#   loss             sum_t gamma^t || eps_theta(x_k, k, tokens)_t - eps_t ||^2        (DDPM, epsilon target)
+#   sampling (DDIM, deterministic), S of the K levels from the top down, k -> k':
+#                    x0_hat = clip((x_k - sqrt(1 - abar_k) eps_theta) / sqrt(abar_k))
+#                    x_k'   = sqrt(abar_k') x0_hat + sqrt(1 - abar_k') eps_theta       (after level 0: abar = 1)
+# Conditioning is per step: token t, with the noise-level embedding appended, sets a FiLM scale and shift of
+# the U-Net's features at step t (average-pooled as the U-Net halves the time axis). Diffusion Policy feeds
+# one pooled observation vector instead; here the inverse transformer has already made one token per step.
+
+DIFFUSION_CLIP = 5.0  # |x0_hat| bound. Diffusion Policy clips to 1 on min-max scaled actions; ours are z-scored
+
+
+def cosine_alpha_bar(K):
+    """squaredcos_cap_v2 (Nichol & Dhariwal 2021): f(s) = cos^2((s + 0.008) / 1.008 * pi / 2),
+    beta_k = min(1 - f((k+1)/K) / f(k/K), 0.999), abar_k = prod_{j<=k} (1 - beta_j). Returns abar (K,)."""
+    f = torch.cos((torch.arange(K + 1, dtype=torch.float64) / K + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+def conv_block(c_in, c_out, kernel):
+    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(8, c_out), nn.Mish())
+
+
+class FiLMResBlock(nn.Module):
+    """conv -> FiLM (a scale and shift per step, from the condition) -> conv, plus a residual path."""
+
+    def __init__(self, c_in, c_out, d_cond, kernel=5):
+        super().__init__()
+        self.conv1, self.conv2 = conv_block(c_in, c_out, kernel), conv_block(c_out, c_out, kernel)
+        self.film = nn.Sequential(nn.Mish(), nn.Conv1d(d_cond, 2 * c_out, 1))
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, cond):
+        """x (B, C_in, T'), cond (B, E, T') -> (B, C_out, T')"""
+        scale, shift = self.film(cond).chunk(2, dim=1)  # (B, C_out, T') each
+        return self.conv2(self.conv1(x) * (1 + scale) + shift) + self.skip(x)
+
+
+class UNet1D(nn.Module):
+    """Diffusion Policy's ConditionalUnet1D layout: per level two FiLM blocks, then halve T; mirrored back up."""
+
+    def __init__(self, action_dim, d_cond, dims):
+        super().__init__()
+        self.d_time = dims[0]
+        self.time_mlp = nn.Sequential(nn.Linear(dims[0], 4 * dims[0]), nn.Mish(), nn.Linear(4 * dims[0], dims[0]))
+        E = d_cond + dims[0]
+        levels = list(zip((action_dim,) + tuple(dims[:-1]), dims))  # (C_in, C_out) per level
+        self.down = nn.ModuleList(  # the deepest level keeps its length
+            nn.ModuleList([FiLMResBlock(c_in, c, E), FiLMResBlock(c, c, E),
+                           nn.Conv1d(c, c, 3, stride=2, padding=1) if i < len(dims) - 1 else nn.Identity()])
+            for i, (c_in, c) in enumerate(levels))
+        self.mid = nn.ModuleList([FiLMResBlock(dims[-1], dims[-1], E), FiLMResBlock(dims[-1], dims[-1], E)])
+        self.up = nn.ModuleList(
+            nn.ModuleList([FiLMResBlock(2 * c, c_in, E), FiLMResBlock(c_in, c_in, E),
+                           nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1)])
+            for c_in, c in reversed(levels[1:]))
+        self.out = nn.Sequential(conv_block(dims[0], dims[0], 5), nn.Conv1d(dims[0], action_dim, 1))
+        self.stride = 2 ** (len(dims) - 1)
+
+    def forward(self, x, k, tokens):
+        """x (B, T, A) noisy chunk, k (B,) noise levels, tokens (B, T, D) -> predicted noise (B, T, A)"""
+        T = x.shape[1]
+        temb = self.time_mlp(timestep_embedding(k, self.d_time))  # (B, Dt)
+        cond = torch.cat([tokens, repeat(temb, "b e -> b t e", t=T)], dim=-1)  # (B, T, E)
+        pad = -T % self.stride  # T is halved len(dims) - 1 times: pad it to a multiple, crop after
+        x = F.pad(rearrange(x, "b t a -> b a t"), (0, pad), mode="replicate")  # (B, A, T+pad)
+        cond = F.pad(rearrange(cond, "b t e -> b e t"), (0, pad), mode="replicate")  # (B, E, T+pad)
+        skips = []
+        for res1, res2, down in self.down:
+            x = res2(res1(x, cond), cond)
+            skips.append((x, cond))
+            if not isinstance(down, nn.Identity):
+                x, cond = down(x), F.avg_pool1d(cond, 2)
+        for res in self.mid:
+            x = res(x, cond)
+        for (res1, res2, up), (skip, c) in zip(self.up, reversed(skips[1:])):  # the top skip goes unused, as in DP
+            x = torch.cat([x, skip], dim=1)
+            x = up(res2(res1(x, c), c))
+        return rearrange(self.out(x)[..., :T], "b a t -> b t a")
+
+
+class DiffusionHead(nn.Module):
+    def __init__(self, cfg: InverseConfig):
+        super().__init__()
+        self.K, self.steps, self.action_dim = cfg.diffusion_train_steps, cfg.diffusion_sample_steps, cfg.action_dim
+        if not 1 <= self.steps <= self.K:
+            raise UserError(f"diffusion head: expected 1 to {self.K} DDIM steps (the training levels), "
+                            f"found {self.steps}")
+        self.unet = UNet1D(cfg.action_dim, cfg.d_model, cfg.unet_dims)
+        self.register_buffer("alpha_bar", cosine_alpha_bar(self.K), persistent=False)
+
+    def loss(self, tokens, actions, weights):
+        k = torch.randint(0, self.K, (actions.shape[0],), device=actions.device)
+        eps = torch.randn_like(actions)
+        ab = self.alpha_bar[k][:, None, None]  # (B, 1, 1)
+        err = ((self.unet(ab.sqrt() * actions + (1 - ab).sqrt() * eps, k, tokens) - eps) ** 2).sum(-1)  # (B, T)
+        return discounted_sum(err, weights), {"noise_mse": err.mean().detach() / self.action_dim}
+
+    @torch.no_grad()
+    def sample(self, tokens, generator=None, steps=None):
+        B, T = tokens.shape[:2]
+        S = steps or self.steps
+        # S levels K // S apart down to 0, as Diffusion Policy's DDIM scheduler spaces them (16 of 100: 90, 84, ..., 0).
+        # Starting below the top level matters: at K - 1, abar = 2e-7 and x0_hat would magnify errors 2000-fold.
+        levels = torch.arange(S - 1, -1, -1, device=tokens.device) * (self.K // S)
+        x = torch.randn(B, T, self.action_dim, device=tokens.device, generator=generator)
+        for i, k in enumerate(levels):
+            ab = self.alpha_bar[k]
+            ab_next = self.alpha_bar[levels[i + 1]] if i + 1 < S else torch.ones_like(ab)
+            eps = self.unet(x, k.expand(B), tokens)
+            x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-DIFFUSION_CLIP, DIFFUSION_CLIP)
+            x = ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps
+        return x
+
+
+# -----------------------------------------------------------------------------
+# Flow-matching head (rectified flow on the straight, optimal-transport path; Lipman et al. 2023)
+#   path      x_t = (1 - t) x_0 + t x_1,   x_0 ~ N(0, I) noise, x_1 the action chunk, t ~ U[0, 1]
+#   loss      sum_k gamma^k || v_theta(x_t, t, tokens)_k - (x_1 - x_0)_k ||^2
+#   sampling  dx/dt = v_theta from t = 0 to 1, midpoint rule, h = 1 / steps (the paper: 10 steps):
+#             x_{t+h} = x_t + h v_theta(x_t + h/2 v_theta(x_t, t), t + h/2)
+# v_theta is a small DiT over the chunk's T steps: self-attention, cross-attention to the inverse
+# transformer's T tokens, MLP. The flow time enters through adaptive LayerNorm: a shift, scale and
+# gate per sublayer, the gate starting at zero so each block starts as the identity (adaLN-Zero).
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, d, n_head, dropout):
+        super().__init__()
+        self.attn, self.cross = Attention(d, n_head, dropout), Attention(d, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+        self.norms = nn.ModuleList(nn.LayerNorm(d, elementwise_affine=False) for _ in range(3))
+        self.ada = nn.Linear(d, 9 * d)  # (shift, scale, gate) for each of the three sublayers
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, tokens, temb):
+        """x (B, T, D) chunk features, tokens (B, T, D) to attend to, temb (B, D) flow-time embedding"""
+        mods = rearrange(self.ada(F.silu(temb)), "b (n three d) -> n three b 1 d", n=3, three=3)
+        sublayers = (self.attn, lambda h: self.cross(h, context=tokens), self.mlp)
+        for norm, f, (shift, scale, gate) in zip(self.norms, sublayers, mods):
+            x = x + gate * f(norm(x) * (1 + scale) + shift)
+        return x
+
+
+class FlowHead(nn.Module):
+    def __init__(self, cfg: InverseConfig):
+        super().__init__()
+        D, self.steps, self.action_dim = cfg.d_model, cfg.flow_steps, cfg.action_dim
+        self.inp = nn.Linear(cfg.action_dim, D)
+        self.pos = nn.Parameter(0.02 * torch.randn(cfg.T, D))
+        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.n_head, cfg.dropout) for _ in range(cfg.dit_layers))
+        self.ln_f = nn.LayerNorm(D)
+        self.out = nn.Linear(D, cfg.action_dim)
+
+    def velocity(self, x, t, tokens):
+        """x (B, T, A) a point on the path, t (B,) in [0, 1], tokens (B, T, D) -> v (B, T, A)"""
+        temb = self.time_mlp(timestep_embedding(1000 * t, self.pos.shape[1]))  # t on the scale of noise levels
+        h = self.inp(x) + self.pos  # (B, T, D)
+        for block in self.blocks:
+            h = block(h, tokens, temb)
+        return self.out(self.ln_f(h))
+
+    def loss(self, tokens, actions, weights):
+        x0 = torch.randn_like(actions)
+        t = torch.rand(actions.shape[0], device=actions.device)
+        xt = torch.lerp(x0, actions, t[:, None, None])  # (1 - t) x0 + t x1
+        err = ((self.velocity(xt, t, tokens) - (actions - x0)) ** 2).sum(-1)  # (B, T)
+        return discounted_sum(err, weights), {"velocity_mse": err.mean().detach() / self.action_dim}
+
+    @torch.no_grad()
+    def sample(self, tokens, generator=None, steps=None):
+        B, T = tokens.shape[:2]
+        steps = steps or self.steps
+        x = torch.randn(B, T, self.action_dim, device=tokens.device, generator=generator)
+        h = 1.0 / steps
+        for i in range(steps):
+            t = torch.full((B,), i * h, device=tokens.device)
+            x_mid = x + h / 2 * self.velocity(x, t, tokens)
+            x = x + h * self.velocity(x_mid, t + h / 2, tokens)
+        return x
 
 
 # -----------------------------------------------------------------------------
@@ -1593,7 +1849,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     codes_from = ("none (inverse-only baseline)" if not cfg.use_codes else "true tracks" if not predicted_codes
                   else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init_path}")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
-        f"{len(val_eps)} held out | codes: {codes_from}")
+        f"{len(val_eps)} held out | codes: {codes_from} | head: {cfg.head}")
 
     def make_batch(f):
         actions, valid = corpus.action_chunks(f, cfg.T)
@@ -1615,25 +1871,30 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     def loss_fn(model, batch):
         return model.loss(batch["images"], batch["proprio"], codes_for(batch), batch["actions"], batch["valid"])
 
-    def action_mse(model, b, codes):
-        """Squared error of the predicted mean, in data units: (over the valid steps, at the first step)."""
-        mean, _ = model(b["images"], b["proprio"], codes)
-        err = (act_norm.inverse(mean.cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
-        return err[b["valid"].bool().cpu().numpy()].mean(), err[:, 0].mean()
+    def action_mse(model, b, codes, generator):
+        """Squared error of the chunk the policy would act on, in data units: (over the valid steps, at the first step)."""
+        chunk = model(b["images"], b["proprio"], codes, generator=generator)  # (B, T, A)
+        err = (act_norm.inverse(chunk.float().cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
+        valid = b["valid"].bool()
+        return err[valid.cpu().numpy()].mean(), err[:, 0].mean(), ((chunk - b["actions"]) ** 2)[valid].mean().item()
 
     sources = [s for s, m in (("true", tok_model), ("pred", fwd_model)) if m is not None]
 
     def eval_fn(model):
         sums = {}
-        for b in held_out_batches(model, val, make_batch, train, run):
-            loss, metrics = model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"])
-            row = {"val_nll": loss.item(), "action_mse_norm": metrics["action_mse_norm"].item()}
-            row["action_mse"], row["action_mse_first"] = action_mse(model, b, codes_for(b))
-            for source in sources:  # the diagnostics: both kinds of codes on the same windows
-                same = source == ("pred" if predicted_codes else "true")
-                row[f"action_mse_{source}"] = row["action_mse"] if same else action_mse(model, b, codes_for(b, source))[0]
-            for k, v in row.items():
-                sums.setdefault(k, []).append(v)
+        # The same noise at every evaluation, drawn beside training's random stream (a resumed run replays it).
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            torch.manual_seed(run.seed)
+            g = torch.Generator(device=run.device).manual_seed(run.seed)
+            for b in held_out_batches(model, val, make_batch, train, run):
+                loss, _ = model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"])
+                row = {"val_nll" if cfg.head == "gaussian" else "val_loss": loss.item()}
+                row["action_mse"], row["action_mse_first"], row["action_mse_norm"] = action_mse(model, b, codes_for(b), g)
+                for source in sources:  # the diagnostics: both kinds of codes on the same windows
+                    same = source == ("pred" if predicted_codes else "true")
+                    row[f"action_mse_{source}"] = row["action_mse"] if same else action_mse(model, b, codes_for(b, source), g)[0]
+                for k, v in row.items():
+                    sums.setdefault(k, []).append(v)
         return {k: float(np.mean(v)) for k, v in sums.items()}
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": predicted_codes,
@@ -1709,7 +1970,7 @@ class Policy:
     """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data."""
 
     def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,
-                 temperature=0.0, top_k=None):
+                 temperature=0.0, top_k=None, seed=0):
         self.device = pick_device(device or "auto")
         self.inverse = model_from_checkpoint(inverse_ckpt).to(self.device)
         cfg = self.inverse.cfg
@@ -1727,7 +1988,8 @@ class Policy:
         self.prop_norm = Normalizer(**inverse_ckpt["stats"]["proprio"])
         self.temperature, self.top_k = temperature, top_k
         self.ensembler = TemporalEnsembler(self.horizon, k)
-        self._last_codes, self._last_tracks = None, None
+        self.seed, self.generator = seed, torch.Generator(device=self.device)  # sampled heads and codes draw from it
+        self.reset()
 
     @classmethod
     def load(cls, path, device=None, **kwargs):
@@ -1743,8 +2005,10 @@ class Policy:
         return cls(bundle["inverse"], bundle.get("tokenizer"), bundle.get("forward"), device=device, **kwargs)
 
     def reset(self):
-        """A new episode: forget earlier chunks."""
+        """A new episode: forget earlier chunks, restart the sampling noise from the seed (an episode's
+        actions then depend on its observations alone)."""
         self.ensembler.reset()
+        self.generator.manual_seed(self.seed)
         self._last_codes, self._last_tracks = None, None
 
     @property
@@ -1773,11 +2037,12 @@ class Policy:
             raise UserError(f"policy.act: expected proprio ({self.proprio_dim},), found {proprio.shape}")
         codes = None
         if self.uses_codes:
-            codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k)
+            codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k,
+                                          generator=self.generator)
             self._last_codes, self._last_tracks = codes, None
         p = torch.as_tensor(self.prop_norm(proprio)[None], device=self.device)
-        mean, _ = self.inverse(x, p, codes)
-        return self.act_norm.inverse(mean[0].float().cpu().numpy())
+        chunk = self.inverse(x, p, codes, generator=self.generator)  # (1, T, A), normalized
+        return self.act_norm.inverse(chunk[0].float().cpu().numpy())
 
     def act(self, images, proprio, task):
         return self.ensembler.step(self.predict_chunk(images, proprio, task)).astype(np.float32)
@@ -1823,7 +2088,10 @@ def configs_from_args(args):
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "eval_every": args.eval_every,
                  "log_every": args.log_every, "eval_samples": args.eval_samples}
     train = replace(preset["train"], **{k: v for k, v in overrides.items() if v is not None})
-    forward, inverse = preset["forward"], replace(preset["inverse"], use_codes=not args.no_codes)
+    head = {"head": args.action_head, "diffusion_train_steps": args.diffusion_train_steps,
+            "diffusion_sample_steps": args.diffusion_sample_steps, "flow_steps": args.flow_steps}
+    head = {k: v for k, v in head.items() if v is not None}
+    forward, inverse = preset["forward"], replace(preset["inverse"], use_codes=not args.no_codes, **head)
     if args.vision_weights:
         forward = replace(forward, vision=replace(forward.vision, weights=args.vision_weights))
         inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
@@ -1842,7 +2110,7 @@ def run(args):
     if args.count_params:
         if args.stage == "all":
             raise UserError("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
-        print(f"params: {count_params(args.stage, PRESETS[args.preset])}")
+        print(f"params: {count_params(args.stage, configs_from_args(args)[0])}")
         return
     torch.manual_seed(args.seed)
     models, train, run_cfg = configs_from_args(args)
@@ -1920,6 +2188,13 @@ def build_parser():
     p.add_argument("--shots", type=int, default=0, help="inverse: use only the first K action episodes of each task (0: all)")
     p.add_argument("--only-task", action="append", default=[], help="train only on episodes of this task (repeatable)")
     p.add_argument("--exclude-task", action="append", default=[], help="leave out episodes of this task (repeatable)")
+    # the inverse model's action head (paper Appendix E); the step counts are recorded in the checkpoint
+    p.add_argument("--action-head", choices=["gaussian", "diffusion", "flow"],
+                   help="inverse: Gaussian (default), DDPM/DDIM with a 1-D U-Net, or flow matching with a DiT "
+                   "(--predicted-codes fine-tuning keeps the head of the model it fine-tunes)")
+    p.add_argument("--diffusion-train-steps", type=int, help="diffusion head: noise levels in training (default: the preset's, 100)")
+    p.add_argument("--diffusion-sample-steps", type=int, help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
+    p.add_argument("--flow-steps", type=int, help="flow head: midpoint steps per chunk (default: the preset's, 10)")
     p.add_argument("--no-codes", action="store_true",
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
     # pretrained encoders (optional; the defaults train from scratch)
@@ -1941,10 +2216,16 @@ def check_args(p, args):
         p.error("--stage is required (unless --bench)")
     if not args.count_params and not args.data:
         p.error("--data is required unless --count-params")
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples"):
+    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "diffusion_train_steps",
+                 "diffusion_sample_steps", "flow_steps"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, found {value}")
+    inverse = PRESETS[args.preset]["inverse"]
+    K = args.diffusion_train_steps or inverse.diffusion_train_steps
+    S = args.diffusion_sample_steps or inverse.diffusion_sample_steps
+    if S > K:
+        p.error(f"--diffusion-sample-steps: expected at most the {K} training noise levels, found {S}")
     if args.shots < 0:
         p.error(f"--shots: expected >= 0, found {args.shots}")
     if args.predicted_codes and args.stage != "inverse":

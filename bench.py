@@ -3,7 +3,8 @@
   python bench.py --preset paper             # Table 10 sizes; on a GPU under bf16 autocast
   python bench.py --preset cpu --steps 5     # (`python amplify.py --bench ...` runs the same)
 
-Prints `name: value` lines on LIBERO-shaped random inputs (2 views, 128x128, A = 7, P = 9).
+Prints `name: value` lines on LIBERO-shaped random inputs (2 views, 128x128, A = 7, P = 9), then
+the inverse model with each action head (gaussian, diffusion, flow) against the Gaussian one.
 Speed-ups are ratios measured in the same run (cached vs uncached sampling), so they hold on any
 machine; absolute figures are only comparable on the same machine.
 """
@@ -105,6 +106,35 @@ def bench(args):
     print(f"policy_step_ms: {1000 * t_policy:.1f}")
     print(f"policy_hz: {1 / t_policy:.1f}")
     print(f"peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
+    bench_heads(args, inv_cfg, ckpt, losses["inverse"], (images, proprio, codes), (obs, prop), B, reps, use_amp)
+
+
+def bench_heads(args, inv_cfg, ckpt, inverse_loss, batch, observation, B, reps, use_amp):
+    """The inverse model with each action head: training samples/s, the model's own latency for one chunk,
+    and the whole policy step (which adds the forward model's codes), as ratios to the Gaussian head."""
+    device = args.device
+    images, proprio, codes = batch
+    train_rate, inverse_s, step_s = {}, {}, {}
+    for head in ("gaussian", "diffusion", "flow"):
+        torch.manual_seed(args.seed)
+        model = A.InverseDynamics(replace(inv_cfg, head=head)).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        train_rate[head] = B / timed(lambda: bench_train_step(model, opt, inverse_loss, use_amp), device, reps)
+        model.eval()
+        with torch.no_grad():
+            inverse_s[head] = timed(lambda: model(images[:1], proprio[:1], codes[:1]), device, reps)
+        policy = A.Policy({**ckpt["inverse"], "config": asdict(model.cfg), "model": model.state_dict()},
+                          ckpt["tokenizer"], ckpt["forward"], device=str(device))
+        step_s[head] = timed(lambda: policy.act(*observation, "task 0"), device, reps)
+        print(f"inverse_{head}_params: {sum(p.numel() for p in model.parameters())}")
+        print(f"inverse_{head}_train_samples_per_s: {train_rate[head]:.2f}")
+        print(f"inverse_{head}_chunk_ms: {1000 * inverse_s[head]:.1f}")
+        print(f"policy_step_ms_{head}: {1000 * step_s[head]:.1f}", flush=True)
+        del model, opt, policy
+    for head in ("diffusion", "flow"):  # ratios measured in this run: they hold on any machine
+        print(f"{head}_vs_gaussian_train_samples_per_s: {train_rate[head] / train_rate['gaussian']:.2f}")
+        print(f"{head}_vs_gaussian_inverse_chunk_ms: {inverse_s[head] / inverse_s['gaussian']:.2f}")
+        print(f"{head}_vs_gaussian_policy_step_ms: {step_s[head] / step_s['gaussian']:.2f}")
 
 
 def build_parser():

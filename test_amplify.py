@@ -6,6 +6,7 @@ including every kind of bad input it must refuse.
 """
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -296,7 +297,7 @@ def test_inverse_overfits_actions():
     losses = overfit(model, lambda: model.loss(images, proprio, codes, actions, valid)[0], 300)
     assert losses[-1] < losses[0] - 100, losses[::50]  # NLL falls far below the unit-Gaussian start
     with torch.no_grad():  # still in train mode: BatchNorm statistics of this very batch
-        mean, _ = model(images, proprio, codes)
+        mean = model(images, proprio, codes)  # the Gaussian head acts on its mean
     assert ((mean - actions) ** 2).mean() < 0.05
 
 
@@ -326,12 +327,142 @@ def test_inverse_loss_discounts_and_masks():
     x = torch.zeros(1, 1, 16, 16, 3, dtype=torch.uint8)
     p, codes, actions = torch.zeros(1, 2), torch.zeros(1, 3, dtype=torch.long), torch.randn(1, 4, 2)
     with torch.no_grad():
-        mean, log_std = model(x, p, codes)
+        mean, log_std = model.head(model.tokens(x, p, codes))
         nll = -torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)[0]
         full, _ = model.loss(x, p, codes, actions, torch.ones(1, 4))
         masked, _ = model.loss(x, p, codes, actions, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
     assert full.item() == pytest.approx(sum(0.99 ** k * nll[k].item() for k in range(4)), rel=1e-5)
     assert masked.item() == pytest.approx(nll[0].item() + 0.99 * nll[1].item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Action heads: Gaussian, diffusion, flow matching
+
+HEADS = ["gaussian", "diffusion", "flow"]
+
+
+def make_head(kind, T=16, A_=4, D=32):
+    torch.manual_seed(0)
+    cfg = A.InverseConfig(d_model=D, n_head=4, T=T, action_dim=A_, head=kind, unet_dims=(32, 64), dit_layers=2)
+    return A.build_head(cfg)
+
+
+def head_batch(B=4, T=16, A_=4, D=32, seed=0):
+    """Tokens as the inverse transformer would give them, smooth z-scored chunks, discount weights."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(B, T, D, generator=g)
+    actions = torch.randn(B, T, A_, generator=g).cumsum(1) / 2  # a random walk per dimension
+    actions = (actions - actions.mean((0, 1))) / actions.std((0, 1))
+    return tokens, actions, 0.99 ** torch.arange(T, dtype=torch.float32).expand(B, T)
+
+
+def unexplained(pred, target):
+    """Squared error as a fraction of the target's variance: scale-free."""
+    return (((pred - target) ** 2).mean() / target.var()).item()
+
+
+def train_head(head, tokens, actions, weights, steps, lr=3e-3, repeats=16):
+    """AdamW on a tiny batch repeated `repeats` times (fresh noise per copy: steadier gradients for
+    the generative heads). The tokens train too, as the inverse transformer under the head does."""
+    tokens = torch.nn.Parameter(tokens.clone())
+    opt = torch.optim.AdamW([*head.parameters(), tokens], lr=lr)
+    rep = lambda x: x.repeat(repeats, *[1] * (x.ndim - 1))  # noqa: E731
+    losses = []
+    for _ in range(steps):
+        loss, _ = head.loss(rep(tokens), rep(actions), rep(weights))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return tokens.detach(), losses
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_sample_shape_finite_reproducible(kind):
+    head = make_head(kind)
+    tokens, _, _ = head_batch()
+    a = head.sample(tokens, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 16, 4) and torch.isfinite(a).all()
+    assert torch.equal(a, head.sample(tokens, torch.Generator().manual_seed(1)))
+    if kind != "gaussian":  # the Gaussian acts on its mean; the generative heads draw a new chunk per seed
+        assert not torch.allclose(a, head.sample(tokens, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_loss_weights_each_step(kind):
+    """A step with zero weight leaves the loss alone: changing its action changes nothing (Gaussian),
+    or only through the other steps' view of it (the denoisers see the whole chunk)."""
+    head = make_head(kind)
+    tokens, actions, weights = head_batch()
+    weights = weights.clone()
+    weights[:, 8:] = 0
+    changed = actions.clone()
+    changed[:, 8:] += 10.0
+    torch.manual_seed(3)
+    full, metrics = head.loss(tokens, actions, weights)
+    torch.manual_seed(3)
+    masked, _ = head.loss(tokens, changed, weights)
+    assert full.ndim == 0 and torch.isfinite(full) and metrics
+    if kind == "gaussian":
+        assert torch.allclose(full, masked)
+    else:
+        assert (masked - full).abs() < 0.5 * full.abs()
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_head_overfits_tiny_batch(kind):
+    """On 4 (tokens, chunk) pairs the loss falls far, and a sampled chunk reproduces its pair's actions."""
+    head = make_head(kind, T=8)
+    tokens, actions, weights = head_batch(T=8)
+    tokens, losses = train_head(head, tokens, actions, weights, steps=200)
+    first, best_last = np.mean(losses[:10]), min(losses[-10:])
+    assert best_last < 0.2 * first, (first, best_last)
+    assert unexplained(head.sample(tokens, torch.Generator().manual_seed(0)), actions) < 0.5
+
+
+def test_head_samplers_follow_their_training_paths():
+    """Given the exact noise / velocity of a one-chunk data set (derived from the path each loss trains
+    on), DDIM and midpoint sampling return that chunk for any number of steps."""
+    tokens, actions, _ = head_batch()
+    diffusion, flow = make_head("diffusion"), make_head("flow")
+    ab = diffusion.alpha_bar
+
+    def exact_noise(x, k, tokens):  # x_k = sqrt(abar) x0 + sqrt(1 - abar) eps, solved for eps
+        a = ab[k][:, None, None]
+        return (x - a.sqrt() * actions) / (1 - a).sqrt()
+
+    diffusion.unet.forward = exact_noise
+    flow.velocity = lambda x, t, tokens: (actions - x) / (1 - t[:, None, None])  # the straight line to the chunk
+    for head, steps in ((diffusion, 2), (diffusion, 16), (diffusion, 100), (flow, 1), (flow, 10)):
+        sample = head.sample(tokens, torch.Generator().manual_seed(0), steps=steps)
+        assert (sample - actions).abs().max() < 1e-4 * actions.abs().max(), (type(head).__name__, steps)
+
+
+def test_flow_10_midpoint_steps_approach_the_ode_solution():
+    head = make_head("flow")
+    tokens, actions, weights = head_batch()
+    tokens, _ = train_head(head, tokens, actions, weights, steps=100)
+    sample = lambda n: head.sample(tokens, torch.Generator().manual_seed(0), steps=n)  # noqa: E731
+    exact = sample(200)
+    err = {n: ((sample(n) - exact).norm() / exact.norm()).item() for n in (2, 10)}
+    assert err[10] < 0.05 and err[10] < 0.5 * err[2], err
+
+
+def test_diffusion_schedule_and_odd_horizons():
+    ab = A.cosine_alpha_bar(100)
+    assert ab.shape == (100,) and (ab[1:] < ab[:-1]).all()
+    assert 0.99 < ab[0] < 1 and ab[-1] < 1e-3  # from almost clean to almost pure noise
+    head = make_head("diffusion", T=7)  # the U-Net halves T: 7 is padded and cropped back
+    tokens, actions, weights = head_batch(T=7)
+    assert torch.isfinite(head.loss(tokens, actions, weights)[0])
+    assert head.sample(tokens, torch.Generator().manual_seed(0)).shape == (4, 7, 4)
+
+
+def test_head_config_errors():
+    with pytest.raises(A.DataError, match="expected head gaussian, diffusion or flow, found 'vae'"):
+        A.build_head(A.InverseConfig(head="vae"))
+    with pytest.raises(A.UserError, match="expected 1 to 100 DDIM steps"):
+        A.build_head(A.InverseConfig(head="diffusion", diffusion_sample_steps=101))
 
 
 # -----------------------------------------------------------------------------
@@ -480,7 +611,7 @@ def test_policy_acts_in_data_units(trained):
     with torch.no_grad():
         p = torch.as_tensor(policy.prop_norm(np.zeros(9, np.float32))[None])
         x = torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8)
-        mean, _ = policy.inverse(x, p, policy.forward.generate(x, ["x"]))
+        mean = policy.inverse(x, p, policy.forward.generate(x, ["x"]))
     assert_close(normalized, mean[0], 1e-4)
 
 
@@ -496,6 +627,46 @@ def test_cli_each_stage_and_resume(trained, tmp_path):
     assert A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")["predicted_codes"] is True
     bc = A.Policy.load(str(tmp_path / "bc"))
     assert bc.forward is None and bc.act(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "x").shape == (7,)
+
+
+@pytest.mark.parametrize("head", ["diffusion", "flow"])
+def test_cli_action_heads_train_fine_tune_and_act_reproducibly(trained, tmp_path, head):
+    """A generative head through the command line (codes of true tracks, fine-tuning on predicted
+    codes, the inverse-only baseline) and Policy.load: the checkpoint records the head, and a seeded
+    policy repeats an episode's actions after reset."""
+    root, _ = trained
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("tokenizer.pt", "forward.pt"):
+        shutil.copy(root / "run" / name, out / name)
+    steps = ("--diffusion-sample-steps", "4") if head == "diffusion" else ("--flow-steps", "3")
+    common = ["--data", root / "data", "--action-head", head, *steps, *FAST]
+    proc = run_cli("--stage", "inverse", "--out", out, "--steps", "3", *common)
+    assert f"head: {head}" in proc.stdout and "val_loss" in proc.stdout and "action_mse" in proc.stdout
+    run_cli("--stage", "inverse", "--out", out, "--steps", "2", "--predicted-codes", *common)
+    config = A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")["config"]
+    assert config["head"] == head and config[steps[0][2:].replace("-", "_")] == int(steps[1])
+
+    obs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+
+    def episode(policy):
+        policy.reset()
+        return np.stack([policy.act(obs, np.zeros(9), "move the square right") for _ in range(3)])
+
+    policy = A.Policy.load(str(out))
+    first = episode(policy)
+    assert first.shape == (3, 7) and np.isfinite(first).all()
+    np.testing.assert_array_equal(episode(policy), first)
+    assert not np.allclose(episode(A.Policy.load(str(out), seed=1)), first)
+
+    run_cli("--stage", "inverse", "--out", tmp_path / "bc", "--steps", "2", "--no-codes", *common)
+    bc = A.Policy.load(str(tmp_path / "bc"))
+    assert bc.forward is None and bc.inverse.cfg.head == head and np.isfinite(episode(bc)).all()
+
+    bad = run_cli("--stage", "inverse", "--out", tmp_path / "x", "--diffusion-sample-steps", "101", *common[:2],
+                  check=False)
+    assert bad.returncode != 0 and "--diffusion-sample-steps: expected at most the 100" in bad.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_training_data_and_policy_act_see_identical_pixels(trained):

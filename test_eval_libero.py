@@ -35,8 +35,8 @@ def run_eval(*args, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE, env=ENV)
 
 
-def make_checkpoint(root, views, action_dim, proprio_dim):
-    """Tiny policy with the given views/dims: synthetic data, `amplify.py --stage all --steps 3`.
+def make_checkpoint(root, views, action_dim, proprio_dim, *flags):
+    """Tiny policy with the given views/dims: synthetic data, `amplify.py --stage all --steps 3 [flags]`.
 
     32x32 images keep training fast; evaluation brings the simulators' frames to that size the way
     preprocess.py would have written them.
@@ -46,7 +46,7 @@ def make_checkpoint(root, views, action_dim, proprio_dim):
     meta["views"] = list(views)
     preprocess.write_dataset(str(root / "data"), arrays, meta)
     cmd = [sys.executable, str(HERE / "amplify.py"), "--stage", "all", "--data", str(root / "data"),
-           "--out", str(root / "run"), "--steps", "3", "--batch-size", "4"]
+           "--out", str(root / "run"), "--steps", "3", "--batch-size", "4", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE, env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "run" / "policy.pt"
@@ -240,6 +240,21 @@ def test_metaworld_rollout_in_parallel_workers(metaworld_policy, metaworld_spec,
     for e in r["episodes"]:
         frames = imageio.mimread(out / e["video"])
         assert len(frames) == 5 and frames[0].shape[1] == 128 * len(metaworld_spec["views"])
+
+
+@pytest.mark.parametrize("head", ["diffusion", "flow"])
+def test_metaworld_closed_loop_with_each_generative_head(metaworld_spec, tmp_path, head):
+    """The evaluation runs a diffusion or flow-matching policy exactly as a Gaussian one (the test
+    above): sampled chunks, ensembled, in the simulator's action range."""
+    s = metaworld_spec
+    policy = make_checkpoint(tmp_path, s["views"], s["action_dim"], s["proprio_dim"], "--action-head", head,
+                             "--diffusion-sample-steps", "4")
+    assert amplify.load_checkpoint(str(policy), "policy")["inverse"]["config"]["head"] == head
+    proc = run_eval("--policy", policy, "--suite", "metaworld", "--tasks", "reach-v3", "--episodes", "1",
+                    "--max-steps", "5", "--out", tmp_path / "eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert r["complete"] is True and r["tasks"][0]["task"] == "reach-v3" and r["tasks"][0]["lengths"] == [5]
 
 
 def test_libero_observation_reaches_policy_as_preprocess_writes_it(libero_policy, libero_env, tmp_path):

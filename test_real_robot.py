@@ -718,13 +718,15 @@ def test_record_with_and_without_actions_writes_a_dataset_amplify_loads(robot_de
     assert "actions" not in ds.arrays or np.isnan(np.asarray(ds.arrays["actions"])).all()
 
 
-def test_policy_trained_on_recorded_demos_runs_in_the_loop(robot_demos, tmp_path):
+@pytest.mark.parametrize("head", ["gaussian", "diffusion"])  # the paper's real robot runs the diffusion head
+def test_policy_trained_on_recorded_demos_runs_in_the_loop(robot_demos, tmp_path, head):
     """record -> amplify.py (inverse only, 1 step: the fastest real Policy) -> real_robot.main."""
     out, _, _, _ = robot_demos
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, os.path.join(HERE, "amplify.py"), "--stage", "inverse",
                         "--no-codes", "--data", out, "--out", str(run), "--steps", "1",
-                        "--batch-size", "2", "--device", "cpu"], capture_output=True, text=True,
+                        "--batch-size", "2", "--device", "cpu", "--action-head", head,
+                        "--diffusion-sample-steps", "4"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg_path = write_cfg(tmp_path)
