@@ -1111,7 +1111,7 @@ def label_image(image, text, height=12):
 
 def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 150)):
     """The training loss and each held-out metric against the step, one small panel each, as a PNG
-    (Pillow only). `reference` = (name, {metric: value}) draws the trivial score as a grey line.
+    (Pillow only). `reference` = (name, {metric: value}) draws the trivial score as an orange line.
     Returns the path, or None when there is nothing to plot."""
     from PIL import Image, ImageDraw
 
