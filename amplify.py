@@ -50,6 +50,7 @@ Shape legend (einops names in lower case)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -1153,6 +1154,11 @@ def load_dataset(path):
             if name.endswith(".npy"):
                 arrays[name[:-4]] = np.load(os.path.join(path, name), mmap_mode="r", allow_pickle=False)
     else:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # an .npz is a zip archive; anything else would get numpy's pickle hint
+            raise DataError(f"dataset: expected a directory (.npy files + meta.json) or a .npz file, "
+                            f"found {path}, which is neither")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -1238,6 +1244,14 @@ class Corpus:
             out[np.flatnonzero(d == i)[order]] = rows
         return out.reshape(frames.shape + out.shape[1:])
 
+    def action_layout(self, episodes):
+        """meta["action_layout"] of the datasets the given episodes come from (None if none records
+        one); datasets that record different layouts cannot train one policy."""
+        layouts = {self.datasets[d].meta.get("action_layout") for d in set(self.ep_dataset[list(episodes)].tolist())}
+        if len(layouts - {None}) > 1:
+            raise DataError(f"datasets disagree on meta 'action_layout': {sorted(layouts - {None})}")
+        return next(iter(layouts - {None}), None)
+
     def action_chunks(self, frames, T):
         """actions (B, T, A) from each frame on, and valid (B, T): False past the episode's end."""
         ends = self.ep_end[self.episode_of(frames)]
@@ -1282,7 +1296,11 @@ class Normalizer:
 
     @classmethod
     def fit(cls, rows):
-        stats = array_stats(rows)
+        return cls.from_stats(array_stats(rows))
+
+    @classmethod
+    def from_stats(cls, stats):
+        """From array_stats (or a checkpoint's stats): mean and std; min and max, when present, are not used."""
         if stats is None:
             raise DataError("normalizer: expected at least one row without NaN, found none")
         return cls(stats["mean"], stats["std"])
@@ -1387,6 +1405,61 @@ def write_png(path, image):
     atomic_write(path, lambda tmp: Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG"))
 
 
+def label_image(image, text, height=12):
+    """uint8 (H, W_img, 3) -> the same with a black strip of `height` px on top holding `text`."""
+    from PIL import Image, ImageDraw
+
+    image = np.asarray(image, dtype=np.uint8)
+    strip = Image.new("RGB", (image.shape[1], height))
+    ImageDraw.Draw(strip).text((2, 0), text, fill=(255, 255, 255))
+    return np.concatenate([np.asarray(strip), image], axis=0)
+
+
+def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 150)):
+    """The training loss and each held-out metric against the step, one small panel each, as a PNG
+    (Pillow only). `reference` = (name, {metric: value}) draws the trivial score as an orange line.
+    Returns the path, or None when there is nothing to plot."""
+    from PIL import Image, ImageDraw
+
+    series = [("train loss", [r["step"] for r in log_rows], [r["loss"] for r in log_rows], None)]
+    ref_name, ref = reference or ("", {})
+    for key in (eval_rows[0] if eval_rows else {}):
+        if key != "step":
+            series.append((f"held-out {key}", [r["step"] for r in eval_rows], [r[key] for r in eval_rows], ref.get(key)))
+    series = [s for s in series if len(s[1])]
+    if not series:
+        return None
+    cols = 2 if len(series) > 1 else 1
+    rows = -(-len(series) // cols)
+    pw, ph = panel
+    canvas = Image.new("RGB", (cols * pw, 16 + rows * ph), "white")
+    pen = ImageDraw.Draw(canvas)
+    pen.text((4, 2), f"{title}: x = step" + (f"; orange line: {ref_name}" if ref else ""), fill="black")
+    for i, (name, xs, ys, ref_value) in enumerate(series):
+        x0, y0 = (i % cols) * pw, 16 + (i // cols) * ph
+        left, top, right, bottom = x0 + 46, y0 + 14, x0 + pw - 8, y0 + ph - 16
+        values = list(ys) + ([ref_value] if ref_value is not None else [])
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1e-9
+        sx = lambda x: left + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (right - left)  # noqa: E731
+        sy = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)  # noqa: E731
+        pen.rectangle([left, top, right, bottom], outline=(180, 180, 180))
+        pen.text((x0 + 4, y0 + 1), name, fill="black")
+        pen.text((x0 + 2, top - 2), f"{hi:.3g}", fill="black")
+        pen.text((x0 + 2, bottom - 10), f"{lo:.3g}", fill="black")
+        pen.text((left, bottom + 2), str(xs[0]), fill="black")
+        pen.text((right - 6 * len(str(xs[-1])), bottom + 2), str(xs[-1]), fill="black")
+        if ref_value is not None:
+            pen.line([(left, sy(ref_value)), (right, sy(ref_value))], fill=(230, 120, 0), width=2)
+        points = [(sx(x), sy(y)) for x, y in zip(xs, ys)]
+        if len(points) > 1:
+            pen.line(points, fill=(30, 90, 200), width=2)
+        for x, y in points if len(points) <= 30 else points[-1:]:
+            pen.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 90, 200))
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return path
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: weights + config + stats + step, plain types only, written atomically
 
@@ -1457,6 +1530,30 @@ def model_from_checkpoint(ckpt):
     return model.eval()
 
 
+def weights_hash(ckpt):
+    """A short content hash of a checkpoint's weights: which tokenizer / forward model a later stage
+    was trained with. Optimizer state and step are left out, so a policy bundle's stripped copy
+    hashes the same as the training checkpoint."""
+    h = hashlib.sha256()
+    for name in sorted(ckpt["model"]):
+        t = ckpt["model"][name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(ckpt['model'][name].shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def check_trained_with(ckpt, name, other, other_name):
+    """Refuse to combine `ckpt` with `other` (a tokenizer or forward checkpoint) if `ckpt` records
+    that it was trained with different weights: its codes would mean something else. Checkpoints
+    from before the record was kept pass unchecked."""
+    stage = other["stage"]
+    recorded = ckpt.get("trained_with", {}).get(stage)
+    if recorded is not None and recorded != weights_hash(other):
+        raise DataError(f"{name} was trained with {stage} {recorded}, but {other_name} is {stage} "
+                        f"{weights_hash(other)}: retrain it on this {stage} (--overwrite) or use the {stage} "
+                        f"it was trained with")
+
+
 # -----------------------------------------------------------------------------
 # Training: one flat loop (`fit`) shared by the stages, and one function per stage
 
@@ -1500,6 +1597,7 @@ class RunConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps (or a torch.device)
     seed: int = 0  # the batch order is drawn from (seed, step)
     resume: bool = False  # continue from the stage's checkpoint in `out`
+    overwrite: bool = False  # replace the stage's checkpoint in `out`, and remove what was trained on it
     compile: bool = False  # torch.compile the training step (long GPU runs; the first steps pay for it)
     vis: bool = False  # write PNGs of predicted vs true tracks at each evaluation
     # Data protocols (paper section 5): held-out, few-shot, zero-shot by task filters.
@@ -1535,6 +1633,79 @@ def log(msg):
         print(msg, flush=True)
 
 
+def clock(seconds):
+    """Seconds as h:mm:ss or m:ss, for progress lines."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+# What each stage writes into --out (`label` is the stage, or inverse_ft for the fine-tuned inverse
+# model), and which stages are trained on its output: replacing a tokenizer makes the forward and
+# inverse models trained on its codes meaningless, so --overwrite removes them too.
+DOWNSTREAM = {"tokenizer": ("forward", "inverse", "inverse_ft"), "forward": ("inverse_ft",),
+              "inverse": ("inverse_ft",), "inverse_ft": ()}
+
+
+def stage_files(out, label):
+    """The files of stage `label` in `out` that exist: checkpoint, metrics, progress log, curves, pictures."""
+    names = [f"{label}.pt", f"{label}_metrics.jsonl", f"{label}_log.jsonl", f"{label}_curves.png"]
+    if os.path.isdir(out):
+        names += sorted(n for n in os.listdir(out) if re.fullmatch(rf"vis_{label}_\d+\.png", n))
+    return [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
+
+
+def check_outputs(out, labels, run):
+    """Refuse, before any work, to train a stage into a directory that holds its checkpoint unless
+    the user said what to do with it: --resume continues it, --overwrite replaces it."""
+    if run.resume and run.overwrite:
+        raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: expected one, found both")
+    if run.resume or run.overwrite:
+        return
+    for label in labels:
+        path = os.path.join(out, label + ".pt")
+        if os.path.exists(path):
+            raise UserError(f"{path} exists: expected --resume to continue it or --overwrite to replace it "
+                            f"(and remove what was trained on it); nothing was changed")
+
+
+def clear_outputs(out, label, run):
+    """--overwrite: remove stage `label`'s files and those of every stage trained on it, and policy.pt,
+    so nothing trained on the old model stays beside the new one. Says what it removed."""
+    check_outputs(out, [label], run)
+    if not run.overwrite or run.ddp.rank != 0 or not os.path.exists(os.path.join(out, label + ".pt")):
+        return
+    stale = [p for lab in (label,) + DOWNSTREAM[label] for p in stage_files(out, lab)]
+    stale += [p for p in [os.path.join(out, "policy.pt")] if os.path.exists(p)]
+    for path in stale:
+        os.remove(path)
+    log(f"{label} | --overwrite: removed {', '.join(os.path.basename(p) for p in stale)}")
+
+
+def start_jsonl(path, resumed_step):
+    """A metrics file holds one run: a fresh run starts it empty; a resumed run keeps the rows up to
+    the step it resumed from (rows written after that checkpoint are replaced by the rerun)."""
+    if not os.path.exists(path):
+        return
+    if resumed_step == 0:
+        os.remove(path)
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+    atomic_write(path, lambda tmp: open(tmp, "w").writelines(rows))
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class StageLoss(nn.Module):
     """Wraps a model and its loss so DistributedDataParallel sees the loss computation as forward()."""
 
@@ -1547,7 +1718,7 @@ class StageLoss(nn.Module):
 
 
 def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_batch, loss_fn, eval_fn, out_path,
-        extra, on_eval=None, label=None):
+        extra, on_eval=None, label=None, reference=None):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
     Each step draws a global batch of `train.batch_size` frames from `frames` with an RNG seeded
@@ -1556,7 +1727,10 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     loss_fn(model, batch) -> (loss, {name: scalar tensor}) like the models' `loss`; when there
     are held-out frames `val`, eval_fn(model) -> {name: float} and on_eval(model, step) (pictures)
     run at each evaluation, without gradients; `extra` goes into the checkpoint. `label` names the
-    run in logs and metrics files (default: the stage).
+    run in logs and metrics files (default: the stage). `reference` = (name, {metric: value}) is
+    what a trivial prediction scores on the same held-out frames ("nothing moves"), printed beside
+    the final metrics. Writes OUT/<label>_metrics.jsonl (evaluations), <label>_log.jsonl (progress)
+    and, at the end, <label>_curves.png.
     """
     label, device, ddp = label or stage, run.device, run.ddp
     model.to(device)
@@ -1569,9 +1743,20 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         ckpt = load_checkpoint(out_path, stage)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        for other, recorded in ckpt.get("trained_with", {}).items():  # its inputs must not have changed since
+            if recorded != extra.get("trained_with", {}).get(other, recorded):
+                raise DataError(f"{out_path} was trained with {other} {recorded}, but this run's {other} is "
+                                f"{extra['trained_with'][other]}: --overwrite to retrain it on the new {other}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
         torch.set_rng_state(ckpt["rng"])  # dropout continues the same random stream
         log(f"{label} | resumed from {out_path} at step {step}")
+    out_dir = os.path.dirname(out_path)
+    metrics_path, log_path = (os.path.join(out_dir, f"{label}_{kind}.jsonl") for kind in ("metrics", "log"))
+    if ddp.rank == 0:
+        for path in (metrics_path, log_path):
+            start_jsonl(path, step)
     net = StageLoss(model, loss_fn)
     if ddp.world > 1:
         if train.batch_size % ddp.world:
@@ -1592,6 +1777,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
 
     use_amp = device.type == "cuda"
     t0, seen = time.time(), 0
+    start, first_step, metrics = time.time(), step, None
     while step < train.steps:
         net.train()
         for group in opt.param_groups:
@@ -1612,10 +1798,15 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
             if ddp.world > 1:
                 torch.distributed.all_reduce(loss_value)
                 loss_value /= ddp.world
-            rate = seen / max(1e-9, time.time() - t0)
+            now = time.time()
+            rate, elapsed = seen / max(1e-9, now - t0), now - start
+            eta = elapsed / (step - first_step) * (train.steps - step)
             extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
             log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
-                f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s")
+                f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s | elapsed {clock(elapsed)} | eta {clock(eta)}")
+            if ddp.rank == 0:
+                append_jsonl(log_path, {"step": step, "loss": loss_value.item(), **{k: float(v) for k, v in info.items()},
+                                        "lr": get_lr(step - 1, train), "samples_per_s": rate, "elapsed_s": elapsed})
             t0, seen = time.time(), 0
         if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
             save(step)
@@ -1625,13 +1816,36 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
                     if on_eval is not None:
                         on_eval(model, step)
                 log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                with open(os.path.join(os.path.dirname(out_path), f"{label}_metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+                append_jsonl(metrics_path, {"step": step, **metrics})
     if ddp.rank == 0 and (step == 0 or not os.path.exists(out_path)):
         save(step)
+    if ddp.rank == 0:
+        log(stage_summary(label, step - first_step, time.time() - start, metrics, reference, len(val)))
+        curves = plot_curves(os.path.join(out_dir, f"{label}_curves.png"), label, read_jsonl(log_path),
+                             read_jsonl(metrics_path), reference)
+        if curves:
+            log(f"{label} | curves: {curves}")
     if ddp.world > 1:
         check_ranks_agree(model, label)
     return model
+
+
+# The headline metric of each stage's summary, and whether lower is better.
+SUMMARY_METRICS = {"delta_auc": False, "pixel_acc": False, "mse": True, "code_acc": False, "val_nll": True,
+                   "action_mse": True, "action_mse_norm": True}
+
+
+def stage_summary(label, steps, seconds, metrics, reference, n_val):
+    """One line at the end of a stage: time taken, final held-out metrics beside the trivial reference."""
+    head = f"{label} | done: {steps} steps in {clock(seconds)}"
+    if not metrics:
+        return head + " | no held-out evaluation in this run"
+    ref_name, ref = reference or ("", {})
+    parts = []
+    for key in SUMMARY_METRICS:
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4f}" + (f" ({ref_name}: {ref[key]:.4f})" if key in ref else ""))
+    return f"{head} | held-out ({n_val} windows): " + ", ".join(parts)
 
 
 def check_ranks_agree(model, label):
@@ -1666,13 +1880,15 @@ def tracks_batch(corpus, frames):
 
 
 def vis_image(corpus, frame, pred, path):
-    """Left: true tracks; right: predicted; one row per view; upscaled so small images are legible."""
+    """Left: true tracks; right: predicted; one row per view, each panel labelled with the view name;
+    upscaled so small images are legible."""
     images, gt = corpus.gather("images", [frame])[0], tracks_batch(corpus, [frame])[0]
-    rows = [np.concatenate([draw_tracks(images[v], gt[v]), draw_tracks(images[v], pred[v])], axis=1)
-            for v in range(len(images))]
-    canvas = np.concatenate(rows, axis=0)
-    scale = max(1, 256 // canvas.shape[0])
-    write_png(path, np.kron(canvas, np.ones((scale, scale, 1), dtype=np.uint8)))
+    scale = max(1, 128 // images.shape[1])
+    up = lambda im: np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8))  # noqa: E731
+    rows = [np.concatenate([label_image(up(draw_tracks(images[v], gt[v])), f"{view}: true"),
+                            label_image(up(draw_tracks(images[v], pred[v])), f"{view}: predicted")], axis=1)
+            for v, view in enumerate(corpus.views)]
+    write_png(path, np.concatenate(rows, axis=0))
 
 
 def data_shape(corpus):
@@ -1693,6 +1909,15 @@ def video_episodes(corpus, run: RunConfig, train: TrainConfig, stage):
     train_eps = select_episodes(corpus, train_eps, only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
     frames, val = require_frames(corpus, train_eps, stage), eval_frames(corpus, val_eps, train.eval_samples)
     return train_eps, val_eps, frames, val
+
+
+def no_motion_reference(corpus, val):
+    """What predicting that nothing moves (every point stays at its start) scores on the held-out
+    windows: static background dominates the track metrics, so every report carries this."""
+    if not len(val):
+        return None
+    gt = torch.as_tensor(tracks_batch(corpus, val))  # (B, V, T, N, 2)
+    return "nothing moves", track_metrics(gt[:, :, :1].expand_as(gt), gt, corpus.img_size)
 
 
 def load_stage(path, stage, corpus, device):
@@ -1736,10 +1961,11 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
         pred = model.decode(model.encode(tracks)[1], tracks[:, :, 0])[0].cpu().numpy()
         vis_image(corpus, val[0], pred, os.path.join(out, f"vis_tokenizer_{step:06d}.png"))
 
+    clear_outputs(out, "tokenizer", run)
     return fit(model, stage="tokenizer", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
                loss_fn=lambda model, b: model.loss(b["tracks"]), eval_fn=eval_fn,
                on_eval=on_eval if run.vis else None, out_path=os.path.join(out, "tokenizer.pt"),
-               extra={"config": asdict(cfg), "data": data_shape(corpus)})
+               extra={"config": asdict(cfg), "data": data_shape(corpus)}, reference=no_motion_reference(corpus, val))
 
 
 def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None):
@@ -1781,10 +2007,12 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
         pred = tokenizer.decode(model.generate(b["images"], b["tasks"]), b["tracks"][:, :, 0])[0].cpu().numpy()
         vis_image(corpus, val[0], pred, os.path.join(out, f"vis_forward_{step:06d}.png"))
 
-    extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path)}
+    extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path),
+             "trained_with": {"tokenizer": weights_hash(tok_ckpt)}}
+    clear_outputs(out, "forward", run)
     return fit(model, stage="forward", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
                loss_fn=loss_fn, eval_fn=eval_fn, on_eval=on_eval if run.vis else None,
-               out_path=os.path.join(out, "forward.pt"), extra=extra)
+               out_path=os.path.join(out, "forward.pt"), extra=extra, reference=no_motion_reference(corpus, val))
 
 
 PROTOCOLS = {  # how the inverse model comes to read forward-predicted codes (README: "Fine-tuning protocols")
@@ -1829,6 +2057,20 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     if cfg.use_codes and init_ckpt is None:
         source = fwd_ckpt if predicted_codes else tok_ckpt
         cfg = replace(cfg, codebook_size=source["config"]["codebook_size"])
+    # The weights this model learns from, by content hash: a policy that mixes stages is refused.
+    if not cfg.use_codes:
+        trained_with = {}
+    elif not predicted_codes:
+        trained_with = {"tokenizer": weights_hash(tok_ckpt)}
+    elif init_ckpt is None:  # the published protocol: the forward model's codes, from scratch
+        trained_with = {"tokenizer": fwd_ckpt.get("trained_with", {}).get("tokenizer"), "forward": weights_hash(fwd_ckpt)}
+    else:
+        # The forward model must speak the codes of the tokenizer the inverse model learnt them from.
+        tok_hash, fwd_tok = init_ckpt.get("trained_with", {}).get("tokenizer"), fwd_ckpt.get("trained_with", {}).get("tokenizer")
+        if tok_hash and fwd_tok and tok_hash != fwd_tok:
+            raise DataError(f"{init_path} was trained with tokenizer {tok_hash}, but {fwd_path} predicts the codes "
+                            f"of tokenizer {fwd_tok}: retrain one of them on the other's tokenizer")
+        trained_with = {**init_ckpt.get("trained_with", {}), "forward": weights_hash(fwd_ckpt), "init": weights_hash(init_ckpt)}
     train_eps, val_eps = split_episodes(corpus, run.val_episodes)
     train_eps = select_episodes(corpus, train_eps, need_actions=True, shots=run.shots,
                                 only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
@@ -1837,13 +2079,15 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
     if init_ckpt is not None:
-        act_norm, prop_norm = Normalizer(**init_ckpt["stats"]["actions"]), Normalizer(**init_ckpt["stats"]["proprio"])
+        stats = init_ckpt["stats"]
+        action_layout = init_ckpt.get("action_layout")
     else:
         # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
-        act_norm = Normalizer.fit(corpus.gather("actions", frames))
-        prop_norm = Normalizer.fit(corpus.gather("proprio", frames))
+        stats = {key: array_stats(corpus.gather(key, frames)) for key in ("actions", "proprio")}
+        action_layout = corpus.action_layout(train_eps)
         cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
+    act_norm, prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
     val = eval_frames(corpus, val_eps, train.eval_samples)
     codes_from = ("none (inverse-only baseline)" if not cfg.use_codes else "true tracks" if not predicted_codes
@@ -1897,13 +2141,27 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                     sums.setdefault(k, []).append(v)
         return {k: float(np.mean(v)) for k, v in sums.items()}
 
+    def reference():
+        """Predicting the training episodes' mean action at every step (zero in normalized units)."""
+        if not len(val):
+            return None
+        actions, valid = corpus.action_chunks(val, cfg.T)  # (B, T, A), (B, T)
+        norm = act_norm(actions)[valid]
+        data = (actions - act_norm.mean)[valid]
+        return "mean action", {"action_mse_norm": float((norm ** 2).mean()), "action_mse": float((data ** 2).mean())}
+
+    # stats: mean and std (the normalizers) and min and max per dimension of the training rows;
+    # action_layout: the dataset's meta["action_layout"] (e.g. xyz_gripper), so a robot can refuse a
+    # policy whose actions are in other units.
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": predicted_codes,
              "codes_protocol": None if not predicted_codes else "published" if init_ckpt is None else "paper",
-             "stats": {"actions": act_norm.state(), "proprio": prop_norm.state()},
+             "stats": stats, "action_layout": action_layout, "trained_with": trained_with,
              "protocol": {"shots": run.shots, "only_task": list(run.only_tasks),
                           "exclude_task": list(run.exclude_tasks), "train_episodes": len(train_eps)}}
+    clear_outputs(out, name, run)
     return fit(model, stage="inverse", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
-               loss_fn=loss_fn, eval_fn=eval_fn, out_path=os.path.join(out, name + ".pt"), extra=extra, label=name)
+               loss_fn=loss_fn, eval_fn=eval_fn, out_path=os.path.join(out, name + ".pt"), extra=extra, label=name,
+               reference=reference())
 
 
 # -----------------------------------------------------------------------------
@@ -1948,19 +2206,34 @@ def strip_optimizer(ckpt):
 
 def stage_checkpoints(out_dir):
     """The checkpoints a policy needs from a training directory, without optimizer state: the
-    fine-tuned inverse model if present, and the tokenizer and forward model if it uses codes."""
+    fine-tuned inverse model if present, and the tokenizer and forward model if it uses codes.
+    Each part keeps the name of the file it came from (`source`), for error messages."""
     inverse_path = os.path.join(out_dir, "inverse_ft.pt")
     if not os.path.exists(inverse_path):
         inverse_path = os.path.join(out_dir, "inverse.pt")
-    parts = {"inverse": strip_optimizer(load_checkpoint(inverse_path, "inverse"))}
+    parts = {"inverse": {**strip_optimizer(load_checkpoint(inverse_path, "inverse")), "source": inverse_path}}
     if parts["inverse"]["config"]["use_codes"]:
         for stage in ("tokenizer", "forward"):
-            parts[stage] = strip_optimizer(load_checkpoint(os.path.join(out_dir, stage + ".pt"), stage))
+            path = os.path.join(out_dir, stage + ".pt")
+            parts[stage] = {**strip_optimizer(load_checkpoint(path, stage)), "source": path}
+    check_policy_parts(parts)
     return parts
 
 
+def check_policy_parts(parts, where=""):
+    """The three stages of a policy must belong together: the inverse model was trained on the
+    codes of this tokenizer (and, fine-tuned, on this forward model's predictions), and the forward
+    model predicts this tokenizer's codes. A mix is refused, naming both checkpoints."""
+    if parts.get("tokenizer") is None or parts.get("forward") is None:
+        return
+    name = {k: where + str(v.get("source", k)) for k, v in parts.items()}
+    check_trained_with(parts["inverse"], name["inverse"], parts["tokenizer"], name["tokenizer"])
+    check_trained_with(parts["inverse"], name["inverse"], parts["forward"], name["forward"])
+    check_trained_with(parts["forward"], name["forward"], parts["tokenizer"], name["tokenizer"])
+
+
 def write_policy(out_dir):
-    """Bundle the stage checkpoints in out_dir into out_dir/policy.pt."""
+    """Bundle the stage checkpoints in out_dir into out_dir/policy.pt (refused if they do not belong together)."""
     save_checkpoint(os.path.join(out_dir, "policy.pt"), {"stage": "policy", "format": CHECKPOINT_FORMAT,
                                                          **stage_checkpoints(out_dir)})
     return os.path.join(out_dir, "policy.pt")
@@ -1972,6 +2245,7 @@ class Policy:
     def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,
                  temperature=0.0, top_k=None, seed=0):
         self.device = pick_device(device or "auto")
+        check_policy_parts({"inverse": inverse_ckpt, "tokenizer": tokenizer_ckpt, "forward": forward_ckpt})
         self.inverse = model_from_checkpoint(inverse_ckpt).to(self.device)
         cfg = self.inverse.cfg
         self.uses_codes = cfg.use_codes
@@ -1984,8 +2258,15 @@ class Policy:
         data = inverse_ckpt["data"]
         self.views, self.img_size, self.horizon = list(data["views"]), tuple(data["img_size"]), cfg.T
         self.action_dim, self.proprio_dim = cfg.action_dim, cfg.proprio_dim
-        self.act_norm = Normalizer(**inverse_ckpt["stats"]["actions"])
-        self.prop_norm = Normalizer(**inverse_ckpt["stats"]["proprio"])
+        stats = inverse_ckpt["stats"]
+        self.act_norm, self.prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
+        # What a robot checks before it lets the policy move it: the units of the actions. The layout
+        # is the dataset's meta["action_layout"] (None when it recorded none); ranges are per-dimension
+        # {"min", "max"} of the training rows (None for checkpoints written before they were kept).
+        self.action_layout = inverse_ckpt.get("action_layout")
+        self.action_range, self.proprio_range = (
+            {k: np.asarray(stats[key][k], dtype=np.float32) for k in ("min", "max")} if "min" in stats[key] else None
+            for key in ("actions", "proprio"))
         self.temperature, self.top_k = temperature, top_k
         self.ensembler = TemporalEnsembler(self.horizon, k)
         self.seed, self.generator = seed, torch.Generator(device=self.device)  # sampled heads and codes draw from it
@@ -2002,6 +2283,7 @@ class Policy:
                 parts = stage_checkpoints(path)
                 return cls(parts["inverse"], parts.get("tokenizer"), parts.get("forward"), device=device, **kwargs)
         bundle = load_checkpoint(path, "policy")
+        check_policy_parts(bundle, where=f"{path}: ")
         return cls(bundle["inverse"], bundle.get("tokenizer"), bundle.get("forward"), device=device, **kwargs)
 
     def reset(self):
@@ -2097,10 +2379,21 @@ def configs_from_args(args):
         inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
     if args.text_encoder:
         forward = replace(forward, text_encoder=args.text_encoder, text_dim=0)
-    run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, compile=args.compile, vis=args.vis,
+    run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+                    compile=args.compile, vis=args.vis,
                     val_episodes=args.val_episodes, shots=args.shots, only_tasks=tuple(args.only_task),
                     exclude_tasks=tuple(args.exclude_task))
     return {"tokenizer": preset["tokenizer"], "forward": forward, "inverse": inverse}, train, run
+
+
+def stage_labels(args):
+    """The checkpoints (by label) this command writes into --out."""
+    if args.stage == "all":
+        return ["tokenizer"] + ([] if args.no_codes else ["forward"]) + ["inverse"] + \
+            ([] if args.no_codes or args.finetune_steps == 0 else ["inverse_ft"])
+    if args.stage == "inverse":
+        return ["inverse_ft" if args.predicted_codes else "inverse"]
+    return [args.stage]
 
 
 def run(args):
@@ -2116,6 +2409,7 @@ def run(args):
     models, train, run_cfg = configs_from_args(args)
     ddp, device = init_distributed(pick_device(args.device))
     run_cfg = replace(run_cfg, device=device, ddp=ddp)
+    check_outputs(args.out, stage_labels(args), run_cfg)  # before any work: nothing the user made is replaced unasked
     corpus = load_corpus(args.data)
     os.makedirs(args.out, exist_ok=True)
     log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
@@ -2144,9 +2438,18 @@ def run(args):
             log(f"policy: {write_policy(args.out)}")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not when its help already says it, nor for switches and unset values."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="AMPLIFY: train the motion tokenizer, forward and inverse dynamics.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     # what to run
     p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"],
                    help="which model to train; 'all' trains the three in order and writes OUT/policy.pt")
@@ -2162,6 +2465,8 @@ def build_parser():
     p.add_argument("--batch-size", type=int, help="default: the preset's")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue each stage from its checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the stage's checkpoint in --out and remove "
+                   "the stages trained on it (without --resume or --overwrite an existing checkpoint is refused)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")

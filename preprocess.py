@@ -196,7 +196,7 @@ def write_streaming(out, layout, lengths, tasks, episodes, meta):
 # (k: the episode's index in the unsharded run), so the merge can restore the original order.
 
 SHARD_CHECKED_FIRST = ("views", "img_size", "T", "grid", "fps", "tracker")  # then every other key
-SHARD_FREE_KEYS = ("shard", "action_stats", "proprio_stats")  # per shard; stats are recomputed
+SHARD_FREE_KEYS = ("shard", "action_stats", "proprio_stats", "command")  # per shard; stats are recomputed
 
 
 def parse_shard(text):
@@ -225,7 +225,7 @@ def _shard_info(path, meta):
     return int(info["index"]), int(info["count"]), [int(k) for k in info["episodes"]]
 
 
-def merge_shards(paths, out, *, log=None):
+def merge_shards(paths, out, *, log=None, extra_meta=None):
     """Join the n shards of one run (any order) into one dataset in the original episode order.
 
     Every check runs before anything is written: the shards must be exactly 0/n .. n-1/n, agree
@@ -298,7 +298,7 @@ def merge_shards(paths, out, *, log=None):
             a, b = sets[s].episode_range(e)
             yield {k: v[a:b] for k, v in sets[s].arrays.items() if k in layout}
 
-    meta = {k: v for k, v in ref.items() if k not in SHARD_FREE_KEYS}
+    meta = {**{k: v for k, v in ref.items() if k not in SHARD_FREE_KEYS}, **(extra_meta or {})}
     write_streaming(out, layout, lengths, tasks, episodes(), meta)
     return {"episodes": len(order), "frames": int(sum(lengths)), "shards": n, "out": str(out),
             "seconds": round(time.time() - t0, 2)}
@@ -715,13 +715,14 @@ def _atomic_savez(path, **arrays):
 
 def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=16, grid=20,
                         progress=True, source_fps=None, track_dtype="float32", extra_meta=None,
-                        log=None):
+                        log=None, overwrite=False):
     """Track every window of every episode and write the dataset with write_streaming.
 
     episodes: iterable of dicts with `images` uint8 (F, V, H, W, 3) upright, `task` str, optional
     `actions` float32 (F, A) and `proprio` float32 (F, P). fps: the rate of the T track steps (and
     of actions); source_fps: the rate of the frame axis when it differs (videos), see
-    resample_windows. tracker: "auto" | "lk" | "cotracker" or a tracker object.
+    resample_windows. tracker: "auto" | "lk" | "cotracker" or a tracker object. Episodes tracked
+    by an interrupted run with other settings (in `<out>.work/`) are refused unless `overwrite`.
     Returns a summary dict (episodes, frames, moving_fraction, visible_fraction, tracker, seconds).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -739,7 +740,10 @@ def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=
     if not created:
         old = json.loads((work / "config.json").read_text()) if (work / "config.json").exists() else None
         if old != config:
-            log(f"{work}: left by a run with other settings; starting afresh")
+            if not overwrite:
+                raise DataError(f"{work} holds episodes tracked by an interrupted run with other settings "
+                                f"({old}): expected the same settings to resume it, or --overwrite to discard it")
+            log(f"{work}: left by a run with other settings; discarded (--overwrite)")
             shutil.rmtree(work)
             created = True
     work.mkdir(parents=True, exist_ok=True)
@@ -1806,6 +1810,8 @@ def _common(p):
     p.add_argument("--track-dtype", default="float32", choices=["float32", "float16"],
                    help="float16 halves the size of the tracks; error < 0.05 px at 128 px")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and tracked episodes another run left in OUT.work/)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="process only episodes k with k %% N == I (0-based), as a dataset of its own; "
                         "join the N shards with the merge subcommand")
@@ -1854,6 +1860,7 @@ def build_parser():
     p = sub.add_parser("merge", help="join the datasets written with --shard 0/N .. N-1/N into one")
     p.add_argument("shards", nargs="+", help="the N shard datasets (directories or .npz), any order")
     p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = sub.add_parser("bench-tracker", help="tracker accuracy on frames with known motion")
     p.add_argument("--tracker", default="lk",
@@ -1900,7 +1907,51 @@ def _print_bench_truth(rows, args, tasks):
               f"| {r['invented']:.3f} | {r['windows_per_s']:.1f} |")
 
 
+# Flags that do not change what a run writes: the same command with or without them is the same run.
+NEUTRAL_FLAGS = ("--overwrite", "--no-progress")
+
+
+def run_command(argv):
+    """The command that wrote a dataset, as recorded in its meta.json ('command'): the subcommand and
+    its arguments, without flags that do not change the output."""
+    return ["preprocess.py"] + [a for a in argv if a not in NEUTRAL_FLAGS]
+
+
+def existing_output(out):
+    """What is at --out already: None (nothing, or an empty directory), or (description, the command
+    recorded in its meta, or None)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    try:
+        if out.is_dir():
+            meta = json.loads((out / "meta.json").read_text())
+            episodes = len(np.load(out / "episode_ends.npy", allow_pickle=False))
+        else:
+            with np.load(out, allow_pickle=False) as z:
+                meta, episodes = json.loads(str(z["meta_json"])), len(z["episode_ends"])
+    except (OSError, ValueError, KeyError):
+        return ("not a dataset this file wrote", None)
+    return (f"a dataset of {episodes} episodes", meta.get("command"))
+
+
+def check_out(out, command, overwrite, log):
+    """An existing --out is replaced only with --overwrite. The same command run again on a finished
+    dataset has nothing to do (True: stop here); an interrupted one resumes from OUT.work/."""
+    found = existing_output(out)
+    if found is None or overwrite:
+        if found is not None:
+            log(f"--overwrite: {out} ({found[0]}) will be replaced when the new dataset is complete")
+        return False
+    what, recorded = found
+    if recorded == command:
+        log(f"{out}: already written by this same command ({what}); nothing to do (--overwrite rebuilds it)")
+        return True
+    raise DataError(f"--out {out} exists ({what}, written by {' '.join(recorded) if recorded else 'another command'}): "
+                    f"expected a new path, or --overwrite to replace it; nothing was changed")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     # args error checking
@@ -1926,9 +1977,12 @@ def main(argv=None):
         out = Path(args.out)
         if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
             raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
+        command = run_command(argv)
+        if check_out(out, command, args.overwrite, log):
+            return 0
     shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     if args.command == "merge":
-        print(_summary_line(merge_shards(args.shards, out, log=log)))
+        print(_summary_line(merge_shards(args.shards, out, log=log, extra_meta={"command": command})))
         return 0
 
     # Sources: validate everything cheap first, so bad input fails before any slow work
@@ -2010,14 +2064,14 @@ def main(argv=None):
                            cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
                            batch=args.batch, log=log)
 
+    run["extra_meta"] = {**run.get("extra_meta", {}), "command": command}
     if shard is not None:
-        run["extra_meta"] = {**run.get("extra_meta", {}),
-                             "shard": {"index": shard[0], "count": shard[1], "episodes": keep}}
+        run["extra_meta"]["shard"] = {"index": shard[0], "count": shard[1], "episodes": keep}
         extra["shard"] = f"{shard[0]}/{shard[1]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = episodes_to_dataset(episodes, out, tracker=tracker, T=args.T, grid=args.grid,
                                   progress=not args.no_progress, track_dtype=args.track_dtype,
-                                  log=log, **run)
+                                  log=log, overwrite=args.overwrite, **run)
     summary.update(extra)
     if args.command == "metaworld":
         attempts = sum(r["attempts"] for r in record.values())
