@@ -414,7 +414,10 @@ def test_head_overfits_tiny_batch(kind):
     """On 4 (tokens, chunk) pairs the loss falls far, and a sampled chunk reproduces its pair's actions."""
     head = make_head(kind, T=8)
     tokens, actions, weights = head_batch(T=8)
-    tokens, losses = train_head(head, tokens, actions, weights, steps=200)
+    # Steps that leave the sample error at half the bound or less (measured over seeds 0-3: Gaussian
+    # 0.14-0.22, diffusion 0.04-0.22; flow 0.015 at seed 0); the Gaussian's learned std slows its mean's fit.
+    steps = {"gaussian": 400, "diffusion": 300, "flow": 200}[kind]
+    tokens, losses = train_head(head, tokens, actions, weights, steps=steps)
     first, best_last = np.mean(losses[:10]), min(losses[-10:])
     assert best_last < 0.2 * first, (first, best_last)
     assert unexplained(head.sample(tokens, torch.Generator().manual_seed(0)), actions) < 0.5
