@@ -1741,8 +1741,6 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     step = 0
     if run.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, stage)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
         for other, recorded in ckpt.get("trained_with", {}).items():  # its inputs must not have changed since
             if recorded != extra.get("trained_with", {}).get(other, recorded):
                 raise DataError(f"{out_path} was trained with {other} {recorded}, but this run's {other} is "
@@ -1755,6 +1753,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     out_dir = os.path.dirname(out_path)
     metrics_path, log_path = (os.path.join(out_dir, f"{label}_{kind}.jsonl") for kind in ("metrics", "log"))
     if ddp.rank == 0:
+        os.makedirs(out_dir or ".", exist_ok=True)  # a stage called from Python may name a new directory
         for path in (metrics_path, log_path):
             start_jsonl(path, step)
     net = StageLoss(model, loss_fn)
