@@ -1865,7 +1865,7 @@ def check_policy_parts(parts, where=""):
     model predicts this tokenizer's codes. A mix is refused, naming both checkpoints."""
     if parts.get("tokenizer") is None or parts.get("forward") is None:
         return
-    name = {k: where + str(v.get("source", k)) for k, v in parts.items()}
+    name = {k: where + str(parts[k].get("source", k)) for k in ("inverse", "tokenizer", "forward")}
     check_trained_with(parts["inverse"], name["inverse"], parts["tokenizer"], name["tokenizer"])
     check_trained_with(parts["inverse"], name["inverse"], parts["forward"], name["forward"])
     check_trained_with(parts["forward"], name["forward"], parts["tokenizer"], name["tokenizer"])
