@@ -472,11 +472,13 @@ class CoTrackerTracker:
 
 def load_tracker(name="auto", *, cotracker_repo=None, cotracker_checkpoint=None, device=None,
                  batch=8, log=None):
-    """"lk" | "cotracker" | "auto" (CoTracker when it loads, else lk) -> tracker object."""
-    if name not in ("auto", "lk", "cotracker"):
-        raise DataError(f"--tracker: expected auto, cotracker or lk, found {name!r}")
+    """"lk" | "cotracker" | "auto" (CoTracker when it loads, else lk) | "sim" -> tracker object."""
+    if name not in ("auto", "lk", "cotracker", "sim"):
+        raise DataError(f"--tracker: expected auto, cotracker, lk or sim, found {name!r}")
     if name == "lk":
         return LKTracker()
+    if name == "sim":
+        return SimTracker()
     try:
         return CoTrackerTracker(cotracker_repo, cotracker_checkpoint, device, batch)
     except Exception as e:  # no network, no weights, missing dependency: all mean "not here"
@@ -642,8 +644,11 @@ def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=
                         names.append(path)
                         resumed += 1
                         continue
-            tracks, vis = track_episode(ep["images"], tracker, T=T, grid=grid, fps=fps,
-                                        source_fps=source_fps)
+            if hasattr(tracker, "track_sim_episode"):  # exact tracks from recorded simulator state
+                tracks, vis = tracker.track_sim_episode(ep, T=T, grid=grid)
+            else:
+                tracks, vis = track_episode(ep["images"], tracker, T=T, grid=grid, fps=fps,
+                                            source_fps=source_fps)
             arrays = {"images": ep["images"], "tracks": tracks.astype(track_dtype), "vis": vis,
                       "task": np.array(ep["task"]), "key": np.array(key)}
             for k in ("actions", "proprio"):
@@ -1000,7 +1005,7 @@ class MetaWorldEnv:
 
 
 def metaworld_episodes(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128, seed=0,
-                       max_attempts=None, record=None, shard=None, indices=None):
+                       max_attempts=None, record=None, shard=None, indices=None, sim=False):
     """Yield `episodes` successful scripted-expert episodes per task (failures are dropped).
 
     Frame t holds the observation before action t; the episode stops at the first success.
@@ -1009,13 +1014,15 @@ def metaworld_episodes(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128
     tasks, in order) has k % n == i. Every shard still rolls out every attempt, since only the
     outcome says which index the next success gets, but renders only its own: the union of the
     shards is the unsharded run, episode for episode (resets are seeded, MuJoCo is deterministic).
-    `indices` (a list) receives k of each yielded episode.
+    `indices` (a list) receives k of each yielded episode. sim: each episode also carries
+    ep["sim"], the simulator record exact tracks are computed from (SimTracker).
     """
     record = record if record is not None else {}
     i_shard, n_shard = shard or (0, 1)
     k = 0  # index of the next kept episode in the unsharded run
     for task in tasks:
-        with MetaWorldEnv(task, seed=seed, cameras=cameras, img_size=img_size) as env:
+        with (MetaWorldSimEnv if sim else MetaWorldEnv)(task, seed=seed, cameras=cameras,
+                                                         img_size=img_size) as env:
             stat = record.setdefault(env.name, {"attempts": 0, "successes": 0})
             kept = 0
             while kept < episodes and stat["attempts"] < (max_attempts or 3 * episodes):
@@ -1039,8 +1046,331 @@ def metaworld_episodes(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128
                     if mine:
                         if indices is not None:
                             indices.append(k - 1)
-                        yield {"images": np.stack(images), "proprio": np.stack(proprio),
-                               "actions": np.stack(actions), "task": env.task_text}
+                        ep = {"images": np.stack(images), "proprio": np.stack(proprio),
+                              "actions": np.stack(actions), "task": env.task_text}
+                        if sim:
+                            ep["sim"] = env.sim_episode(len(images))
+                        yield ep
+
+
+# -----------------------------------------------------------------------------
+# Exact tracks from the simulator (MuJoCo)
+# Per frame the simulator records, for every camera, the rendered depth and segmentation and the
+# camera pose, and every body's pose. A window's grid point is back-projected with the depth at
+# its pixel, attached to the body the segmentation shows there, carried with that body's pose
+# through the window and projected with each frame's camera: no tracker, no error, and the
+# moving wrist camera costs nothing. A point is visible where its projected depth agrees with the
+# rendered depth (nothing in front of it). Pixel convention: centres at integers, so the optical
+# centre of a W-pixel image is at (W - 1) / 2 (checked against mujoco.mj_ray in the tests).
+
+SIM_DEPTH_TOL = (0.01, 1e-3)  # visible: depth <= rendered depth * (1 + 1%) + 1 mm (float32 depth, slopes)
+
+
+def sim_segments(model):
+    """Segment id -> body id table: geoms are ids 0 .. ngeom-1, sites ngeom .. ngeom+nsite-1."""
+    return np.concatenate([model.geom_bodyid, model.site_bodyid]).astype(np.int32)
+
+
+def record_sim_frame(renderer, model, data, cameras, rot180, scene_option=None):
+    """What exact tracks need from one frame, in the orientation the images are stored in.
+
+    renderer: a mujoco.Renderer of the stored image size; rot180[v]: view v is stored rotated by
+    180 degrees (Meta-World's corner cameras); scene_option: the mujoco.MjvOption the images were
+    rendered with (which geom groups show). Returns a dict of arrays: depth (V, H, W) float32
+    metres along the optical axis, seg (V, H, W) int32 (geom id, ngeom + site id; -1 background
+    or sky, -2 other objects), cam_pos (V, 3), cam_mat (V, 3, 3) camera-to-world (the camera looks
+    along -z, y up), xpos (nbody, 3), xmat (nbody, 3, 3), geom_xpos/geom_xmat (for the self-check).
+    """
+    import mujoco
+
+    geom, site = mujoco.mjtObj.mjOBJ_GEOM.value, mujoco.mjtObj.mjOBJ_SITE.value
+    depth, seg, cam_pos, cam_mat = [], [], [], []
+    for cam, flip in zip(cameras, rot180):
+        renderer.update_scene(data, camera=cam, scene_option=scene_option)
+        renderer.enable_depth_rendering()
+        d = renderer.render().copy()
+        renderer.enable_segmentation_rendering()
+        s = renderer.render()
+        renderer.disable_segmentation_rendering()
+        ids = np.where(s[..., 1] == geom, s[..., 0],
+                       np.where(s[..., 1] == site, model.ngeom + s[..., 0],
+                                np.where(s[..., 1] < 0, -1, -2))).astype(np.int32)
+        if flip:
+            d, ids = np.rot90(d, 2), np.rot90(ids, 2)
+        depth.append(d)
+        seg.append(ids)
+        i = model.camera(cam).id
+        cam_pos.append(data.cam_xpos[i].copy())
+        cam_mat.append(data.cam_xmat[i].reshape(3, 3).copy())
+    return {"depth": np.stack(depth).astype(np.float32), "seg": np.stack(seg),
+            "cam_pos": np.stack(cam_pos), "cam_mat": np.stack(cam_mat),
+            "xpos": data.xpos.copy(), "xmat": data.xmat.reshape(-1, 3, 3).copy(),
+            "geom_xpos": data.geom_xpos.copy(), "geom_xmat": data.geom_xmat.reshape(-1, 3, 3).copy()}
+
+
+def sim_record(frames, model, cameras, rot180, geomgroup=None):
+    """Stack per-frame records (record_sim_frame) into one episode record (leading axis F).
+
+    geomgroup: the 6 geom-group flags the frames were rendered with (default: MuJoCo's).
+    """
+    import mujoco
+
+    rec = {k: np.stack([f[k] for f in frames]) for k in frames[0]}
+    rec["geomgroup"] = np.array(mujoco.MjvOption().geomgroup if geomgroup is None else geomgroup, np.uint8)
+    rec["fovy"] = np.array([model.cam_fovy[model.camera(c).id] for c in cameras], np.float64)
+    rec["rot180"] = np.array(rot180, bool)
+    rec["seg_body"] = sim_segments(model)
+    return rec
+
+
+def _intrinsics(fovy, flip, height, width):
+    """(f, cx, cy, sign): pixel = c + sign * f * (X, -Y) / -Z for camera-frame points (X, Y, Z)."""
+    f = (height / 2) / np.tan(np.deg2rad(fovy) / 2)  # MuJoCo's fovy is vertical; square pixels
+    return f, (width - 1) / 2, (height - 1) / 2, (-1.0 if flip else 1.0)
+
+
+def _sample(img, xy):
+    """img (H, W) at the nearest pixel of xy (..., 2), clamped to the image."""
+    H, W = img.shape
+    col = np.clip(np.rint(xy[..., 0]), 0, W - 1).astype(int)
+    row = np.clip(np.rint(xy[..., 1]), 0, H - 1).astype(int)
+    return img[row, col]
+
+
+def _corners(img, xy):
+    """img (H, W) at the 4 pixels around xy (..., 2) -> (..., 4) and bilinear weights (..., 4)."""
+    H, W = img.shape
+    x0 = np.clip(np.floor(xy[..., 0]), 0, W - 1)
+    y0 = np.clip(np.floor(xy[..., 1]), 0, H - 1)
+    x1, y1 = np.minimum(x0 + 1, W - 1), np.minimum(y0 + 1, H - 1)
+    ax = np.clip(xy[..., 0] - x0, 0, 1)
+    ay = np.clip(xy[..., 1] - y0, 0, 1)
+    cols = np.stack([x0, x1, x0, x1], -1).astype(int)
+    rows = np.stack([y0, y0, y1, y1], -1).astype(int)
+    w = np.stack([(1 - ax) * (1 - ay), ax * (1 - ay), (1 - ax) * ay, ax * ay], -1)
+    return img[rows, cols], w
+
+
+def sim_view_tracks(rec, v, queries, span, points=False):
+    """Exact tracks of one view: queries (N, 2) stored-image pixels -> tracks (F, S, N, 2) pixels,
+    vis (F, S, N); with points=True also world points (F, S, N, 3) and segment ids (F, N).
+
+    Windows past the episode end repeat the last frame (held poses: exactly zero motion).
+    Points on the background (sky, beyond the far plane) are directions at infinity: they move
+    only with the camera's rotation. Points on other objects (-2) or behind the camera are held
+    and reported invisible.
+    """
+    depth, seg = rec["depth"][:, v], rec["seg"][:, v]  # (F, H, W)
+    F, H, W = depth.shape
+    N = len(queries)
+    f, cx, cy, sign = _intrinsics(rec["fovy"][v], rec["rot180"][v], H, W)
+    cam_pos, cam_mat = rec["cam_pos"][:, v], rec["cam_mat"][:, v]  # (F, 3), (F, 3, 3)
+    q = np.asarray(queries, np.float64)
+    ray = np.stack([sign * (q[:, 0] - cx) / f, -sign * (q[:, 1] - cy) / f, -np.ones(N)], -1)  # (N, 3), z = -1
+
+    # Back-project every frame's grid: depth at the query (inverse depth interpolated between the
+    # 4 surrounding pixels when they all show the same object, else the nearest pixel's).
+    ids = np.stack([_sample(seg[s], q) for s in range(F)])  # (F, N)
+    z0 = np.empty((F, N))
+    for s in range(F):
+        dz, w = _corners(depth[s], q)
+        same = (_corners(seg[s], q)[0] == ids[s][:, None]).all(-1)
+        z0[s] = np.where(same, 1.0 / (w / dz).sum(-1), _sample(depth[s], q))
+    body = np.where(ids >= 0, rec["seg_body"][np.maximum(ids, 0)], 0)  # (F, N); background: world
+    at_inf = ids == -1
+    p_cam = ray[None] * np.where(at_inf, 1.0, z0)[..., None]  # (F, N, 3); directions at infinity
+    p_world = np.einsum("fij,fnj->fni", cam_mat, p_cam) + np.where(at_inf, 0.0, 1.0)[..., None] * cam_pos[:, None]
+    bx, bR = rec["xpos"][np.arange(F)[:, None], body], rec["xmat"][np.arange(F)[:, None], body]  # (F, N, 3[, 3])
+    local = np.einsum("fnji,fnj->fni", bR, p_world - np.where(at_inf, 0.0, 1.0)[..., None] * bx)  # body frame
+
+    def project(t, pts_local):  # frame index per window (F,), points (F, N, 3) -> pixels, depth, world
+        R, x = rec["xmat"][t[:, None], body], rec["xpos"][t[:, None], body]  # (F, N, 3, 3), (F, N, 3)
+        fin = np.where(at_inf, 0.0, 1.0)[..., None]
+        world = np.einsum("fnij,fnj->fni", R, pts_local) + fin * x
+        pc = np.einsum("fji,fnj->fni", cam_mat[t], world - fin * cam_pos[t][:, None])  # camera frame
+        z = -pc[..., 2]
+        zs = np.where(z > 1e-6, z, 1.0)
+        xy = np.stack([cx + sign * f * pc[..., 0] / zs, cy - sign * f * pc[..., 1] / zs], -1)
+        return xy, z, world
+
+    start = np.arange(F)
+    xy0, _, _ = project(start, local)
+    tracks = np.empty((F, span, N, 2), np.float32)
+    vis = np.ones((F, span, N), bool)
+    world_pts = np.empty((F, span, N, 3)) if points else None
+    tracks[:, 0] = q
+    ok_track = ids != -2
+    tol_rel, tol_abs = SIM_DEPTH_TOL
+    for k in range(span):
+        t = np.minimum(start + k, F - 1)
+        xy, z, world = project(t, local)
+        if points:
+            world_pts[:, k] = world
+        if k == 0:
+            continue
+        front = z > 1e-6
+        # grid + displacement: exact grid at step 0, exactly still where nothing moved
+        moved = q[None] + (xy - xy0)
+        tracks[:, k] = np.where((front & ok_track)[..., None], moved, tracks[:, k - 1])
+        inside = (xy[..., 0] > -0.5) & (xy[..., 0] < W - 0.5) & (xy[..., 1] > -0.5) & (xy[..., 1] < H - 0.5)
+        seen = np.empty((F, N), bool)
+        for s in range(F):
+            d4, _ = _corners(depth[t[s]], xy[s])
+            sky = _sample(seg[t[s]], xy[s]) == -1
+            seen[s] = np.where(at_inf[s], sky, z[s] <= d4.max(-1) * (1 + tol_rel) + tol_abs)
+        vis[:, k] = front & inside & seen & ok_track
+    if points:
+        return tracks, vis, world_pts, ids
+    return tracks, vis
+
+
+class MetaWorldSimEnv(MetaWorldEnv):
+    """MetaWorldEnv that also records, for every rendered observation, what exact tracks need."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rot180 = [c in UPSIDE_DOWN_CAMERAS for c in self.cameras]
+        self.sim_frames = []
+
+    def _obs(self):
+        obs = super()._obs()
+        if self.render_images:
+            self.sim_frames.append(record_sim_frame(self.renderer, self.env.model, self.env.data,
+                                                    self.cameras, self.rot180))
+        return obs
+
+    def reset(self, i=0):
+        self.sim_frames = []
+        return super().reset(i)
+
+    def sim_episode(self, frames):
+        """The record of the first `frames` observations of this episode (see sim_record)."""
+        return sim_record(self.sim_frames[:frames], self.env.model, self.cameras, self.rot180)
+
+
+def check_sim_metaworld(tasks, episodes, *, cameras=DEFAULT_CAMERAS, img_size=128, seed=0, T=16,
+                        grid=20):
+    """Yield (task, episode index, sim_self_check figures) for scripted-expert episodes."""
+    k = 0
+    for task in tasks:
+        for ep in metaworld_episodes([task], episodes, cameras=cameras, img_size=img_size, seed=seed,
+                                     sim=True):
+            with MetaWorldEnv(task, cameras=cameras, img_size=8) as env:  # the model, for mj_ray
+                check = sim_self_check(env.env.model, ep["sim"], ep["images"], grid=grid, T=T)
+            yield task, k, check
+            k += 1
+
+
+class SimTracker:
+    """Exact tracks from the simulator state an episode carries (ep["sim"], see record_sim_frame).
+
+    Not a video tracker: only sources that record simulator state (metaworld, libero with states)
+    can use it, and track_episode (the per-view function every tracker fits) is not its entry
+    point; episodes_to_dataset calls track_sim_episode for it.
+    """
+
+    name = "sim"
+
+    def track(self, frames, queries, span):
+        raise DataError("--tracker sim: expected a simulator source (metaworld, or libero files with "
+                        "recorded states), found frames without simulator state")
+
+    def track_sim_episode(self, ep, *, T=16, grid=20):
+        """ep["sim"] (record) -> tracks (F, V, T, N, 2) normalised, vis (F, V, T, N)."""
+        rec = ep.get("sim")
+        if rec is None:
+            self.track(None, None, None)
+        F, V, H, W = ep["images"].shape[:4]
+        if rec["depth"].shape != (F, V, H, W):
+            raise DataError(f"sim record: expected depth (F, V, H, W) = {(F, V, H, W)} like the "
+                            f"images, found {rec['depth'].shape}")
+        start = amplify.grid_points(grid)
+        queries = normalized_to_pixels(start, H, W)
+        tracks = np.empty((F, V, T, grid * grid, 2), np.float32)
+        vis = np.empty((F, V, T, grid * grid), bool)
+        for v in range(V):
+            tr, vi = sim_view_tracks(rec, v, queries, T)
+            tracks[:, v] = start + (tr - queries) * (2.0 / np.array([W, H], np.float32))
+            vis[:, v] = vi
+        return tracks, vis
+
+
+def sim_self_check(model, rec, images, *, grid=20, T=16, every=4, patch=5):
+    """Check exact tracks against the simulator and the images; returns a dict of figures.
+
+    1. Surface: every visible tracked point on a geom (not the sky, not a site), in every checked
+       window and step, is where a ray from that frame's camera first meets a geom (mj_ray, with
+       the geoms placed as recorded for that frame): the hit's body is the point's body and the hit
+       distance is the point's distance to within 1% + 2 mm. `surface_ok` is the share that pass.
+    2. Patches: grey-level mean absolute difference between the patch x patch image patch around
+       a moving visible point (> 1 px from its start) at step 0 and at step k (bilinear sampling),
+       against the same at the start position (what "no motion" would claim). Exact tracks make
+       the first much smaller: `patch_err` vs `patch_err_still`, medians over points and steps.
+    Windows s = 0, every, 2 * every, ... are checked; `ok` when surface_ok >= 0.95 and patch_err
+    is below half of patch_err_still.
+    """
+    import cv2
+    import mujoco
+
+    F, V, H, W = images.shape[:4]
+    queries = grid_pixels(H, W, grid)
+    data = mujoco.MjData(model)
+    groups = rec["geomgroup"]  # rays meet only the geoms the renderer drew
+    starts = np.arange(0, F, every)
+    hits = total = 0
+    surf_err = []
+    patch_err, patch_still = [], []
+    for v in range(V):
+        tracks, vis, world, ids = sim_view_tracks(rec, v, queries, T, points=True)
+        body = rec["seg_body"][np.maximum(ids, 0)]
+        cam_pos = rec["cam_pos"][:, v]
+        gray = [cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY).astype(np.float32)
+                for im in images[:, v]]
+        for s in starts:
+            on_geom = (ids[s] >= 0) & (ids[s] < model.ngeom)
+            for k in range(T):
+                t = min(s + k, F - 1)
+                m = vis[s, k] & on_geom
+                if not m.any():
+                    continue
+                data.geom_xpos[:] = rec["geom_xpos"][t]
+                data.geom_xmat[:] = rec["geom_xmat"][t].reshape(-1, 9)
+                vec = world[s, k, m] - cam_pos[t]
+                dist = np.linalg.norm(vec, axis=-1)
+                vec = vec / dist[:, None]
+                # one mj_ray per point: mj_multiRay (MuJoCo 3.3) missed the gripper's mesh geoms here
+                geomid, hit, g = np.zeros(len(vec), np.int32), np.zeros(len(vec)), np.zeros(1, np.int32)
+                for i, d in enumerate(vec):
+                    hit[i] = mujoco.mj_ray(model, data, cam_pos[t], d, groups, 1, -1, g)
+                    geomid[i] = g[0]
+                n = len(vec)
+                good = (geomid >= 0) & (np.abs(hit - dist) <= 0.01 * dist + 2e-3)
+                good &= model.geom_bodyid[np.maximum(geomid, 0)] == body[s][m]
+                hits += int(good.sum())
+                total += n
+                surf_err.append(np.abs(hit - dist)[geomid >= 0])
+            # patches around moving visible points, step 0 vs step k
+            p0 = tracks[s, 0]
+            for k in range(1, T):
+                t = min(s + k, F - 1)
+                moving = vis[s, k] & (np.linalg.norm(tracks[s, k] - p0, axis=-1) > 1.0)
+                inner = ((tracks[s, k] >= patch) & (tracks[s, k] <= [W - 1 - patch, H - 1 - patch])).all(-1)
+                for n in np.flatnonzero(moving & inner):
+                    a = cv2.getRectSubPix(gray[s], (patch, patch), tuple(map(float, p0[n])))
+                    b = cv2.getRectSubPix(gray[t], (patch, patch), tuple(map(float, tracks[s, k, n])))
+                    c = cv2.getRectSubPix(gray[t], (patch, patch), tuple(map(float, p0[n])))
+                    patch_err.append(np.abs(a - b).mean())
+                    patch_still.append(np.abs(a - c).mean())
+    surf = np.concatenate(surf_err) if surf_err else np.zeros(1)
+    out = {"windows": int(len(starts) * V), "surface_points": total,
+           "surface_ok": round(hits / max(total, 1), 4),
+           "surface_err_mm_median": round(1e3 * float(np.median(surf)), 3),
+           "patch_points": len(patch_err),
+           "patch_err": round(float(np.median(patch_err)), 2) if patch_err else None,
+           "patch_err_still": round(float(np.median(patch_still)), 2) if patch_still else None}
+    out["ok"] = bool(out["surface_ok"] >= 0.95 and
+                     (not patch_err or out["patch_err"] < 0.5 * out["patch_err_still"]))
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1130,6 +1460,201 @@ def bench_tracker(tracker, *, size=128, frames=32, sequences=3, speeds=(0.5, 2.0
 
 
 # -----------------------------------------------------------------------------
+# Exact tracks for LIBERO demonstrations: replay the MuJoCo states the hdf5 files record
+# LIBERO's files keep, per demonstration, the simulator state of every frame (data/demo_i/states:
+# time, qpos, qvel, as robosuite's MjSim.get_state().flatten()) and the model it ran
+# (attribute model_file: the MJCF text). Setting each state and running mj_forward gives the
+# same body and camera poses the images were rendered from, with MuJoCo alone (no robosuite env).
+
+LIBERO_CAMERAS = ["agentview", "robot0_eye_in_hand"]  # the model's cameras behind LIBERO_VIEWS
+LIBERO_GEOMGROUP = (0, 1, 1, 0, 0, 0)  # robosuite hides collision geoms (group 0), shows visual (1)
+
+
+def _asset_roots():
+    """(marker, local directory) pairs for remapping asset paths recorded on another machine."""
+    roots = []
+    try:
+        import robosuite
+
+        roots.append(("robosuite", Path(robosuite.__file__).parent))
+    except ImportError:
+        pass
+    try:
+        from libero.libero import get_libero_path
+
+        roots.append(("assets", Path(get_libero_path("assets"))))
+    except Exception:  # not installed, or its config cannot be written: no LIBERO assets here
+        pass
+    return roots
+
+
+def libero_model(xml, where="model_file"):
+    """MJCF text from a LIBERO file -> mujoco.MjModel, with mesh/texture paths made local.
+
+    The recorded paths are absolute on the machine that collected the demonstrations; a missing
+    file is looked up under the local robosuite package (after the last "robosuite" component)
+    and LIBERO's assets folder (after the last "assets" component).
+    """
+    import xml.etree.ElementTree as ET
+
+    import mujoco
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise DataError(f"{where}: expected MJCF xml text, found unparsable text ({e})") from None
+    roots = _asset_roots()
+    for elem in root.iter():
+        file = elem.get("file")
+        if file is None or Path(file).is_file():
+            continue
+        parts = Path(file).parts
+        for marker, local in roots:
+            if marker in parts:
+                k = len(parts) - 1 - parts[::-1].index(marker)
+                candidate = local.joinpath(*parts[k + 1:])
+                if candidate.is_file():
+                    elem.set("file", str(candidate))
+                    break
+        else:
+            if Path(file).is_absolute():
+                raise DataError(f"{where}: asset {file} not found here, nor under the local "
+                                f"{' or '.join(str(r) for _, r in roots) or 'robosuite / LIBERO packages'}")
+    try:
+        return mujoco.MjModel.from_xml_string(ET.tostring(root, encoding="unicode"))
+    except ValueError as e:
+        raise DataError(f"{where}: MuJoCo cannot build the model ({str(e).splitlines()[0]})") from None
+
+
+def replay_libero(model, states, size, rgb=False):
+    """Replay flattened states (F, 1 + nq + nv) -> the sim record (record_sim_frame) of LIBERO's
+    two views at size (H, W), and with rgb=True the re-rendered upright images (F, 2, H, W, 3)."""
+    import mujoco
+
+    states = np.asarray(states, np.float64)
+    if states.ndim != 2 or states.shape[1] != 1 + model.nq + model.nv:
+        raise DataError(f"states: expected (F, 1 + nq + nv) = (F, {1 + model.nq + model.nv}) for this "
+                        f"model, found {states.shape}")
+    H, W = size
+    data = mujoco.MjData(model)
+    option = mujoco.MjvOption()
+    option.geomgroup[:] = LIBERO_GEOMGROUP
+    frames, images = [], []
+    with mujoco.Renderer(model, H, W) as renderer:
+        for s in states:
+            data.time = s[0]
+            data.qpos[:] = s[1:1 + model.nq]
+            data.qvel[:] = s[1 + model.nq:]
+            mujoco.mj_forward(model, data)
+            frames.append(record_sim_frame(renderer, model, data, LIBERO_CAMERAS, [False, False], option))
+            if rgb:
+                views = []
+                for cam in LIBERO_CAMERAS:
+                    renderer.update_scene(data, camera=cam, scene_option=option)
+                    views.append(renderer.render().copy())  # mujoco.Renderer returns upright rows
+                images.append(np.stack(views))
+    rec = sim_record(frames, model, LIBERO_CAMERAS, [False, False], LIBERO_GEOMGROUP)
+    return (rec, np.stack(images)) if rgb else rec
+
+
+def check_libero_states(path):
+    """The replay needs data/demo_i/states and the attribute model_file in every demonstration."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        for d in _libero_demos(f, path):
+            g = f["data"][d]
+            if "states" not in g or "model_file" not in g.attrs:
+                raise DataError(f"{path}: data/{d}: expected 'states' and the attribute 'model_file' "
+                                f"(recorded MuJoCo states, as LIBERO's own files have) for --tracker "
+                                f"sim, found {'no states' if 'states' not in g else 'no model_file'}; "
+                                f"use --tracker lk or cotracker")
+            if len(g["states"]) != len(g["actions"]):
+                raise DataError(f"{path}: data/{d}/states: expected {len(g['actions'])} rows like "
+                                f"actions, found {len(g['states'])}")
+
+
+def read_libero_sim(path, img_size=None, demos=None):
+    """read_libero's episodes, each with ep["sim"] from replaying its recorded states."""
+    import h5py
+
+    check_libero_states(path)
+    models = {}
+    with h5py.File(path, "r") as f:
+        keys = [d for j, d in enumerate(_libero_demos(f, path)) if demos is None or j in demos]
+        for key, ep in zip(keys, read_libero(path, img_size, demos)):
+            g = f["data"][key]
+            xml = g.attrs["model_file"]
+            xml = xml.decode() if isinstance(xml, bytes) else str(xml)
+            h = hashlib.sha1(xml.encode()).hexdigest()
+            if h not in models:  # demonstrations of one file usually share the model
+                models = {h: libero_model(xml, f"{path}: data/{key}.model_file")}
+            ep["sim"] = replay_libero(models[h], g["states"][()], ep["images"].shape[2:4])
+            yield ep
+
+
+# -----------------------------------------------------------------------------
+# Tracker benchmark on real frames: Meta-World episodes scored against the exact tracks
+
+BENCH_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "button-press-v3")
+
+
+def score_tracks(pred, pred_vis, truth, truth_vis, moving_px=1.0):
+    """Errors of predicted tracks against exact ones, on points that move.
+
+    pred, truth (F, S, N, 2) pixels; pred_vis, truth_vis (F, S, N). A point of a window counts when
+    the truth moves it more than moving_px from its start within the window; its steps 1..S-1
+    where the truth sees it are scored. Returns the errors (pixels), the tracker's visibility at
+    those steps and the "no motion" errors (the start position held), all flat arrays.
+    """
+    disp = np.linalg.norm(truth - truth[:, :1], axis=-1)  # (F, S, N)
+    moving = disp.max(1) > moving_px  # (F, N)
+    m = truth_vis[:, 1:] & moving[:, None]  # (F, S-1, N)
+    err = np.linalg.norm(pred[:, 1:] - truth[:, 1:], axis=-1)[m]
+    still = disp[:, 1:][m]
+    return err, pred_vis[:, 1:][m], still
+
+
+def bench_tracker_truth(tracker, tasks, *, episodes=1, cameras=DEFAULT_CAMERAS, img_size=128, T=16,
+                        grid=20, seed=0, log=None):
+    """Score a tracker on scripted Meta-World episodes against the exact simulator tracks.
+
+    Returns one row per view: moving points' median / 90th-percentile error in pixels, the share
+    of the truth's visible moving steps the tracker calls visible, the same errors for "no
+    motion", the moving share of all points, and windows/s of the tracker alone.
+    """
+    queries = grid_pixels(img_size, img_size, grid)
+    acc = {c: {"err": [], "vis": [], "still": [], "moving": 0, "points": 0, "windows": 0, "s": 0.0}
+           for c in cameras}
+    for ep in metaworld_episodes(tasks, episodes, cameras=cameras, img_size=img_size, seed=seed, sim=True):
+        for v, cam in enumerate(cameras):
+            truth, truth_vis = sim_view_tracks(ep["sim"], v, queries, T)
+            t0 = time.time()
+            pred, pred_vis = tracker.track(ep["images"][:, v], queries, T)
+            a = acc[cam]
+            a["s"] += time.time() - t0
+            err, vis, still = score_tracks(pred, pred_vis, truth, truth_vis)
+            a["err"].append(err)
+            a["vis"].append(vis)
+            a["still"].append(still)
+            a["windows"] += len(truth)
+            a["moving"] += int((np.linalg.norm(truth - truth[:, :1], axis=-1).max(1) > 1).sum())
+            a["points"] += truth.shape[0] * truth.shape[2]
+        if log:
+            log(f"{ep['task']}: {len(ep['images'])} frames")
+    rows = []
+    for cam, a in acc.items():
+        err, vis, still = (np.concatenate(a[k]) if a[k] else np.zeros(0) for k in ("err", "vis", "still"))
+        q = (lambda x, p: float(np.percentile(x, p)) if len(x) else float("nan"))
+        rows.append({"view": cam, "windows": a["windows"], "moving": a["moving"] / max(a["points"], 1),
+                     "median_px": q(err, 50), "p90_px": q(err, 90),
+                     "visible": float(vis.mean()) if len(vis) else float("nan"),
+                     "still_median_px": q(still, 50), "still_p90_px": q(still, 90),
+                     "windows_per_s": a["windows"] / max(a["s"], 1e-9)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -1139,8 +1664,9 @@ def _summary_line(summary):
 
 def _common(p):
     p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
-    p.add_argument("--tracker", default="auto", choices=["auto", "cotracker", "lk"],
-                   help="auto: CoTracker when it loads, else lk (OpenCV Lucas-Kanade)")
+    p.add_argument("--tracker", default="auto", choices=["auto", "cotracker", "lk", "sim"],
+                   help="auto: CoTracker when it loads, else lk (OpenCV Lucas-Kanade); sim: exact "
+                        "tracks from the simulator (metaworld, libero files with states)")
     p.add_argument("--cotracker-repo", default=None,
                    help="local clone of facebookresearch/co-tracker (default: fetch through torch.hub)")
     p.add_argument("--cotracker-checkpoint", default=None,
@@ -1188,6 +1714,16 @@ def build_parser():
     p.add_argument("--img-size", type=int, default=128, help="rendered image size")
     p.add_argument("--seed", type=int, default=0, help="benchmark seed (goal variations, resets)")
     _common(p)
+    p.set_defaults(tracker="sim")  # exact tracks: the simulator knows where every point goes
+
+    p = sub.add_parser("check-sim", help="self-check of the exact simulator tracks on Meta-World episodes")
+    p.add_argument("tasks", help="comma-separated task names, e.g. reach-v3,push-v3")
+    p.add_argument("--episodes", type=int, default=1, help="successful episodes per task")
+    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS), help="comma-separated camera names")
+    p.add_argument("--img-size", type=int, default=128, help="rendered image size")
+    p.add_argument("--seed", type=int, default=0, help="benchmark seed (goal variations, resets)")
+    p.add_argument("--T", type=int, default=16, help="track window length in steps")
+    p.add_argument("--grid", type=int, default=20, help="grid side")
 
     p = sub.add_parser("merge", help="join the datasets written with --shard 0/N .. N-1/N into one")
     p.add_argument("shards", nargs="+", help="the N shard datasets (directories or .npz), any order")
@@ -1205,6 +1741,12 @@ def build_parser():
     p.add_argument("--sequences", type=int, default=3, help="sequences per speed")
     p.add_argument("--speeds", default="0.5,2,4", help="comma-separated max motion, px per frame")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truth", default="synthetic", choices=["synthetic", "metaworld"],
+                   help="synthetic: a texture moved by a known motion; metaworld: scripted-expert "
+                        "episodes scored against the exact simulator tracks, per view")
+    p.add_argument("--tasks", default=",".join(BENCH_TASKS), help="--truth metaworld: task names")
+    p.add_argument("--episodes", type=int, default=1, help="--truth metaworld: episodes per task")
+    p.add_argument("--cameras", default=",".join(DEFAULT_CAMERAS), help="--truth metaworld: views")
     return parser
 
 
@@ -1261,6 +1803,19 @@ def check_out(out, command, overwrite, log):
                     f"expected a new path, or --overwrite to replace it; nothing was changed")
 
 
+def _print_bench_truth(rows, tracker, args, tasks):
+    print(f"tracker {tracker.name} vs exact simulator tracks: Meta-World {','.join(tasks)}, "
+          f"{args.episodes} episode(s) each, {args.size}x{args.size} px, T=16, grid 20x20; "
+          f"points moving > 1 px within the window, steps the truth sees")
+    print("| view | windows | moving points | median error (px) | 90th pct (px) | visible "
+          "| no motion: median (px) | no motion: 90th pct (px) | windows/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['view']} | {r['windows']} | {r['moving']:.2f} | {r['median_px']:.2f} | {r['p90_px']:.2f} "
+              f"| {r['visible']:.2f} | {r['still_median_px']:.2f} | {r['still_p90_px']:.2f} "
+              f"| {r['windows_per_s']:.1f} |")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
@@ -1271,12 +1826,25 @@ def main(argv=None):
         if value is not None and value < (2 if name in ("T", "grid") else 1):
             raise DataError(f"--{name.replace('_', '-')}: expected a positive number"
                             f"{' >= 2' if name in ('T', 'grid') else ''}, found {value}")
+    if args.command == "check-sim":
+        tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
+        cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+        failed = 0
+        for task, k, check in check_sim_metaworld(tasks, args.episodes, cameras=cameras,
+                                                  img_size=args.img_size, seed=args.seed, T=args.T,
+                                                  grid=args.grid):
+            print(f"{task} episode {k}: " + _summary_line(check))
+            failed += not check["ok"]
+        return 1 if failed else 0
+    if getattr(args, "tracker", None) == "sim" and args.command == "videos":
+        raise DataError(f"--tracker sim: expected a simulator source (metaworld, libero), found {args.command}; "
+                        f"use lk or cotracker")
     if args.command != "bench-tracker":
         out = Path(args.out)
         if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
             raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
         command = run_command(argv)
-        if check_out(out, command, args.overwrite, log):
+        if check_out(out, command, getattr(args, "overwrite", False), log):
             return 0
     shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     if args.command == "merge":
@@ -1287,12 +1855,16 @@ def main(argv=None):
     extra = {}
     if args.command == "libero":
         counts = [check_libero(f)[1] for f in args.files]
+        if args.tracker == "sim":
+            for f in args.files:
+                check_libero_states(f)
         demos = sum(counts)
         keep = shard_indices(demos, shard)  # global demo indices, over the files in order
         offsets = np.cumsum([0] + counts)
         picks = [{int(k - lo) for k in keep if lo <= k < hi} for lo, hi in zip(offsets[:-1], offsets[1:])]
+        read = read_libero_sim if args.tracker == "sim" else read_libero
         episodes = (ep for f, pick in zip(args.files, picks) if pick
-                    for ep in read_libero(f, args.img_size, demos=pick))
+                    for ep in read(f, args.img_size, demos=pick))
         run = dict(views=LIBERO_VIEWS, fps=TRAINING_FPS,
                    source="libero: " + ", ".join(Path(f).name for f in args.files),
                    extra_meta={"proprio": "joint positions (7) + gripper (2)",
@@ -1325,7 +1897,7 @@ def main(argv=None):
         record, keep = {}, []  # both filled while the episodes are recorded
         episodes = metaworld_episodes(tasks, args.episodes, cameras=cameras, img_size=args.img_size,
                                       seed=args.seed, max_attempts=args.max_attempts, record=record,
-                                      shard=shard, indices=keep)
+                                      shard=shard, indices=keep, sim=args.tracker == "sim")
         run = dict(views=cameras, fps=fps, source="metaworld: " + ",".join(tasks),
                    extra_meta={"proprio": "obs[:4]: hand xyz + gripper opening",
                                "actions": "delta hand xyz + gripper effort, in [-1, 1]",
@@ -1334,6 +1906,13 @@ def main(argv=None):
     tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
                            cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
                            batch=args.batch, log=log)
+    if args.command == "bench-tracker" and args.truth == "metaworld":
+        tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
+        cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
+        rows = bench_tracker_truth(tracker, tasks, episodes=args.episodes, cameras=cameras,
+                                   img_size=args.size, seed=args.seed, log=log)
+        _print_bench_truth(rows, tracker, args, tasks)
+        return 0
     if args.command == "bench-tracker":
         speeds = [float(s) for s in args.speeds.split(",")]
         rows = bench_tracker(tracker, size=args.size, frames=args.frames, sequences=args.sequences,
@@ -1348,7 +1927,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = episodes_to_dataset(episodes, out, tracker=tracker, T=args.T, grid=args.grid,
                                   progress=not args.no_progress, track_dtype=args.track_dtype,
-                                  log=log, overwrite=args.overwrite, **run)
+                                  log=log, overwrite=getattr(args, "overwrite", False), **run)
     summary.update(extra)
     if args.command == "metaworld":
         attempts = sum(r["attempts"] for r in record.values())

