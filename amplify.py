@@ -2469,8 +2469,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a busy machine "
-                   "1 is often much faster, as spinning threads compete for the cores")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for --preset cpu on a CPU, unless "
+                   "OMP_NUM_THREADS is set; torch's choice otherwise). The cpu preset's small matrices gain little "
+                   "from threads, and on a busy machine spinning threads compete for the cores")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
     p.add_argument("--val-episodes", type=int, default=1, help="episodes held out per task for evaluation")
@@ -2513,6 +2514,9 @@ def check_args(p, args):
         if args.threads < 1:
             p.error(f"--threads: expected a positive integer, found {args.threads}")
         torch.set_num_threads(args.threads)
+    elif (not args.bench and args.preset == "cpu" and "OMP_NUM_THREADS" not in os.environ
+          and pick_device(args.device).type == "cpu"):
+        torch.set_num_threads(1)  # measured on 2 shared cores: see the README's main job
     if args.bench:
         args.device = pick_device(args.device)
         return

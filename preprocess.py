@@ -1978,7 +1978,7 @@ def main(argv=None):
         if out.exists() and not out.is_dir() and not str(out).endswith(".npz"):
             raise DataError(f"--out: expected a directory or a .npz path, found the file {out}")
         command = run_command(argv)
-        if check_out(out, command, args.overwrite, log):
+        if check_out(out, command, getattr(args, "overwrite", False), log):
             return 0
     shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     if args.command == "merge":
@@ -2071,7 +2071,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     summary = episodes_to_dataset(episodes, out, tracker=tracker, T=args.T, grid=args.grid,
                                   progress=not args.no_progress, track_dtype=args.track_dtype,
-                                  log=log, overwrite=args.overwrite, **run)
+                                  log=log, overwrite=getattr(args, "overwrite", False), **run)
     summary.update(extra)
     if args.command == "metaworld":
         attempts = sum(r["attempts"] for r in record.values())
