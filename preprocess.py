@@ -368,18 +368,20 @@ class FlowTracker:
                            cv2.boxFilter(np.abs(warped - f0), -1, win, borderType=cv2.BORDER_REFLECT)])
         return fwd, bwd, resid
 
-    def _anchor(self, template, frame, queries, p):
-        """Refine points p (M, 2) in `frame` against `template` patches at `queries` (LK, 1 level)."""
+    def _anchor(self, template, frame, queries, tpl, p):
+        """Refine points p (M, 2) in `frame` (uint8) against `template` (uint8) at `queries`, whose
+        patches are tpl (M, win, win) float32: single-level LK, kept where it lowers the residual."""
         cv2, win = self.cv2, self.refine_win
         r, st, _ = cv2.calcOpticalFlowPyrLK(template, frame, queries.reshape(-1, 1, 2),
                                             p.reshape(-1, 1, 2).copy(), winSize=(win, win), maxLevel=0,
                                             criteria=self.criteria, flags=cv2.OPTFLOW_USE_INITIAL_FLOW)
         r = r[:, 0]
         fix = (st[:, 0] == 1) & (np.linalg.norm(r - p, axis=1) < self.max_fix)
-        tpl = _patches(template.astype(np.float32), queries, win)
         img = frame.astype(np.float32)
-        fix &= (np.abs(_patches(img, r, win) - tpl).mean((1, 2))
-                < np.abs(_patches(img, p, win) - tpl).mean((1, 2)))
+        both = _patches(img, np.concatenate([r[fix], p[fix]]), win)  # (2 * fixed, win, win)
+        better = (np.abs(both[:fix.sum()] - tpl[fix]).mean((1, 2))
+                  < np.abs(both[fix.sum():] - tpl[fix]).mean((1, 2)))
+        fix[fix] = better
         return np.where(fix[:, None], r, p)
 
     def track(self, frames, queries, span):
@@ -391,6 +393,7 @@ class FlowTracker:
         tracks = np.zeros((F, span, N, 2), np.float32)
         vis = np.ones((F, span, N), bool)
         tracks[:, 0] = queries
+        templates = {}  # start frame -> its query patches (N, win, win)
         for t in range(F - 1):  # transition t -> t+1, all open windows at once
             starts = np.arange(max(0, t - span + 2), t + 1)
             k = t - starts  # step of frame t inside each window
@@ -404,10 +407,14 @@ class FlowTracker:
             inside = (p1[:, 0] > -0.5) & (p1[:, 0] < W - 0.5) & (p1[:, 1] > -0.5) & (p1[:, 1] < H - 0.5)
             seen = ((fb < self.fb_threshold) | hold) & inside
             p1 = p1.reshape(len(starts), N, 2)
+            if t not in templates:  # patches around the queries on frame t, for the windows from t
+                templates[t] = _patches(gray[t].astype(np.float32), queries, self.refine_win)
+            templates.pop(t - span, None)  # window t - span is closed
             for j, s in enumerate(starts):  # drift correction against each window's first frame
                 moved = ~hold.reshape(len(starts), N)[j]
                 if moved.any():
-                    p1[j, moved] = self._anchor(gray[s], gray[t + 1], queries[moved], p1[j, moved])
+                    p1[j, moved] = self._anchor(gray[s], gray[t + 1], queries[moved],
+                                                templates[s][moved], p1[j, moved])
             tracks[starts, k + 1] = p1
             vis[starts, k + 1] = seen.reshape(len(starts), N)
         return _hold_past_end(tracks, vis)
