@@ -8,6 +8,8 @@ kinds of source into the dataset format that `amplify.py --data` reads:
   python preprocess.py libero libero_object/*.hdf5 --out data/libero_object        # demonstrations
   python preprocess.py videos clips/*.mp4 --task "pick up the cup" --out data/human  # action-free
   python preprocess.py bench-tracker                                               # tracker accuracy
+  python preprocess.py bench-tracker --truth metaworld --tracker lk,flow   # on real frames vs exact tracks
+  python preprocess.py check-sim reach-v3                                  # self-check of exact tracks
   python preprocess.py libero f.hdf5 --shard 0/2 --out s0   # machine 1 (--shard 1/2 --out s1: machine 2)
   python preprocess.py merge s0 s1 --out data/joined                               # = the unsharded run
 
@@ -15,6 +17,9 @@ Notable features
 - Trackers: CoTracker3 (offline model, torch.hub or a local clone + checkpoint) when it loads,
   else an offline pyramidal Lucas-Kanade tracker with a forward-backward check for visibility.
   `--tracker auto` picks the first that works; the one used is recorded in meta.json.
+  `--tracker flow`: dense optical flow chained through the window (the best offline tracker on
+  real frames). `--tracker sim` (the default for metaworld; libero files with recorded states):
+  exact tracks from MuJoCo's depth, segmentation and body poses, no tracking at all.
 - Windows are tracked in batches: Lucas-Kanade moves the points of every open window across one
   frame transition in a single call, CoTracker gets `--batch` windows per forward pass.
 - Time resampling: a source at another frame rate is tracked over the frames that span the same
@@ -1683,6 +1688,10 @@ def read_libero_sim(path, img_size=None, demos=None):
         keys = [d for j, d in enumerate(_libero_demos(f, path)) if demos is None or j in demos]
         for key, ep in zip(keys, read_libero(path, img_size, demos)):
             g = f["data"][key]
+            stored = g[f"obs/{LIBERO_VIEWS[0]}_rgb"].shape[1:3]
+            if img_size and stored[0] != stored[1]:  # fit_square would crop: another camera geometry
+                raise DataError(f"{path}: data/{key}: --tracker sim with --img-size expects square "
+                                f"images, found {tuple(stored)}; leave --img-size out")
             xml = g.attrs["model_file"]
             xml = xml.decode() if isinstance(xml, bytes) else str(xml)
             h = hashlib.sha1(xml.encode()).hexdigest()
