@@ -1905,7 +1905,7 @@ def main(argv=None):
             print(f"{task} episode {k}: " + _summary_line(check))
             failed += not check["ok"]
         return 1 if failed else 0
-    if args.tracker == "sim" and args.command == "videos":
+    if args.command == "videos" and args.tracker == "sim":
         raise DataError(f"--tracker sim: expected a simulator source (metaworld, libero), found {args.command}; "
                         f"use lk or cotracker")
     if args.command != "bench-tracker":
