@@ -8,6 +8,8 @@ kinds of source into the dataset format that `amplify.py --data` reads:
   python preprocess.py libero libero_object/*.hdf5 --out data/libero_object        # demonstrations
   python preprocess.py videos clips/*.mp4 --task "pick up the cup" --out data/human  # action-free
   python preprocess.py bench-tracker                                               # tracker accuracy
+  python preprocess.py bench-tracker --truth metaworld --tracker lk,flow   # on real frames vs exact tracks
+  python preprocess.py check-sim reach-v3                                  # self-check of exact tracks
   python preprocess.py libero f.hdf5 --shard 0/2 --out s0   # machine 1 (--shard 1/2 --out s1: machine 2)
   python preprocess.py merge s0 s1 --out data/joined                               # = the unsharded run
 
@@ -15,6 +17,9 @@ Notable features
 - Trackers: CoTracker3 (offline model, torch.hub or a local clone + checkpoint) when it loads,
   else an offline pyramidal Lucas-Kanade tracker with a forward-backward check for visibility.
   `--tracker auto` picks the first that works; the one used is recorded in meta.json.
+  `--tracker flow`: dense optical flow chained through the window (the best offline tracker on
+  real frames). `--tracker sim` (the default for metaworld; libero files with recorded states):
+  exact tracks from MuJoCo's depth, segmentation and body poses, no tracking at all.
 - Windows are tracked in batches: Lucas-Kanade moves the points of every open window across one
   frame transition in a single call, CoTracker gets `--batch` windows per forward pass.
 - Time resampling: a source at another frame rate is tracked over the frames that span the same
@@ -571,18 +576,20 @@ class FlowTracker:
                            cv2.boxFilter(np.abs(warped - f0), -1, win, borderType=cv2.BORDER_REFLECT)])
         return fwd, bwd, resid
 
-    def _anchor(self, template, frame, queries, p):
-        """Refine points p (M, 2) in `frame` against `template` patches at `queries` (LK, 1 level)."""
+    def _anchor(self, template, frame, queries, tpl, p):
+        """Refine points p (M, 2) in `frame` (uint8) against `template` (uint8) at `queries`, whose
+        patches are tpl (M, win, win) float32: single-level LK, kept where it lowers the residual."""
         cv2, win = self.cv2, self.refine_win
         r, st, _ = cv2.calcOpticalFlowPyrLK(template, frame, queries.reshape(-1, 1, 2),
                                             p.reshape(-1, 1, 2).copy(), winSize=(win, win), maxLevel=0,
                                             criteria=self.criteria, flags=cv2.OPTFLOW_USE_INITIAL_FLOW)
         r = r[:, 0]
         fix = (st[:, 0] == 1) & (np.linalg.norm(r - p, axis=1) < self.max_fix)
-        tpl = _patches(template.astype(np.float32), queries, win)
         img = frame.astype(np.float32)
-        fix &= (np.abs(_patches(img, r, win) - tpl).mean((1, 2))
-                < np.abs(_patches(img, p, win) - tpl).mean((1, 2)))
+        both = _patches(img, np.concatenate([r[fix], p[fix]]), win)  # (2 * fixed, win, win)
+        better = (np.abs(both[:fix.sum()] - tpl[fix]).mean((1, 2))
+                  < np.abs(both[fix.sum():] - tpl[fix]).mean((1, 2)))
+        fix[fix] = better
         return np.where(fix[:, None], r, p)
 
     def track(self, frames, queries, span):
@@ -594,6 +601,7 @@ class FlowTracker:
         tracks = np.zeros((F, span, N, 2), np.float32)
         vis = np.ones((F, span, N), bool)
         tracks[:, 0] = queries
+        templates = {}  # start frame -> its query patches (N, win, win)
         for t in range(F - 1):  # transition t -> t+1, all open windows at once
             starts = np.arange(max(0, t - span + 2), t + 1)
             k = t - starts  # step of frame t inside each window
@@ -607,10 +615,14 @@ class FlowTracker:
             inside = (p1[:, 0] > -0.5) & (p1[:, 0] < W - 0.5) & (p1[:, 1] > -0.5) & (p1[:, 1] < H - 0.5)
             seen = ((fb < self.fb_threshold) | hold) & inside
             p1 = p1.reshape(len(starts), N, 2)
+            if t not in templates:  # patches around the queries on frame t, for the windows from t
+                templates[t] = _patches(gray[t].astype(np.float32), queries, self.refine_win)
+            templates.pop(t - span, None)  # window t - span is closed
             for j, s in enumerate(starts):  # drift correction against each window's first frame
                 moved = ~hold.reshape(len(starts), N)[j]
                 if moved.any():
-                    p1[j, moved] = self._anchor(gray[s], gray[t + 1], queries[moved], p1[j, moved])
+                    p1[j, moved] = self._anchor(gray[s], gray[t + 1], queries[moved],
+                                                templates[s][moved], p1[j, moved])
             tracks[starts, k + 1] = p1
             vis[starts, k + 1] = seen.reshape(len(starts), N)
         return _hold_past_end(tracks, vis)
@@ -1710,6 +1722,10 @@ def read_libero_sim(path, img_size=None, demos=None):
         keys = [d for j, d in enumerate(_libero_demos(f, path)) if demos is None or j in demos]
         for key, ep in zip(keys, read_libero(path, img_size, demos)):
             g = f["data"][key]
+            stored = g[f"obs/{LIBERO_VIEWS[0]}_rgb"].shape[1:3]
+            if img_size and stored[0] != stored[1]:  # fit_square would crop: another camera geometry
+                raise DataError(f"{path}: data/{key}: --tracker sim with --img-size expects square "
+                                f"images, found {tuple(stored)}; leave --img-size out")
             xml = g.attrs["model_file"]
             xml = xml.decode() if isinstance(xml, bytes) else str(xml)
             h = hashlib.sha1(xml.encode()).hexdigest()
@@ -1970,7 +1986,7 @@ def main(argv=None):
             print(f"{task} episode {k}: " + _summary_line(check))
             failed += not check["ok"]
         return 1 if failed else 0
-    if getattr(args, "tracker", None) == "sim" and args.command == "videos":
+    if args.command == "videos" and args.tracker == "sim":
         raise DataError(f"--tracker sim: expected a simulator source (metaworld, libero), found {args.command}; "
                         f"use lk or cotracker")
     if args.command != "bench-tracker":

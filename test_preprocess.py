@@ -227,7 +227,7 @@ def test_tracker_auto_falls_back_to_lk(monkeypatch):
         P.load_tracker("cotracker")
     with pytest.raises(amplify.DataError, match="checkpoint not found"):
         P.load_tracker("cotracker", cotracker_checkpoint="/nonexistent/scaled_offline.pth")
-    with pytest.raises(amplify.DataError, match="expected auto, cotracker, lk or sim"):
+    with pytest.raises(amplify.DataError, match="expected auto, cotracker, lk, flow or sim"):
         P.load_tracker("raft")
 
 
