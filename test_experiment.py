@@ -243,7 +243,7 @@ def fake_run(out, args):
         motion = out / ("motion" if variant == "sim" else "motion-lk")
         m = {"moving_px": 2.0, "moving_px_per_view": [1.0, 3.0], "mse": 0.01, "pixel_acc": 0.5, "delta_auc": 0.9}
         write(motion / "diagnostics.json", json.dumps({"views": ["corner", "gripperPOV"], "windows": 8,
-                                                       "moving_frac": 0.25, "tokenizer": m, "forward": m,
+                                                       "moving_frac": 0.25, "outside_frac": 0.01, "tokenizer": m, "forward": m,
                                                        "still": {**m, "moving_px": 4.0}}))
         for stage in ("tokenizer", "forward"):
             write(motion / f"{stage}_metrics.jsonl", "".join(json.dumps({"step": s, "val_loss": 1.0, "code_acc": 0.5})
