@@ -260,7 +260,8 @@ def motion_steps(steps, args, data, variant):
                 name += " (if still improving)"
             steps.run(name, amplify_cmd(stage, data, out, total, args, eval_every=every,
                                         eval_samples=args.motion_eval_samples),
-                      estimate=STARTUP + (total - (total // 2 if r > 1 else 0)) * RATES[stage] + 5 * RATES["motion_eval"])
+                      estimate=STARTUP + (total - (total // 2 if r > 1 else 0)) * RATES[stage]
+                      + 5 * RATES["motion_eval"])
             if total >= args.max_motion_steps:
                 break
             if not steps.plan and plateaued(read_jsonl(out / f"{stage}_metrics.jsonl"), args.plateau):
@@ -703,7 +704,8 @@ def build_parser():
     p.add_argument("--out", default="runs/experiment", help="everything goes here; run again to resume")
     p.add_argument("--quick", action="store_true", help="small sizes (< 20 min): " +
                    ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
-    p.add_argument("--plan", action="store_true", help="list the steps still to run with estimated minutes; run nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="list the steps still to run with estimated minutes; run nothing")
     # data
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World tasks")
     # drawer-open: its motions (reach a handle, pull it) occur in the other tasks, its actions never.
@@ -757,7 +759,8 @@ def parse_args(argv=None):
         except ValueError:
             p.error(f"--{name}: expected comma-separated integers, found {getattr(args, name)!r}")
     if len(args.tasks) < 2:
-        p.error(f"--tasks: expected at least two tasks (zero-shot trains on some, evaluates on others), found {args.tasks}")
+        p.error(f"--tasks: expected at least two tasks (zero-shot trains on some, evaluates on others), "
+                f"found {args.tasks}")
     if not args.zero_shot_tasks or not set(args.zero_shot_tasks) < set(args.tasks):
         p.error(f"--zero-shot-tasks: expected some but not all of --tasks {args.tasks}, found {args.zero_shot_tasks}")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
