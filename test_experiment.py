@@ -230,7 +230,8 @@ def fake_run(out, args):
             for seed in args.seeds:
                 for method in experiment.variant_methods(variant):
                     p = experiment.policy_name(variant, name, seed, method)
-                    win = lambda ep: (name == "zeroshot" or method == "amplify") and (variant == "sim" or ep % 2 == 0)  # noqa: E731
+                    def win(ep):
+                        return (name == "zeroshot" or method == "amplify") and (variant == "sim" or ep % 2 == 0)
                     episodes = [{"task": t, "episode": ep, "success": win(ep)} for t in tasks
                                 for ep in range(args.eval_episodes)]
                     write(out / "eval" / p / "results.json", json.dumps({"complete": True, "episodes": episodes}))
@@ -242,9 +243,9 @@ def fake_run(out, args):
                             {"step": 1, "action_mse": 0.3}) + "\n")
         motion = out / ("motion" if variant == "sim" else "motion-lk")
         m = {"moving_px": 2.0, "moving_px_per_view": [1.0, 3.0], "mse": 0.01, "pixel_acc": 0.5, "delta_auc": 0.9}
-        write(motion / "diagnostics.json", json.dumps({"views": ["corner", "gripperPOV"], "windows": 8,
-                                                       "moving_frac": 0.25, "tokenizer": m, "forward": m,
-                                                       "still": {**m, "moving_px": 4.0}}))
+        write(motion / "diagnostics.json", json.dumps({
+            "views": ["corner", "gripperPOV"], "windows": 8, "moving_frac": 0.25, "outside_frac": 0.01,
+            "tokenizer": m, "forward": m, "still": {**m, "moving_px": 4.0}}))
         for stage in ("tokenizer", "forward"):
             write(motion / f"{stage}_metrics.jsonl", "".join(json.dumps({"step": s, "val_loss": 1.0, "code_acc": 0.5})
                                                               + "\n" for s in (1, 2, 3, 4)))
