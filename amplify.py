@@ -381,6 +381,73 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Linear head + cross-entropy in row chunks: the tokenizer's logits are never held whole
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss *and* the gradients chunk by chunk (the loss is a scalar, so the
+    backward pass only has to scale them): one pass over the logits instead of the five that
+    linear + log_softmax + nll (+ their backward) make over a (M, G*C) tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, chunk_rows, need_grad):
+        M, G = target.shape
+        C = weight.shape[0] // G
+        n = M * G
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # bf16 matmuls under autocast
+        acc = torch.promote_types(x.dtype, torch.float32)  # the softmax: fp32 at least
+        with torch.autocast(dev, enabled=False):
+            w, b = weight.to(dtype), bias.to(dtype)
+            total = torch.zeros((), dtype=acc, device=x.device)
+            if need_grad:
+                gx = torch.empty_like(x)
+                gw = torch.zeros(weight.shape, dtype=acc, device=x.device)
+                gb = torch.zeros(bias.shape, dtype=acc, device=x.device)
+            for i in range(0, M, chunk_rows):
+                xc, t = x[i:i + chunk_rows].to(dtype), target[i:i + chunk_rows, :, None]  # (m, D), (m, G, 1)
+                z = torch.addmm(b, xc, w.t()).to(acc).view(-1, G, C)  # (m, G, C) logits
+                z_true = z.gather(-1, t)
+                z_max = z.amax(-1, keepdim=True)
+                p = z.sub_(z_max).exp_()  # in place: the chunk's logits become unnormalized probabilities
+                s = p.sum(-1, keepdim=True)
+                total += (z_max + s.log() - z_true).sum()  # sum of -log softmax at the true class
+                if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n
+                    p.div_(s).scatter_add_(-1, t, p.new_full(t.shape, -1.0)).mul_(1.0 / n)
+                    g = p.view(-1, G * C)  # (m, G*C)
+                    gb += g.sum(0)
+                    g = g.to(dtype)
+                    gx[i:i + chunk_rows] = g @ w
+                    gw += g.t() @ xc
+        if need_grad:
+            ctx.save_for_backward(gx, gw.to(weight.dtype), gb.to(bias.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw, gb = ctx.saved_tensors
+        return gx * grad, gw * grad, gb * grad, None, None, None
+
+
+def chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows=None):
+    """Mean cross-entropy of the linear head `x @ weight.T + bias` against `target`, without ever
+    materialising the whole (M, G*C) logits tensor; loss and gradients equal the plain computation.
+
+    x (M, D) features; weight (G*C, D), bias (G*C,): each row of x is classified G times into C
+    classes (G = 1: an ordinary head); target (M,) or (M, G) long. Under autocast the matmuls run
+    in its dtype, the softmax in fp32. chunk_rows: rows per chunk (default: ~2 MB of logits).
+    """
+    target = target.reshape(x.shape[0], -1)  # (M, G)
+    M, G = target.shape
+    if weight.shape[0] % G or bias.shape != weight.shape[:1] or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"chunked_linear_cross_entropy: expected weight ({G}*C, {x.shape[1]}) and bias ({G}*C,), "
+                         f"found {tuple(weight.shape)} and {tuple(bias.shape)}")
+    chunk_rows = chunk_rows or max(1, 2 ** 19 // weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(x, weight, bias, target, chunk_rows, need_grad)
+
+
+# -----------------------------------------------------------------------------
 # Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> point decoder -> windows
 
 
@@ -420,15 +487,19 @@ class MotionTokenizer(nn.Module):
             x = block(x, mask=self.causal)  # causal: code l summarizes motion up to step l only
         return self.fsq(self.to_latent(self.enc_ln(x)))
 
-    def decode_logits(self, codes):
-        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
-        cfg = self.cfg
+    def decode_features(self, codes):
+        """codes (B, L, n_levels) in [-1, 1] -> (B, V*N, D) features, one row per view and point."""
         memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
         queries = rearrange(self.view_emb[:, None] + self.point_emb[None], "v n d -> (v n) d")
         x = repeat(queries, "s d -> b s d", b=codes.shape[0])  # (B, V*N, D)
         for block in self.decoder:
             x = block(x, context=memory)
-        logits = self.head(self.dec_ln(x))  # (B, V*N, L*Cw)
+        return self.dec_ln(x)
+
+    def decode_logits(self, codes):
+        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
+        cfg = self.cfg
+        logits = self.head(self.decode_features(codes))  # (B, V*N, L*Cw)
         return rearrange(logits, "b (v n) (l cw) -> b v l n cw", v=cfg.views, l=cfg.T - 1)
 
     def forward(self, tracks):
@@ -437,11 +508,11 @@ class MotionTokenizer(nn.Module):
 
     def loss(self, tracks):
         """Cross-entropy of every point's every step against its true local-window class -> (loss, {})."""
-        logits, _ = self(tracks)
+        features = self.decode_features(self.encode(tracks)[0])  # (B, V*N, D)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
-        # Flatten in the decoder's native (b v n l) order: a view, not a copy of the biggest tensor.
-        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v n l) cw"),
-                               rearrange(target, "b v l n -> (b v n l)"))
+        # The (B*V*N*L, Cw) logits would be the biggest tensor of the step: computed in chunks instead.
+        loss = chunked_linear_cross_entropy(rearrange(features, "b s d -> (b s) d"), self.head.weight,
+                                            self.head.bias, rearrange(target, "b v l n -> (b v n l)"))
         return loss, {}
 
     def decode(self, indices, start):

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import amplify as A
 import preprocess
@@ -207,6 +208,57 @@ def test_cached_and_uncached_sampling_agree():
     s2 = model.generate(images, tasks, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1),
                         use_cache=False)
     assert torch.equal(s1, s2)
+
+
+def rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("groups, chunk_rows", [(1, 7), (15, 7), (15, None), (3, 1000)])
+def test_chunked_cross_entropy_equals_the_plain_computation(groups, chunk_rows):
+    """Loss and gradients of x, weight and bias as linear + F.cross_entropy give them (1e-5 relative)."""
+    g = torch.Generator().manual_seed(groups)
+    M, D, C = 50, 12, 9  # 50 rows in chunks of 7: the last chunk is partial
+    x = torch.randn(M, D, generator=g, requires_grad=True)
+    weight = torch.randn(groups * C, D, generator=g, requires_grad=True)
+    bias = torch.randn(groups * C, generator=g, requires_grad=True)
+    target = torch.randint(0, C, (M, groups), generator=g)
+    results = []
+    for fn in (lambda: F.cross_entropy((x @ weight.T + bias).view(M * groups, C), target.view(-1)),
+               lambda: A.chunked_linear_cross_entropy(x, weight, bias, target.view(-1), chunk_rows)):
+        loss = fn()
+        (3 * loss).backward()  # a scaled upstream gradient reaches every input
+        results.append([loss.detach()] + [t.grad.clone() for t in (x, weight, bias)])
+        for t in (x, weight, bias):
+            t.grad = None
+    for name, a, b in zip(("loss", "x", "weight", "bias"), results[1], results[0]):
+        assert rel_diff(a, b) < 1e-5, name
+    with torch.no_grad():  # evaluation: the same loss, no gradients kept
+        assert rel_diff(A.chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows), results[0][0]) < 1e-5
+
+
+def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    arrays, _ = tiny_data(episodes=1, img=32, grid=5)
+    tracks = torch.as_tensor(arrays["tracks"][:3]).double()
+    model = A.MotionTokenizer(A.TokenizerConfig(d_model=32, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
+                                                grid=5)).double()  # float64: whole-model gradients, no rounding noise
+    grads = []
+    for plain in (True, False):
+        model.zero_grad()
+        if plain:
+            logits, _ = model(tracks)  # (B, V, L, N, Cw)
+            target = A.tracks_to_classes(tracks, 32)  # (B, V, L, N)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        else:
+            loss = model.loss(tracks)[0]
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for (name, _), a, b in zip([("loss", None)] + list(model.named_parameters()), grads[1], grads[0]):
+        assert rel_diff(a, b) < 1e-5, name
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 path: the same loss to bf16 precision
+        assert rel_diff(model.loss(tracks.float())[0].double(), grads[0][0]) < 2e-2
 
 
 def test_paper_preset_parameter_counts_within_20_percent():
