@@ -47,6 +47,7 @@ Shape legend (einops names in lower case)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -184,6 +185,10 @@ class VisionConfig:
     blocks: tuple = (1, 1, 1, 1)
     upsample: int = 0  # resize images to this before the CNN (published code: 128 -> 224, a 7x7 map); 0 = off
     weights: str = ""  # "" (train from scratch), "torchvision", "timm", or a path to a ResNet-18 state dict
+    # Frozen: the ResNet is not trained (the published code's default; with pretrained weights the
+    # paper's setting, whose ablation finds frozen and fine-tuned equal). Its features then depend
+    # on the frame alone, so training computes them once and reads them from a cache on disk.
+    frozen: bool = False
 
 
 @dataclass
@@ -591,33 +596,54 @@ def load_resnet18_weights(resnet, source):
 
 
 class VisionEncoder(nn.Module):
-    """uint8 images (B, V, H, W, 3) -> tokens (B, V*h*w, D): one token per cell of the CNN feature map."""
+    """uint8 images (B, V, H, W, 3) -> tokens (B, V*h*w, D): one token per cell of the CNN feature map.
+
+    Also takes the ResNet's features of the images, float (B, V, C, h, w) from `features`, in
+    their place: a frozen encoder's features are computed once (cached, or shared between the
+    forward and the inverse model of a policy) and only the projection runs per step.
+    """
 
     def __init__(self, cfg: VisionConfig, views, img_size, d_model):
         super().__init__()
         self.cfg = cfg
-        self.resnet = ResNet(cfg.widths, cfg.blocks)
+        with torch.random.fork_rng(devices=[]):
+            if cfg.frozen:  # without weights, a fixed random ResNet: the same in the forward and inverse model
+                torch.manual_seed(0)
+            self.resnet = ResNet(cfg.widths, cfg.blocks)
         if cfg.weights:
             load_resnet18_weights(self.resnet, cfg.weights)
+        self.resnet.requires_grad_(not cfg.frozen)
         self.proj = nn.Linear(self.resnet.out_channels, d_model)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             h, w = self.resnet.eval()(torch.zeros(1, 3, *self._input_size(img_size))).shape[-2:]
-        self.resnet.train()
+        self.resnet.train(not cfg.frozen)
+        self.feature_shape = (views, self.resnet.out_channels, h, w)  # (V, C, h, w)
         self.n_tokens = views * h * w
         self.pos = nn.Parameter(0.02 * torch.randn(self.n_tokens, d_model))  # per view and cell
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.cfg.frozen:  # frozen BatchNorm keeps its statistics: features depend on the frame alone
+            self.resnet.eval()
+        return self
 
     def _input_size(self, img_size):
         return (self.cfg.upsample, self.cfg.upsample) if self.cfg.upsample else tuple(img_size)
 
-    def forward(self, images):
-        B, V = images.shape[:2]
+    def features(self, images):
+        """uint8 images (B, V, H, W, 3) -> ResNet features (B, V, C, h, w)."""
+        B = images.shape[0]
         x = rearrange(images, "b v h w c -> (b v) c h w").float() / 255
         if self.cfg.upsample:
             x = F.interpolate(x, size=(self.cfg.upsample,) * 2, mode="bilinear", align_corners=False)
         feats = self.resnet((x - self.mean) / self.std)  # (B*V, C, h, w)
-        tokens = self.proj(rearrange(feats, "(b v) c h w -> b (v h w) c", b=B))  # (B, V*h*w, D)
+        return rearrange(feats, "(b v) c h w -> b v c h w", b=B)
+
+    def forward(self, images):
+        feats = self.features(images) if images.dtype == torch.uint8 else images  # (B, V, C, h, w)
+        tokens = self.proj(rearrange(feats, "b v c h w -> b (v h w) c").to(self.proj.weight.dtype))  # (B, V*h*w, D)
         return tokens + self.pos
 
 
@@ -1218,6 +1244,31 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def cpu_has_bf16():
+    """True where this CPU multiplies bf16 natively (AVX-512 BF16 or AMX; Linux flags): there, CPU
+    autocast is a real speed-up; elsewhere bf16 is emulated and slower than fp32."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):  # torch's kernels cannot use it
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(precision, device):
+    """Whether training runs under bf16 autocast: "auto" = on CUDA and on CPUs with native bf16."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision: expected one of {list(PRECISIONS)}, found '{precision}'")
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return precision == "bf16"
+
+
 @dataclass
 class Distributed:
     """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
@@ -1248,6 +1299,7 @@ class RunConfig:
     seed: int = 0  # the batch order is drawn from (seed, step)
     resume: bool = False  # continue from the stage's checkpoint in `out`
     compile: bool = False  # torch.compile the training step (long GPU runs; the first steps pay for it)
+    precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (see use_bf16); "fp32" turns it off
     vis: bool = False  # write PNGs of predicted vs true tracks at each evaluation
     # Data protocols (paper section 5): held-out, few-shot, zero-shot by task filters.
     val_episodes: int = 1  # held out per task for evaluation
@@ -1337,7 +1389,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
             payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
         save_checkpoint(out_path, payload)
 
-    use_amp = device.type == "cuda"
+    use_amp = use_bf16(run.precision, device)
     t0, seen = time.time(), 0
     while step < train.steps:
         net.train()
@@ -1406,6 +1458,64 @@ def held_out_batches(model, frames, make_batch, train, run):
     model.eval()
     for i in range(0, len(frames), train.batch_size):
         yield to_device(make_batch(frames[i:i + train.batch_size]), run.device)
+
+
+def encoder_key(vision):
+    """Hash of what a frozen encoder's features depend on: its ResNet weights and input size."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((vision.cfg.upsample, vision.feature_shape)).encode())
+    for name, t in vision.resnet.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def images_key(corpus):
+    """Hash of every image of the corpus, read in chunks straight from the files."""
+    h = hashlib.blake2b(digest_size=8)
+    for ds in corpus.datasets:
+        a = ds.arrays["images"]
+        h.update(repr(a.shape).encode())
+        for rows in _chunks(len(a), _row_bytes(a)):
+            h.update(np.ascontiguousarray(_read_rows(a, rows)).data)
+    return h.hexdigest()
+
+
+def frozen_features(corpus, vision, out, run: RunConfig, batch=32):
+    """ResNet features of every frame, float16 (F, V, C, h, w), memory-mapped from a cache next to the
+    run: OUT/features/<encoder hash>-<images hash>.npy. Computed once (atomically written) and
+    then shared by every stage and rerun whose frozen encoder and images are the same."""
+    path = os.path.join(out, "features", f"{encoder_key(vision)}-{images_key(corpus)}.npy")
+    shape = (int(corpus.offsets[-1]),) + tuple(vision.feature_shape)
+    if not os.path.exists(path) and run.ddp.rank == 0:
+        vision = vision.to(run.device).eval()
+        t0 = time.time()
+
+        def fill(tmp):
+            cache = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
+            with torch.no_grad():
+                for i in range(0, shape[0], batch):
+                    images = torch.as_tensor(corpus.gather("images", np.arange(i, min(shape[0], i + batch))))
+                    cache[i:i + len(images)] = vision.features(images.to(run.device)).cpu().numpy()
+            cache.flush()
+            del cache
+
+        atomic_write(path, fill)
+        log(f"features: {shape[0]} frames through the frozen encoder in {time.time() - t0:.0f}s -> {path}")
+    if run.ddp.world > 1:
+        torch.distributed.barrier()  # rank 0 has written the cache
+    cache = np.load(path, mmap_mode="r", allow_pickle=False)
+    if cache.shape != shape or cache.dtype != np.float16:
+        raise DataError(f"feature cache {path}: expected float16 {shape}, found {cache.dtype} {cache.shape}")
+    return cache
+
+
+def gather_rows(array, frames):
+    """array[frames] for a memory-mapped array, reading the rows in file order."""
+    order = np.argsort(frames)
+    out = np.empty((len(frames),) + array.shape[1:], dtype=array.dtype)
+    out[order] = array[np.asarray(frames)[order]]
+    return out
 
 
 def tracks_batch(corpus, frames):
@@ -1503,9 +1613,11 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
     model = ForwardDynamics(cfg)
     log(f"forward | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
         f"tokenizer {tok_path}")
+    features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
 
     def make_batch(f):
-        return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
+        images = corpus.gather("images", f) if features is None else gather_rows(features, f)  # frozen: features
+        return {"images": images, "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
 
     def loss_fn(model, batch):
         with torch.no_grad():
@@ -1577,14 +1689,21 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                   else "none (inverse-only baseline)")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
         f"{len(val_eps)} held out | codes: {codes_from}")
+    features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
+    # The forward model that predicts codes reads the same cached features only if its encoder is the same.
+    forward_reads_features = (features is not None and fwd_model is not None and fwd_model.cfg.vision.frozen
+                              and encoder_key(fwd_model.vision) == encoder_key(model.vision))
 
     def make_batch(f):
         actions, valid = corpus.action_chunks(f, cfg.T)
-        b = {"images": corpus.gather("images", f), "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
+        images = corpus.gather("images", f) if features is None else gather_rows(features, f)  # frozen: features
+        b = {"images": images, "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
              "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
              "tasks": corpus.tasks_of(f)}
         if tok_model is not None:
             b["tracks"] = tracks_batch(corpus, f)
+        if fwd_model is not None and not forward_reads_features and features is not None:
+            b["forward_images"] = corpus.gather("images", f)
         return b
 
     def codes_for(batch):
@@ -1592,7 +1711,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
             return None
         with torch.no_grad():
             if predicted_codes:
-                return fwd_model.generate(batch["images"], batch["tasks"])
+                return fwd_model.generate(batch.get("forward_images", batch["images"]), batch["tasks"])
             return tok_model.encode(batch["tracks"])[1]
 
     def loss_fn(model, batch):
@@ -1694,6 +1813,10 @@ class Policy:
                 raise DataError("policy: the inverse model uses motion codes, so a tokenizer and a forward model are needed")
             self.tokenizer = model_from_checkpoint(tokenizer_ckpt).to(self.device)
             self.forward = model_from_checkpoint(forward_ckpt).to(self.device)
+        # Both models frozen on the same ResNet (pretrained weights, or the fixed random one): one
+        # vision pass per step feeds both, as in the published code.
+        self.shared_vision = (self.uses_codes and self.forward.cfg.vision.frozen and cfg.vision.frozen
+                              and encoder_key(self.forward.vision) == encoder_key(self.inverse.vision))
         data = inverse_ckpt["data"]
         self.views, self.img_size, self.horizon = list(data["views"]), tuple(data["img_size"]), cfg.T
         self.action_dim, self.proprio_dim = cfg.action_dim, cfg.proprio_dim
@@ -1745,6 +1868,8 @@ class Policy:
         proprio = np.asarray(proprio, dtype=np.float32).reshape(-1)
         if proprio.shape != (self.proprio_dim,):
             raise UserError(f"policy.act: expected proprio ({self.proprio_dim},), found {proprio.shape}")
+        if self.shared_vision:
+            x = self.inverse.vision.features(x)  # (1, V, C, h, w), read by both models
         codes = None
         if self.uses_codes:
             codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k)
@@ -1801,9 +1926,13 @@ def configs_from_args(args):
     if args.vision_weights:
         forward = replace(forward, vision=replace(forward.vision, weights=args.vision_weights))
         inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
+    if args.frozen_vision:
+        forward = replace(forward, vision=replace(forward.vision, frozen=True))
+        inverse = replace(inverse, vision=replace(inverse.vision, frozen=True))
     if args.text_encoder:
         forward = replace(forward, text_encoder=args.text_encoder, text_dim=0)
-    run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, compile=args.compile, vis=args.vis,
+    run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, compile=args.compile,
+                    precision=args.precision, vis=args.vis,
                     val_episodes=args.val_episodes, shots=args.shots, only_tasks=tuple(args.only_task),
                     exclude_tasks=tuple(args.exclude_task))
     return {"tokenizer": preset["tokenizer"], "forward": forward, "inverse": inverse}, train, run
@@ -1826,7 +1955,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
         f"{corpus.img_size[0]}x{corpus.img_size[1]}, {int(corpus.has_actions.sum())} episodes with actions | "
-        f"device {device} | preset {args.preset}")
+        f"device {device} | {'bf16' if use_bf16(run_cfg.precision, device) else 'fp32'} | preset {args.preset}")
     inverse_inputs = {"tokenizer": args.tokenizer, "forward": args.forward, "init": args.init}
     if args.stage in ("tokenizer", "all"):
         train_tokenizer(corpus, models["tokenizer"], args.out, train, run_cfg)
@@ -1866,6 +1995,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="training arithmetic: auto = bf16 autocast "
+                   "on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a busy machine "
                    "1 is often much faster, as spinning threads compete for the cores")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
@@ -1888,6 +2019,8 @@ def build_parser():
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
     # pretrained encoders (optional; the defaults train from scratch)
     p.add_argument("--vision-weights", help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")
+    p.add_argument("--frozen-vision", action="store_true", help="do not train the ResNet (the published default; "
+                   "meant with --vision-weights): its features are computed once per frame and cached in OUT/features")
     p.add_argument("--text-encoder", help="'hash' (default, from scratch) or a Hugging Face encoder such as t5-base")
     return p
 

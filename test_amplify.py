@@ -480,6 +480,40 @@ def test_cli_stage_all_writes_policy_that_acts(trained):
         policy.act(obs[:1], np.zeros(9), "x")
 
 
+def test_frozen_vision_trains_from_a_feature_cache_and_the_policy_shares_one_pass(trained, tmp_path):
+    """--frozen-vision: the ResNet does not change, its features are computed once per frame into
+    OUT/features (one file for both stages, reused by a rerun) and read instead of the images; the
+    policy runs one ResNet pass for both models and acts as it would with two."""
+    root, _ = trained
+    out = tmp_path / "frozen"
+    proc = run_cli("--stage", "all", "--data", root / "data", "--out", out, "--steps", "3", "--frozen-vision", *FAST)
+    assert proc.stdout.count("features: 72 frames through the frozen encoder") == 1  # forward and inverse share it
+    assert len(os.listdir(out / "features")) == 1
+    cache = np.load(next((out / "features").iterdir()), mmap_mode="r")
+    fwd = A.load_checkpoint(str(out / "forward.pt"), "forward")
+    inv = A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")
+    model = A.model_from_checkpoint(fwd)
+    fresh = A.ForwardDynamics(A.config_from_dict(A.ForwardConfig, fwd["config"]))
+    for k, v in fresh.vision.resnet.state_dict().items():  # frozen: weights and BatchNorm statistics untouched
+        assert torch.equal(model.vision.resnet.state_dict()[k], v), k
+        assert torch.equal(inv["model"]["vision.resnet." + k], v), k
+    images = torch.as_tensor(np.array(A.load_dataset(str(root / "data")).arrays["images"][:5]))
+    with torch.no_grad():
+        feats = model.vision.features(images)
+        assert_close(torch.as_tensor(cache[:5]).float(), feats, 1e-2 * feats.abs().max().item())  # float16 cache
+        assert torch.equal(model.vision(feats), model.vision(images))  # features in place of images
+    rerun = run_cli("--stage", "forward", "--data", root / "data", "--out", out, "--steps", "3", "--frozen-vision",
+                    *FAST)
+    assert "features:" not in rerun.stdout  # the cache is read, not recomputed
+    policy = A.Policy.load(str(out / "policy.pt"))
+    assert policy.shared_vision
+    obs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    shared = policy.predict_chunk(obs, np.zeros(9), "move the square right")
+    policy.shared_vision = False
+    assert np.allclose(policy.predict_chunk(obs, np.zeros(9), "move the square right"), shared, atol=1e-5)
+    assert not A.Policy.load(str(root / "run" / "policy.pt")).shared_vision  # trained encoders: two passes
+
+
 def test_policy_acts_in_data_units(trained):
     root, _ = trained
     ckpt = A.load_checkpoint(str(root / "run" / "inverse.pt"), "inverse")
