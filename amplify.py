@@ -400,7 +400,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         C = weight.shape[0] // G
         n = M * G
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # bf16 matmuls under autocast
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # bf16 under autocast
         acc = torch.promote_types(x.dtype, torch.float32)  # the softmax: fp32 at least
         with torch.autocast(dev, enabled=False):
             w, b = weight.to(dtype), bias.to(dtype)
@@ -1325,8 +1325,57 @@ def get_lr(step, cfg: TrainConfig):
 
 
 def to_device(batch, device):
-    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v)
+    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, (np.ndarray, torch.Tensor)) else v)
             for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Prepares the batches for `steps` in a background thread, `depth` steps ahead of training, so
+    the model does not wait on memory-mapped reads (numpy and torch release the GIL while they copy
+    and compute). On CUDA the arrays go into pinned memory there, so the copy to the GPU is
+    asynchronous. `wait` is the seconds the training thread has spent blocked on it."""
+
+    def __init__(self, make, steps, device, depth=2):
+        import queue
+        import threading
+        self.queue, self.stop, self.wait = queue.Queue(maxsize=depth), threading.Event(), 0.0
+        self.pin = device.type == "cuda"
+        self.thread = threading.Thread(target=self._work, args=(make, steps), daemon=True)
+        self.thread.start()
+
+    def _work(self, make, steps):
+        import queue
+        for step in steps:
+            try:
+                item = make(step)
+                if self.pin:
+                    item = {k: torch.as_tensor(v).pin_memory() if isinstance(v, np.ndarray) else v
+                            for k, v in item.items()}
+            except BaseException as e:  # handed to the training thread, which raises it
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if self.stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def next(self):
+        t0 = time.perf_counter()
+        item = self.queue.get()
+        self.wait += time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def log(msg):
@@ -1390,42 +1439,48 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         save_checkpoint(out_path, payload)
 
     use_amp = use_bf16(run.precision, device)
-    t0, seen = time.time(), 0
-    while step < train.steps:
-        net.train()
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step, train)
+
+    def draw(step):  # this rank's slice of the step's global batch
         batch_frames = np.random.default_rng([run.seed, step]).choice(frames, train.batch_size)
-        batch = to_device(make_batch(batch_frames[ddp.rank::ddp.world]), device)  # this rank's slice
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, info = net(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP, gradients are averaged across ranks here
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        opt.step()
-        step += 1
-        seen += train.batch_size
-        if step % train.log_every == 0 or step == train.steps:
-            loss_value = loss.detach().float()
-            if ddp.world > 1:
-                torch.distributed.all_reduce(loss_value)
-                loss_value /= ddp.world
-            rate = seen / max(1e-9, time.time() - t0)
-            extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
-            log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
-                f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s")
-            t0, seen = time.time(), 0
-        if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
-            save(step)
-            if len(val):
-                with torch.no_grad():
-                    metrics = eval_fn(model)
-                    if on_eval is not None:
-                        on_eval(model, step)
-                log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                with open(os.path.join(os.path.dirname(out_path), f"{label}_metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+        return make_batch(batch_frames[ddp.rank::ddp.world])
+
+    with Prefetcher(draw, range(step, train.steps), device) as loader:  # batches prepared in the background
+        t0, seen, wait0 = time.time(), 0, 0.0
+        while step < train.steps:
+            net.train()
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, train)
+            batch = to_device(loader.next(), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, info = net(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP, gradients are averaged across ranks here
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            opt.step()
+            step += 1
+            seen += train.batch_size
+            if step % train.log_every == 0 or step == train.steps:
+                loss_value = loss.detach().float()
+                if ddp.world > 1:
+                    torch.distributed.all_reduce(loss_value)
+                    loss_value /= ddp.world
+                elapsed = max(1e-9, time.time() - t0)
+                extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
+                log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
+                    f"lr {get_lr(step - 1, train):.2e} | {seen / elapsed:.1f} samples/s | "
+                    f"data wait {100 * (loader.wait - wait0) / elapsed:.0f}%")
+                t0, seen, wait0 = time.time(), 0, loader.wait
+            if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
+                save(step)
+                if len(val):
+                    with torch.no_grad():
+                        metrics = eval_fn(model)
+                        if on_eval is not None:
+                            on_eval(model, step)
+                    log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    with open(os.path.join(os.path.dirname(out_path), f"{label}_metrics.jsonl"), "a") as f:
+                        f.write(json.dumps({"step": step, **metrics}) + "\n")
     if ddp.rank == 0 and (step == 0 or not os.path.exists(out_path)):
         save(step)
     if ddp.world > 1:

@@ -261,6 +261,25 @@ def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits():
         assert rel_diff(model.loss(tracks.float())[0].double(), grads[0][0]) < 2e-2
 
 
+def test_prefetcher_yields_batches_in_order_and_raises_errors_of_the_worker():
+    made = []
+
+    def make(step):
+        made.append(step)
+        if step == 3:
+            raise KeyError("bad row")
+        return {"x": np.full(2, step)}
+
+    with A.Prefetcher(make, range(1, 6), torch.device("cpu"), depth=1) as loader:
+        assert [loader.next()["x"][0] for _ in range(2)] == [1, 2]
+        with pytest.raises(KeyError, match="bad row"):
+            loader.next()
+    assert made == [1, 2, 3]  # the worker stops at the error
+    with A.Prefetcher(make, range(10, 1000), torch.device("cpu"), depth=2) as loader:
+        assert loader.next()["x"][0] == 10
+    assert len(made) < 3 + 10  # leaving the block stops the worker (it was at most `depth` ahead)
+
+
 def test_paper_preset_parameter_counts_within_20_percent():
     published = {"tokenizer": 31e6, "forward": 70e6, "inverse": 57e6}
     for stage, n in published.items():
@@ -729,7 +748,7 @@ def test_torchrun_two_cpu_ranks_match_a_single_process(trained, tmp_path):
     """Two gloo ranks each train on half of the global batch: same losses, same weights."""
     root, _ = trained
     common = ["--stage", "tokenizer", "--data", root / "data", "--steps", "3", "--batch-size", "4",
-              "--log-every", "1", "--eval-every", "3"]
+              "--log-every", "1", "--eval-every", "3", "--precision", "fp32"]  # bf16 would round halves differently
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            os.path.join(HERE, "amplify.py"), *map(str, common), "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300, env=ENV)
