@@ -440,14 +440,15 @@ def chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows=None):
 
     x (M, D) features; weight (G*C, D), bias (G*C,): each row of x is classified G times into C
     classes (G = 1: an ordinary head); target (M,) or (M, G) long. Under autocast the matmuls run
-    in its dtype, the softmax in fp32. chunk_rows: rows per chunk (default: ~2 MB of logits).
+    in its dtype, the softmax in fp32. chunk_rows: rows per chunk (default: ~2 MB of logits on CPU).
     """
     target = target.reshape(x.shape[0], -1)  # (M, G)
     M, G = target.shape
     if weight.shape[0] % G or bias.shape != weight.shape[:1] or weight.shape[1] != x.shape[1]:
         raise ValueError(f"chunked_linear_cross_entropy: expected weight ({G}*C, {x.shape[1]}) and bias ({G}*C,), "
                          f"found {tuple(weight.shape)} and {tuple(bias.shape)}")
-    chunk_rows = chunk_rows or max(1, 2 ** 19 // weight.shape[0])
+    budget = 2 ** 19 if x.device.type == "cpu" else 2 ** 26  # logits per chunk: cache-sized on CPU, big on GPUs
+    chunk_rows = chunk_rows or max(1, budget // weight.shape[0])
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(x, weight, bias, target, chunk_rows, need_grad)
 
@@ -1411,7 +1412,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr,
+                            fused=device.type in ("cpu", "cuda"))  # one kernel, no parameter-sized temporaries
     step = 0
     if run.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, stage)
