@@ -803,6 +803,12 @@ def test_bench_prints_its_figures():
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "|" not in line)
     for name in ("tokenizer_train_samples_per_s", "forward_train_samples_per_s", "inverse_train_samples_per_s",
-                 "peak_memory_mb", "sample_ms_cached", "sample_ms_uncached", "kv_cache_speedup", "policy_step_ms"):
+                 "tokenizer_plain_ce_fp32_train_samples_per_s", "tokenizer_speedup_vs_plain_ce_fp32",
+                 "forward_frozen_cached_speedup", "inverse_frozen_cached_speedup", "forward_peak_memory_mb",
+                 "forward_frozen_cached_peak_memory_mb", "peak_memory_mb", "sample_ms_cached", "sample_ms_uncached",
+                 "kv_cache_speedup", "policy_step_ms", "policy_step_ms_frozen_shared", "policy_shared_vision_speedup"):
         assert float(figures[name]) > 0, name
+    for name in ("data_wait_share_inline", "data_wait_share_prefetch"):
+        assert 0 <= float(figures[name]) < 1, name
     assert figures["kv_cache_identical_codes"] == "True"
+    assert figures["policy_shared_vision"] == "True"
