@@ -149,10 +149,11 @@ def state_mb(model):
 def _peak_memory_child(args, name, queue):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     S = setup(args)
-    model, loss_fn, amp = build(S, name)
-    step = make_step(model, loss_fn, amp)
-    step()
-    step()  # the optimizer state exists from the first step on
+    if name != "baseline":  # baseline: torch and the inputs, no model
+        model, loss_fn, amp = build(S, name)
+        step = make_step(model, loss_fn, amp)
+        step()
+        step()  # the optimizer state exists from the first step on
     queue.put(peak_rss_mb())
 
 
@@ -251,6 +252,8 @@ def bench(args):
     print(f"device: {device} | preset: {args.preset} | batch: {S.B} | threads: {torch.get_num_threads()} | "
           f"precision: {'bf16' if S.bf16 else 'fp32'} | cpu native bf16: {A.cpu_has_bf16()}", flush=True)
 
+    if device.type != "cuda":
+        print(f"baseline_peak_memory_mb: {peak_memory_mb(args, S, 'baseline'):.0f}")  # a process with torch and inputs
     # Training steps, variants of a stage timed alternately.
     fp32 = ["_fp32"] if S.bf16 else []  # the same step without autocast: what bf16 gains
     groups = {stage: [stage] + extra + [stage + f for f in fp32] for stage, extra in
