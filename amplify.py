@@ -189,6 +189,10 @@ class VisionConfig:
     blocks: tuple = (1, 1, 1, 1)
     upsample: int = 0  # resize images to this before the CNN (published code: 128 -> 224, a 7x7 map); 0 = off
     weights: str = ""  # "" (train from scratch), "torchvision", "timm", or a path to a ResNet-18 state dict
+    # Frozen: the ResNet is not trained (the published code's default; with pretrained weights the
+    # paper's setting, whose ablation finds frozen and fine-tuned equal). Its features then depend
+    # on the frame alone, so training computes them once and reads them from a cache on disk.
+    frozen: bool = False
 
 
 @dataclass
@@ -412,6 +416,74 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Linear head + cross-entropy in row chunks: the tokenizer's logits are never held whole
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss *and* the gradients chunk by chunk (the loss is a scalar, so the
+    backward pass only has to scale them): one pass over the logits instead of the five that
+    linear + log_softmax + nll (+ their backward) make over a (M, G*C) tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, chunk_rows, need_grad):
+        M, G = target.shape
+        C = weight.shape[0] // G
+        n = M * G
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # bf16 under autocast
+        acc = torch.promote_types(x.dtype, torch.float32)  # the softmax: fp32 at least
+        with torch.autocast(dev, enabled=False):
+            w, b = weight.to(dtype), bias.to(dtype)
+            total = torch.zeros((), dtype=acc, device=x.device)
+            if need_grad:
+                gx = torch.empty_like(x)
+                gw = torch.zeros(weight.shape, dtype=acc, device=x.device)
+                gb = torch.zeros(bias.shape, dtype=acc, device=x.device)
+            for i in range(0, M, chunk_rows):
+                xc, t = x[i:i + chunk_rows].to(dtype), target[i:i + chunk_rows, :, None]  # (m, D), (m, G, 1)
+                z = torch.addmm(b, xc, w.t()).to(acc).view(-1, G, C)  # (m, G, C) logits
+                z_true = z.gather(-1, t)
+                z_max = z.amax(-1, keepdim=True)
+                p = z.sub_(z_max).exp_()  # in place: the chunk's logits become unnormalized probabilities
+                s = p.sum(-1, keepdim=True)
+                total += (z_max + s.log() - z_true).sum()  # sum of -log softmax at the true class
+                if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n
+                    p.div_(s).scatter_add_(-1, t, p.new_full(t.shape, -1.0)).mul_(1.0 / n)
+                    g = p.view(-1, G * C)  # (m, G*C)
+                    gb += g.sum(0)
+                    g = g.to(dtype)
+                    gx[i:i + chunk_rows] = g @ w
+                    gw += g.t() @ xc
+        if need_grad:
+            ctx.save_for_backward(gx, gw.to(weight.dtype), gb.to(bias.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw, gb = ctx.saved_tensors
+        return gx * grad, gw * grad, gb * grad, None, None, None
+
+
+def chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows=None):
+    """Mean cross-entropy of the linear head `x @ weight.T + bias` against `target`, without ever
+    materialising the whole (M, G*C) logits tensor; loss and gradients equal the plain computation.
+
+    x (M, D) features; weight (G*C, D), bias (G*C,): each row of x is classified G times into C
+    classes (G = 1: an ordinary head); target (M,) or (M, G) long. Under autocast the matmuls run
+    in its dtype, the softmax in fp32. chunk_rows: rows per chunk (default: ~2 MB of logits on CPU).
+    """
+    target = target.reshape(x.shape[0], -1)  # (M, G)
+    M, G = target.shape
+    if weight.shape[0] % G or bias.shape != weight.shape[:1] or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"chunked_linear_cross_entropy: expected weight ({G}*C, {x.shape[1]}) and bias ({G}*C,), "
+                         f"found {tuple(weight.shape)} and {tuple(bias.shape)}")
+    budget = 2 ** 19 if x.device.type == "cpu" else 2 ** 26  # logits per chunk: cache-sized on CPU, big on GPUs
+    chunk_rows = chunk_rows or max(1, budget // weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(x, weight, bias, target, chunk_rows, need_grad)
+
+
+# -----------------------------------------------------------------------------
 # Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> step decoder -> windows
 
 
@@ -460,8 +532,8 @@ class MotionTokenizer(nn.Module):
             x = block(x, mask=self.causal)  # causal: code l summarizes motion up to step l only
         return self.fsq(self.to_latent(self.enc_ln(x)))
 
-    def decode_logits(self, codes):
-        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
+    def decode_features(self, codes):
+        """codes (B, L, n_levels) in [-1, 1] -> (B, V, L, N, D) features, one row per view, step and point."""
         memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
         x = repeat(self.step_queries, "l d -> b l d", b=codes.shape[0])
         for block in self.decoder:
@@ -470,7 +542,11 @@ class MotionTokenizer(nn.Module):
         hidden = (self.mlp_step(x) + rearrange(self.mlp_view(self.view_emb), "v e -> 1 v 1 1 e")
                   + rearrange(self.mlp_point(self.point_emb), "n e -> 1 1 1 n e"))  # (B, V, L, N, head_hidden)
         y = x + self.mlp_out(F.relu(hidden))  # (B, V, L, N, D)
-        return self.head(self.head_ln(y))  # (B, V, L, N, Cw)
+        return self.head_ln(y)
+
+    def decode_logits(self, codes):
+        """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
+        return self.head(self.decode_features(codes))
 
     def forward(self, tracks):
         codes, indices = self.encode(tracks)
@@ -478,10 +554,11 @@ class MotionTokenizer(nn.Module):
 
     def loss(self, tracks):
         """Cross-entropy of every point's every step against its true local-window class -> (loss, {})."""
-        logits, _ = self(tracks)
+        features = self.decode_features(self.encode(tracks)[0])  # (B, V, L, N, D)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
-        loss = F.cross_entropy(rearrange(logits, "b v l n cw -> (b v l n) cw"),  # a view: the decoder's order
-                               rearrange(target, "b v l n -> (b v l n)"))
+        # The (B*V*L*N, Cw) logits would be the biggest tensor of the step: computed in chunks instead.
+        loss = chunked_linear_cross_entropy(rearrange(features, "b v l n d -> (b v l n) d"), self.head.weight,
+                                            self.head.bias, rearrange(target, "b v l n -> (b v l n)"))
         return loss, {}
 
     def decode(self, indices, start):
@@ -560,33 +637,54 @@ def load_resnet18_weights(resnet, source):
 
 
 class VisionEncoder(nn.Module):
-    """uint8 images (B, V, H, W, 3) -> tokens (B, V*h*w, D): one token per cell of the CNN feature map."""
+    """uint8 images (B, V, H, W, 3) -> tokens (B, V*h*w, D): one token per cell of the CNN feature map.
+
+    Also takes the ResNet's features of the images, float (B, V, C, h, w) from `features`, in
+    their place: a frozen encoder's features are computed once (cached, or shared between the
+    forward and the inverse model of a policy) and only the projection runs per step.
+    """
 
     def __init__(self, cfg: VisionConfig, views, img_size, d_model):
         super().__init__()
         self.cfg = cfg
-        self.resnet = ResNet(cfg.widths, cfg.blocks)
+        with torch.random.fork_rng(devices=[]):
+            if cfg.frozen:  # without weights, a fixed random ResNet: the same in the forward and inverse model
+                torch.manual_seed(0)
+            self.resnet = ResNet(cfg.widths, cfg.blocks)
         if cfg.weights:
             load_resnet18_weights(self.resnet, cfg.weights)
+        self.resnet.requires_grad_(not cfg.frozen)
         self.proj = nn.Linear(self.resnet.out_channels, d_model)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             h, w = self.resnet.eval()(torch.zeros(1, 3, *self._input_size(img_size))).shape[-2:]
-        self.resnet.train()
+        self.resnet.train(not cfg.frozen)
+        self.feature_shape = (views, self.resnet.out_channels, h, w)  # (V, C, h, w)
         self.n_tokens = views * h * w
         self.pos = nn.Parameter(0.02 * torch.randn(self.n_tokens, d_model))  # per view and cell
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.cfg.frozen:  # frozen BatchNorm keeps its statistics: features depend on the frame alone
+            self.resnet.eval()
+        return self
 
     def _input_size(self, img_size):
         return (self.cfg.upsample, self.cfg.upsample) if self.cfg.upsample else tuple(img_size)
 
-    def forward(self, images):
-        B, V = images.shape[:2]
+    def features(self, images):
+        """uint8 images (B, V, H, W, 3) -> ResNet features (B, V, C, h, w)."""
+        B = images.shape[0]
         x = rearrange(images, "b v h w c -> (b v) c h w").float() / 255
         if self.cfg.upsample:
             x = F.interpolate(x, size=(self.cfg.upsample,) * 2, mode="bilinear", align_corners=False)
         feats = self.resnet((x - self.mean) / self.std)  # (B*V, C, h, w)
-        tokens = self.proj(rearrange(feats, "(b v) c h w -> b (v h w) c", b=B))  # (B, V*h*w, D)
+        return rearrange(feats, "(b v) c h w -> b v c h w", b=B)
+
+    def forward(self, images):
+        feats = self.features(images) if images.dtype == torch.uint8 else images  # (B, V, C, h, w)
+        tokens = self.proj(rearrange(feats, "b v c h w -> b (v h w) c").to(self.proj.weight.dtype))  # (B, V*h*w, D)
         return tokens + self.pos
 
 
@@ -1568,6 +1666,31 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
+def cpu_has_bf16():
+    """True where this CPU multiplies bf16 natively (AVX-512 BF16 or AMX; Linux flags): there, CPU
+    autocast is a real speed-up; elsewhere bf16 is emulated and slower than fp32."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):  # torch's kernels cannot use it
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(precision, device):
+    """Whether training runs under bf16 autocast: "auto" = on CUDA and on CPUs with native bf16."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision: expected one of {list(PRECISIONS)}, found '{precision}'")
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return precision == "bf16"
+
+
 @dataclass
 class Distributed:
     """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
@@ -1599,6 +1722,7 @@ class RunConfig:
     resume: bool = False  # continue from the stage's checkpoint in `out`
     overwrite: bool = False  # replace the stage's checkpoint in `out`, and remove what was trained on it
     compile: bool = False  # torch.compile the training step (long GPU runs; the first steps pay for it)
+    precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (see use_bf16); "fp32" turns it off
     vis: bool = False  # write PNGs of predicted vs true tracks at each evaluation
     # Data protocols (paper section 5): held-out, few-shot, zero-shot by task filters.
     val_episodes: int = 1  # held out per task for evaluation
@@ -1624,8 +1748,57 @@ def get_lr(step, cfg: TrainConfig):
 
 
 def to_device(batch, device):
-    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, np.ndarray) else v)
+    return {k: (torch.as_tensor(v).to(device, non_blocking=True) if isinstance(v, (np.ndarray, torch.Tensor)) else v)
             for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Prepares the batches for `steps` in a background thread, `depth` steps ahead of training, so
+    the model does not wait on memory-mapped reads (numpy and torch release the GIL while they copy
+    and compute). On CUDA the arrays go into pinned memory there, so the copy to the GPU is
+    asynchronous. `wait` is the seconds the training thread has spent blocked on it."""
+
+    def __init__(self, make, steps, device, depth=2):
+        import queue
+        import threading
+        self.queue, self.stop, self.wait = queue.Queue(maxsize=depth), threading.Event(), 0.0
+        self.pin = device.type == "cuda"
+        self.thread = threading.Thread(target=self._work, args=(make, steps), daemon=True)
+        self.thread.start()
+
+    def _work(self, make, steps):
+        import queue
+        for step in steps:
+            try:
+                item = make(step)
+                if self.pin:
+                    item = {k: torch.as_tensor(v).pin_memory() if isinstance(v, np.ndarray) else v
+                            for k, v in item.items()}
+            except BaseException as e:  # handed to the training thread, which raises it
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if self.stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def next(self):
+        t0 = time.perf_counter()
+        item = self.queue.get()
+        self.wait += time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def log(msg):
@@ -1737,7 +1910,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr,
+                            fused=device.type in ("cpu", "cuda"))  # one kernel, no parameter-sized temporaries
     step = 0
     if run.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, stage)
@@ -1774,48 +1948,56 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
             payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
         save_checkpoint(out_path, payload)
 
-    use_amp = device.type == "cuda"
-    t0, seen = time.time(), 0
-    start, first_step, metrics = time.time(), step, None
-    while step < train.steps:
-        net.train()
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step, train)
+    use_amp = use_bf16(run.precision, device)
+
+    def draw(step):  # this rank's slice of the step's global batch
         batch_frames = np.random.default_rng([run.seed, step]).choice(frames, train.batch_size)
-        batch = to_device(make_batch(batch_frames[ddp.rank::ddp.world]), device)  # this rank's slice
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, info = net(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP, gradients are averaged across ranks here
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        opt.step()
-        step += 1
-        seen += train.batch_size
-        if step % train.log_every == 0 or step == train.steps:
-            loss_value = loss.detach().float()
-            if ddp.world > 1:
-                torch.distributed.all_reduce(loss_value)
-                loss_value /= ddp.world
-            now = time.time()
-            rate, elapsed = seen / max(1e-9, now - t0), now - start
-            eta = elapsed / (step - first_step) * (train.steps - step)
-            extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
-            log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
-                f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s | elapsed {clock(elapsed)} | eta {clock(eta)}")
-            if ddp.rank == 0:
-                append_jsonl(log_path, {"step": step, "loss": loss_value.item(), **{k: float(v) for k, v in info.items()},
-                                        "lr": get_lr(step - 1, train), "samples_per_s": rate, "elapsed_s": elapsed})
-            t0, seen = time.time(), 0
-        if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
-            save(step)
-            if len(val):
-                with torch.no_grad():
-                    metrics = eval_fn(model)
-                    if on_eval is not None:
-                        on_eval(model, step)
-                log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                append_jsonl(metrics_path, {"step": step, **metrics})
+        return make_batch(batch_frames[ddp.rank::ddp.world])
+
+    start, first_step, metrics = time.time(), step, None
+    with Prefetcher(draw, range(step, train.steps), device) as loader:  # batches prepared in the background
+        t0, seen, wait0 = time.time(), 0, 0.0
+        while step < train.steps:
+            net.train()
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, train)
+            batch = to_device(loader.next(), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, info = net(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP, gradients are averaged across ranks here
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            opt.step()
+            step += 1
+            seen += train.batch_size
+            if step % train.log_every == 0 or step == train.steps:
+                loss_value = loss.detach().float()
+                if ddp.world > 1:
+                    torch.distributed.all_reduce(loss_value)
+                    loss_value /= ddp.world
+                now = time.time()
+                window, elapsed = max(1e-9, now - t0), now - start
+                rate, wait = seen / window, (loader.wait - wait0) / window
+                eta = elapsed / (step - first_step) * (train.steps - step)
+                extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
+                log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
+                    f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s | data wait {100 * wait:.0f}% | "
+                    f"elapsed {clock(elapsed)} | eta {clock(eta)}")
+                if ddp.rank == 0:
+                    append_jsonl(log_path, {"step": step, "loss": loss_value.item(), **{k: float(v) for k, v in info.items()},
+                                            "lr": get_lr(step - 1, train), "samples_per_s": rate, "data_wait": wait,
+                                            "elapsed_s": elapsed})
+                t0, seen, wait0 = time.time(), 0, loader.wait
+            if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
+                save(step)
+                if len(val):
+                    with torch.no_grad():
+                        metrics = eval_fn(model)
+                        if on_eval is not None:
+                            on_eval(model, step)
+                    log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    append_jsonl(metrics_path, {"step": step, **metrics})
     if ddp.rank == 0 and (step == 0 or not os.path.exists(out_path)):
         save(step)
     if ddp.rank == 0:
@@ -1872,6 +2054,64 @@ def held_out_batches(model, frames, make_batch, train, run):
     model.eval()
     for i in range(0, len(frames), train.batch_size):
         yield to_device(make_batch(frames[i:i + train.batch_size]), run.device)
+
+
+def encoder_key(vision):
+    """Hash of what a frozen encoder's features depend on: its ResNet weights and input size."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(repr((vision.cfg.upsample, vision.feature_shape)).encode())
+    for name, t in vision.resnet.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def images_key(corpus):
+    """Hash of every image of the corpus, read in chunks straight from the files."""
+    h = hashlib.blake2b(digest_size=8)
+    for ds in corpus.datasets:
+        a = ds.arrays["images"]
+        h.update(repr(a.shape).encode())
+        for rows in _chunks(len(a), _row_bytes(a)):
+            h.update(np.ascontiguousarray(_read_rows(a, rows)).data)
+    return h.hexdigest()
+
+
+def frozen_features(corpus, vision, out, run: RunConfig, batch=32):
+    """ResNet features of every frame, float16 (F, V, C, h, w), memory-mapped from a cache next to the
+    run: OUT/features/<encoder hash>-<images hash>.npy. Computed once (atomically written) and
+    then shared by every stage and rerun whose frozen encoder and images are the same."""
+    path = os.path.join(out, "features", f"{encoder_key(vision)}-{images_key(corpus)}.npy")
+    shape = (int(corpus.offsets[-1]),) + tuple(vision.feature_shape)
+    if not os.path.exists(path) and run.ddp.rank == 0:
+        vision = vision.to(run.device).eval()
+        t0 = time.time()
+
+        def fill(tmp):
+            cache = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
+            with torch.no_grad():
+                for i in range(0, shape[0], batch):
+                    images = torch.as_tensor(corpus.gather("images", np.arange(i, min(shape[0], i + batch))))
+                    cache[i:i + len(images)] = vision.features(images.to(run.device)).cpu().numpy()
+            cache.flush()
+            del cache
+
+        atomic_write(path, fill)
+        log(f"features: {shape[0]} frames through the frozen encoder in {time.time() - t0:.0f}s -> {path}")
+    if run.ddp.world > 1:
+        torch.distributed.barrier()  # rank 0 has written the cache
+    cache = np.load(path, mmap_mode="r", allow_pickle=False)
+    if cache.shape != shape or cache.dtype != np.float16:
+        raise DataError(f"feature cache {path}: expected float16 {shape}, found {cache.dtype} {cache.shape}")
+    return cache
+
+
+def gather_rows(array, frames):
+    """array[frames] for a memory-mapped array, reading the rows in file order."""
+    order = np.argsort(frames)
+    out = np.empty((len(frames),) + array.shape[1:], dtype=array.dtype)
+    out[order] = array[np.asarray(frames)[order]]
+    return out
 
 
 def tracks_batch(corpus, frames):
@@ -1981,9 +2221,11 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
     model = ForwardDynamics(cfg)
     log(f"forward | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
         f"tokenizer {tok_path}")
+    features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
 
     def make_batch(f):
-        return {"images": corpus.gather("images", f), "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
+        images = corpus.gather("images", f) if features is None else gather_rows(features, f)  # frozen: features
+        return {"images": images, "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
 
     def loss_fn(model, batch):
         with torch.no_grad():
@@ -2093,14 +2335,21 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                   else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init_path}")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
         f"{len(val_eps)} held out | codes: {codes_from} | head: {cfg.head}")
+    features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
+    # The forward model that predicts codes reads the same cached features only if its encoder is the same.
+    forward_reads_features = (features is not None and fwd_model is not None and fwd_model.cfg.vision.frozen
+                              and encoder_key(fwd_model.vision) == encoder_key(model.vision))
 
     def make_batch(f):
         actions, valid = corpus.action_chunks(f, cfg.T)
-        b = {"images": corpus.gather("images", f), "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
+        images = corpus.gather("images", f) if features is None else gather_rows(features, f)  # frozen: features
+        b = {"images": images, "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
              "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
              "tasks": corpus.tasks_of(f)}
         if tok_model is not None:
             b["tracks"] = tracks_batch(corpus, f)
+        if fwd_model is not None and not forward_reads_features and features is not None:
+            b["forward_images"] = corpus.gather("images", f)
         return b
 
     def codes_for(batch, source="pred" if predicted_codes else "true"):
@@ -2108,7 +2357,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
             return None
         with torch.no_grad():
             if source == "pred":
-                return fwd_model.generate(batch["images"], batch["tasks"])
+                return fwd_model.generate(batch.get("forward_images", batch["images"]), batch["tasks"])
             return tok_model.encode(batch["tracks"])[1]
 
     def loss_fn(model, batch):
@@ -2254,6 +2503,10 @@ class Policy:
                 raise DataError("policy: the inverse model uses motion codes, so a tokenizer and a forward model are needed")
             self.tokenizer = model_from_checkpoint(tokenizer_ckpt).to(self.device)
             self.forward = model_from_checkpoint(forward_ckpt).to(self.device)
+        # Both models frozen on the same ResNet (pretrained weights, or the fixed random one): one
+        # vision pass per step feeds both, as in the published code.
+        self.shared_vision = (self.uses_codes and self.forward.cfg.vision.frozen and cfg.vision.frozen
+                              and encoder_key(self.forward.vision) == encoder_key(self.inverse.vision))
         data = inverse_ckpt["data"]
         self.views, self.img_size, self.horizon = list(data["views"]), tuple(data["img_size"]), cfg.T
         self.action_dim, self.proprio_dim = cfg.action_dim, cfg.proprio_dim
@@ -2316,6 +2569,8 @@ class Policy:
         proprio = np.asarray(proprio, dtype=np.float32).reshape(-1)
         if proprio.shape != (self.proprio_dim,):
             raise UserError(f"policy.act: expected proprio ({self.proprio_dim},), found {proprio.shape}")
+        if self.shared_vision:
+            x = self.inverse.vision.features(x)  # (1, V, C, h, w), read by both models
         codes = None
         if self.uses_codes:
             codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k,
@@ -2376,10 +2631,13 @@ def configs_from_args(args):
     if args.vision_weights:
         forward = replace(forward, vision=replace(forward.vision, weights=args.vision_weights))
         inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
+    if args.frozen_vision:
+        forward = replace(forward, vision=replace(forward.vision, frozen=True))
+        inverse = replace(inverse, vision=replace(inverse.vision, frozen=True))
     if args.text_encoder:
         forward = replace(forward, text_encoder=args.text_encoder, text_dim=0)
     run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                    compile=args.compile, vis=args.vis,
+                    compile=args.compile, precision=args.precision, vis=args.vis,
                     val_episodes=args.val_episodes, shots=args.shots, only_tasks=tuple(args.only_task),
                     exclude_tasks=tuple(args.exclude_task))
     return {"tokenizer": preset["tokenizer"], "forward": forward, "inverse": inverse}, train, run
@@ -2413,7 +2671,7 @@ def run(args):
     os.makedirs(args.out, exist_ok=True)
     log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
         f"{corpus.img_size[0]}x{corpus.img_size[1]}, {int(corpus.has_actions.sum())} episodes with actions | "
-        f"device {device} | preset {args.preset}")
+        f"device {device} | {'bf16' if use_bf16(run_cfg.precision, device) else 'fp32'} | preset {args.preset}")
     inverse_inputs = {"tokenizer": args.tokenizer, "forward": args.forward, "init": args.init}
     if args.stage in ("tokenizer", "all"):
         train_tokenizer(corpus, models["tokenizer"], args.out, train, run_cfg)
@@ -2469,6 +2727,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="training arithmetic: auto = bf16 autocast "
+                   "on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for --preset cpu on a CPU, unless "
                    "OMP_NUM_THREADS is set; torch's choice otherwise). The cpu preset's small matrices gain little "
                    "from threads, and on a busy machine spinning threads compete for the cores")
@@ -2504,6 +2764,8 @@ def build_parser():
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
     # pretrained encoders (optional; the defaults train from scratch)
     p.add_argument("--vision-weights", help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")
+    p.add_argument("--frozen-vision", action="store_true", help="do not train the ResNet (the published default; "
+                   "meant with --vision-weights): its features are computed once per frame and cached in OUT/features")
     p.add_argument("--text-encoder", help="'hash' (default, from scratch) or a Hugging Face encoder such as t5-base")
     return p
 

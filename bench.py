@@ -1,140 +1,362 @@
 """bench.py: throughput, memory and sampling latency of the three AMPLIFY models and the policy.
 
-  python bench.py --preset paper             # Table 10 sizes; on a GPU under bf16 autocast
+  python bench.py --preset paper             # Table 10 sizes; on a GPU at the preset's batch, bf16 autocast
   python bench.py --preset cpu --steps 5     # (`python amplify.py --bench ...` runs the same)
 
-Prints `name: value` lines on LIBERO-shaped random inputs (2 views, 128x128, A = 7, P = 9), then
-the inverse model with each action head (gaussian, diffusion, flow) against the Gaussian one.
-Speed-ups are ratios measured in the same run (cached vs uncached sampling), so they hold on any
-machine; absolute figures are only comparable on the same machine.
+Prints `name: value` lines on LIBERO-shaped random inputs (2 views, 128x128, A = 7, P = 9).
+Every speed-up is a ratio of two variants timed alternately in the same run (chunked vs plain
+tokenizer loss, bf16 vs fp32, frozen cached encoder vs full step, prefetched vs inline data, one
+shared vision pass vs two, cached vs uncached sampling), so it holds on a busy machine; absolute
+figures are only comparable on the same machine under the same load. Peak memory of a training
+variant is measured alone: in a fresh process on CPU (peak resident set), after a reset on CUDA.
+Then the inverse model with each action head (gaussian, diffusion, flow), timed alternately, as
+ratios to the Gaussian head.
 """
 import argparse
+import multiprocessing
+import os
+import tempfile
 import time
 from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 import amplify as A
 
 
-def peak_memory_mb(device):
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device):
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource  # Unix; ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, device, reps):
-    """Median seconds of `reps` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+def timed(fns, device, reps):
+    """Median seconds of each of `fns` ({name: fn}), called alternately `reps` times after a warm-up
+    call each: load that comes and goes on a shared machine hits every variant alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_train_step(model, opt, loss_fn, use_amp):
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        loss = loss_fn(model)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def peak_rss_mb():
+    """This process's peak resident set (Linux VmHWM; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource  # ru_maxrss is in KiB on Linux, bytes on macOS
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -----------------------------------------------------------------------------
+# What is measured: LIBERO-shaped inputs and one training step per variant
+
+
+def setup(args):
+    """Configs and random inputs for the preset: 2 views, 128x128 images, A = 7, P = 9."""
+    preset, device = A.PRESETS[args.preset], args.device
+    S = argparse.Namespace(device=device, V=2, size=(128, 128), A=7, P=9, seed=args.seed)
+    S.B = args.batch_size or (preset["train"].batch_size if device.type == "cuda" else 8)
+    S.bf16 = A.use_bf16(args.precision, device)
+    S.tok_cfg = replace(preset["tokenizer"], views=S.V, img_size=S.size)
+    fwd = replace(preset["forward"], views=S.V, img_size=S.size, vision=replace(preset["forward"].vision, weights=""))
+    inv = replace(preset["inverse"], views=S.V, img_size=S.size, action_dim=S.A, proprio_dim=S.P,
+                  vision=replace(preset["inverse"].vision, weights=""))
+    frozen = {"forward": replace(fwd, vision=replace(fwd.vision, frozen=True)),
+              "inverse": replace(inv, vision=replace(inv.vision, frozen=True))}
+    S.cfgs = {"forward": fwd, "inverse": inv, "forward_frozen": frozen["forward"], "inverse_frozen": frozen["inverse"]}
+    g = torch.Generator().manual_seed(args.seed)
+    B, V, T, N = S.B, S.V, S.tok_cfg.T, S.tok_cfg.grid ** 2
+    start = torch.as_tensor(A.grid_points(S.tok_cfg.grid))
+    steps = torch.randint(-2, 3, (B, V, T - 1, N, 2), generator=g).float() * 2 / S.size[0]
+    S.tracks = torch.cat([start.expand(B, V, 1, -1, -1), start + steps.cumsum(2)], dim=2).to(device)
+    S.images = torch.randint(0, 256, (B, V, *S.size, 3), dtype=torch.uint8, generator=g).to(device)
+    S.tasks = [f"task {i % 4}" for i in range(B)]
+    K = int(np.prod(A.fsq_levels(S.tok_cfg.codebook_size)))
+    S.codes = torch.randint(0, K, (B, T - 1), generator=g).to(device)
+    S.proprio, S.actions = torch.randn(B, S.P, generator=g).to(device), torch.randn(B, T, S.A, generator=g).to(device)
+    S.valid = torch.ones(B, T, device=device)
+    return S
+
+
+def plain_tokenizer_loss(model, tracks):
+    """The tokenizer loss as computed before the chunked head: the whole (B*V*N*L, Cw) logits tensor."""
+    logits, _ = model(tracks)  # (B, V, L, N, Cw)
+    target = A.tracks_to_classes(tracks, model.cfg.img_size, model.cfg.window)
+    return F.cross_entropy(rearrange(logits, "b v l n cw -> (b v n l) cw"), rearrange(target, "b v l n -> (b v n l)"))
+
+
+def build(S, name):
+    """A training variant: (model on the device in train mode, loss_fn(model) -> loss, bf16 autocast?).
+
+    *_fp32 runs without autocast; *_frozen_cached is the frozen encoder fed the features a cache
+    would hold (computed once here, float16), so its step is what training from the cache costs.
+    """
+    torch.manual_seed(S.seed)
+    amp = S.bf16 and "fp32" not in name
+    if name.startswith("tokenizer"):
+        model = A.MotionTokenizer(S.tok_cfg).to(S.device).train()
+        if "plain_ce" in name:
+            return model, lambda m: plain_tokenizer_loss(m, S.tracks), amp
+        return model, lambda m: m.loss(S.tracks)[0], amp
+    stage = name.split("_")[0]
+    model = A.build_model(stage, S.cfgs[stage + ("_frozen" if "frozen" in name else "")]).to(S.device).train()
+    x = S.images
+    if "frozen" in name:
+        with torch.no_grad():
+            x = model.vision.features(S.images).half()  # (B, V, C, h, w), as read from the cache
+    if stage == "forward":
+        return model, lambda m: m.loss(x, S.tasks, S.codes)[0], amp
+    return model, lambda m: m.loss(x, S.proprio, S.codes, S.actions, S.valid)[0], amp
+
+
+def make_step(model, loss_fn, amp):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device_type(model) in ("cpu", "cuda"))
+
+    def step():
+        with torch.autocast(device_type(model), dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def device_type(model):
+    return next(model.parameters()).device.type
+
+
+def state_mb(model):
+    """Weights, gradients and AdamW's two moments of the trainable parameters, plus frozen weights."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return (16 * trainable + 4 * frozen) / 2 ** 20
+
+
+def _peak_memory_child(args, name, queue):
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    S = setup(args)
+    if name != "baseline":  # baseline: torch and the inputs, no model
+        model, loss_fn, amp = build(S, name)
+        step = make_step(model, loss_fn, amp)
+        step()
+        step()  # the optimizer state exists from the first step on
+    queue.put(peak_rss_mb())
+
+
+def peak_memory_mb(args, S, name):
+    """Peak memory of a training variant alone: CUDA allocations after a reset, or on CPU the peak
+    resident set of a fresh process that builds it and takes two steps (PyTorch itself included)."""
+    if S.device.type == "cuda":
+        model, loss_fn, amp = build(S, name)
+        step = make_step(model, loss_fn, amp)
+        step()
+        torch.cuda.reset_peak_memory_stats(S.device)
+        step()
+        return torch.cuda.max_memory_allocated(S.device) / 2 ** 20
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_peak_memory_child, args=(args, name, queue))
+    child.start()
+    value = queue.get()
+    child.join()
+    return value
+
+
+# -----------------------------------------------------------------------------
+# Data: batches made inline or prefetched
+
+
+def data_wait(S, model, reps):
+    """Share of step time spent waiting for the batch: frozen forward steps reading cached features
+    and tracks from memory-mapped files (codes from a tokenizer, as in training), the batch made
+    inline vs by amplify.Prefetcher."""
+    tokenizer = A.MotionTokenizer(S.tok_cfg).to(S.device).eval()
+    step_fn = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        n = 4 * S.B
+        with torch.no_grad():
+            one = model.vision.features(S.images[:1]).half().cpu().numpy()
+        files = {"images": (one, (n,) + one.shape[1:]), "tracks": (S.tracks[:1].half().cpu().numpy(),
+                                                                   (n,) + tuple(S.tracks.shape[1:]))}
+        arrays = {}
+        for key, (row, shape) in files.items():
+            a = np.lib.format.open_memmap(os.path.join(tmp, key + ".npy"), "w+", np.float16, shape)
+            a[:] = row
+            a.flush()
+            del a
+            arrays[key] = np.load(os.path.join(tmp, key + ".npy"), mmap_mode="r")
+        rng = np.random.default_rng(0)
+
+        def make(_):
+            frames = rng.choice(n, S.B)
+            return {"images": A.gather_rows(arrays["images"], frames),
+                    "tracks": A.gather_rows(arrays["tracks"], frames).astype(np.float32)}
+
+        def loss_fn(m):
+            with torch.no_grad():
+                codes = tokenizer.encode(step_fn["batch"]["tracks"])[1]
+            return m.loss(step_fn["batch"]["images"], S.tasks, codes)[0]
+
+        step = make_step(model, loss_fn, S.bf16)
+
+        def train_on(batch):
+            step_fn["batch"] = A.to_device(batch, S.device)
+            step()
+
+        shares = {}
+        for label in ("inline", "prefetch"):
+            train_on(make(0))  # warm-up
+            sync(S.device)
+            t0, wait = time.perf_counter(), 0.0
+            if label == "inline":
+                for i in range(reps):
+                    t1 = time.perf_counter()
+                    batch = make(i)
+                    wait += time.perf_counter() - t1
+                    train_on(batch)
+            else:
+                with A.Prefetcher(make, range(reps), S.device) as loader:
+                    for _ in range(reps):
+                        train_on(loader.next())
+                    wait = loader.wait
+            sync(S.device)
+            shares[label] = wait / (time.perf_counter() - t0)
+        del arrays
+    return shares
+
+
+# -----------------------------------------------------------------------------
+# The benchmark
 
 
 def bench(args):
-    """Print `name: value` lines for the preset on LIBERO-shaped inputs (2 views, 128x128, A=7, P=9)."""
-    preset, device = A.PRESETS[args.preset], args.device
-    B = args.batch_size or (preset["train"].batch_size if device.type == "cuda" else 8)
+    """Print `name: value` lines for the preset (see the module docstring)."""
+    args.precision = getattr(args, "precision", "auto")  # amplify.py --bench passes its own args
     reps = args.steps or 5
-    V, size, A_, P = 2, (128, 128), 7, 9
-    torch.manual_seed(args.seed)
-    tok_cfg = replace(preset["tokenizer"], views=V, img_size=size)
-    fwd_cfg = replace(preset["forward"], views=V, img_size=size, vision=replace(preset["forward"].vision, weights=""))
-    inv_cfg = replace(preset["inverse"], views=V, img_size=size, action_dim=A_, proprio_dim=P,
-                      vision=replace(preset["inverse"].vision, weights=""))
-    models = {"tokenizer": A.MotionTokenizer(tok_cfg), "forward": A.ForwardDynamics(fwd_cfg),
-              "inverse": A.InverseDynamics(inv_cfg)}
-    start = torch.as_tensor(A.grid_points(tok_cfg.grid))
-    steps = torch.randint(-2, 3, (B, V, tok_cfg.T - 1, tok_cfg.grid ** 2, 2)).float() * 2 / size[0]
-    tracks = torch.cat([start.expand(B, V, 1, -1, -1), start + steps.cumsum(2)], dim=2).to(device)
-    images = torch.randint(0, 256, (B, V, *size, 3), dtype=torch.uint8, device=device)
-    tasks = [f"task {i % 4}" for i in range(B)]
-    K, L = models["forward"].K, tok_cfg.T - 1
-    codes = torch.randint(0, K, (B, L), device=device)
-    proprio, actions = torch.randn(B, P, device=device), torch.randn(B, inv_cfg.T, A_, device=device)
-    valid = torch.ones(B, inv_cfg.T, device=device)
-    losses = {"tokenizer": lambda m: m.loss(tracks)[0],
-              "forward": lambda m: m.loss(images, tasks, codes)[0],
-              "inverse": lambda m: m.loss(images, proprio, codes, actions, valid)[0]}
-    print(f"device: {device} | preset: {args.preset} | batch: {B} | threads: {torch.get_num_threads()}", flush=True)
-    use_amp = device.type == "cuda"
-    for name, model in models.items():
-        model.to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(lambda: bench_train_step(model, opt, losses[name], use_amp), device, reps)
-        print(f"{name}_params: {sum(p.numel() for p in model.parameters())}")
-        print(f"{name}_train_samples_per_s: {B / seconds:.2f}")
-        print(f"{name}_peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
-    forward = models["forward"].eval()
-    one_image, one_task = images[:1], tasks[:1]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+    S = setup(args)
+    device = S.device
+    print(f"device: {device} | preset: {args.preset} | batch: {S.B} | threads: {torch.get_num_threads()} | "
+          f"precision: {'bf16' if S.bf16 else 'fp32'} | cpu native bf16: {A.cpu_has_bf16()}", flush=True)
+
+    if device.type != "cuda":
+        print(f"baseline_peak_memory_mb: {peak_memory_mb(args, S, 'baseline'):.0f}")  # a process with torch and inputs
+    # Training steps, variants of a stage timed alternately.
+    fp32 = ["_fp32"] if S.bf16 else []  # the same step without autocast: what bf16 gains
+    groups = {stage: [stage] + extra + [stage + f for f in fp32] for stage, extra in
+              (("tokenizer", ["tokenizer_plain_ce_fp32"]), ("forward", ["forward_frozen_cached"]),
+               ("inverse", ["inverse_frozen_cached"]))}
+    built = {}
+    for stage, names in groups.items():
+        built.update({name: build(S, name) for name in names})
+        steps = {name: make_step(*built[name]) for name in names}
+        seconds = timed(steps, device, reps)
+        print(f"{stage}_params: {sum(p.numel() for p in built[stage][0].parameters())}")
+        for name in names:
+            print(f"{name}_train_samples_per_s: {S.B / seconds[name]:.2f}")
+        if stage == "tokenizer":
+            plain = seconds["tokenizer_plain_ce_fp32"]
+            print(f"tokenizer_speedup_vs_plain_ce_fp32: {plain / seconds['tokenizer']:.2f}")
+            if S.bf16:
+                print(f"tokenizer_fp32_speedup_vs_plain_ce_fp32: {plain / seconds['tokenizer_fp32']:.2f}")
+        else:
+            print(f"{stage}_frozen_cached_speedup: {seconds[stage] / seconds[stage + '_frozen_cached']:.2f}")
+        if S.bf16:
+            print(f"{stage}_bf16_speedup: {seconds[stage + '_fp32'] / seconds[stage]:.2f}")
+        for name in names:
+            print(f"{name}_peak_memory_mb: {peak_memory_mb(args, S, name):.0f}")
+            print(f"{name}_weights_grads_adam_mb: {state_mb(built[name][0]):.0f}", flush=True)
+        for name in names[1:]:
+            del built[name]  # keep the defaults (and the frozen models, rebuilt below) only
+
+    shares = data_wait(S, build(S, "forward_frozen_cached")[0], reps)
+    print(f"data_wait_share_inline: {shares['inline']:.3f}")
+    print(f"data_wait_share_prefetch: {shares['prefetch']:.3f}", flush=True)
+
+    # Sampling: the forward model's 15 codes with and without the key/value cache.
+    forward = built["forward"][0].eval()
+    one_image, one_task = S.images[:1], S.tasks[:1]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         cached = forward.generate(one_image, one_task, use_cache=True)
         uncached = forward.generate(one_image, one_task, use_cache=False)
-        t_cached = timed(lambda: forward.generate(one_image, one_task, use_cache=True), device, reps)
-        t_uncached = timed(lambda: forward.generate(one_image, one_task, use_cache=False), device, reps)
-    print(f"sample_ms_cached: {1000 * t_cached:.1f}")
-    print(f"sample_ms_uncached: {1000 * t_uncached:.1f}")
-    print(f"kv_cache_speedup: {t_uncached / t_cached:.2f}")
+        t = timed({"cached": lambda: forward.generate(one_image, one_task, use_cache=True),
+                   "uncached": lambda: forward.generate(one_image, one_task, use_cache=False)}, device, reps)
+    print(f"sample_ms_cached: {1000 * t['cached']:.1f}")
+    print(f"sample_ms_uncached: {1000 * t['uncached']:.1f}")
+    print(f"kv_cache_speedup: {t['uncached'] / t['cached']:.2f}")
     print(f"kv_cache_identical_codes: {bool(torch.equal(cached, uncached))}", flush=True)
-    data = {"views": [f"view{v}" for v in range(V)], "img_size": list(size), "T": tok_cfg.T, "grid": tok_cfg.grid}
-    stats = {"actions": {"mean": [0.0] * A_, "std": [1.0] * A_}, "proprio": {"mean": [0.0] * P, "std": [1.0] * P}}
-    ckpt = {name: {"stage": name, "format": A.CHECKPOINT_FORMAT, "config": asdict(m.cfg), "model": m.state_dict(),
-                   "data": data, "stats": stats} for name, m in models.items()}
-    policy = A.Policy(ckpt["inverse"], ckpt["tokenizer"], ckpt["forward"], device=str(device))
-    obs, prop = images[0].cpu().numpy(), np.zeros(P, dtype=np.float32)
-    t_policy = timed(lambda: policy.act(obs, prop, "task 0"), device, reps)
-    print(f"policy_step_ms: {1000 * t_policy:.1f}")
-    print(f"policy_hz: {1 / t_policy:.1f}")
-    print(f"peak_memory_mb: {peak_memory_mb(device):.0f}", flush=True)
-    bench_heads(args, inv_cfg, ckpt, losses["inverse"], (images, proprio, codes), (obs, prop), B, reps, use_amp)
+
+    # The policy step: trained encoders (two ResNet passes) vs frozen equal ones (one shared pass).
+    data = {"views": [f"view{v}" for v in range(S.V)], "img_size": list(S.size), "T": S.tok_cfg.T,
+            "grid": S.tok_cfg.grid}
+    stats = {"actions": {"mean": [0.0] * S.A, "std": [1.0] * S.A}, "proprio": {"mean": [0.0] * S.P, "std": [1.0] * S.P}}
+
+    def ckpt(stage, m):
+        return {"stage": stage, "format": A.CHECKPOINT_FORMAT, "config": asdict(m.cfg), "model": m.state_dict(),
+                "data": data, "stats": stats}
+
+    tok = ckpt("tokenizer", built["tokenizer"][0])
+    frozen = {stage: A.build_model(stage, S.cfgs[stage + "_frozen"]) for stage in ("forward", "inverse")}
+    policies = {
+        "": A.Policy(ckpt("inverse", built["inverse"][0]), tok, ckpt("forward", forward), device=str(device)),
+        "_frozen_shared": A.Policy(ckpt("inverse", frozen["inverse"]), tok, ckpt("forward", frozen["forward"]),
+                                   device=str(device))}
+    obs, prop = S.images[0].cpu().numpy(), np.zeros(S.P, dtype=np.float32)
+    t = timed({k: (lambda p=p: p.act(obs, prop, "task 0")) for k, p in policies.items()}, device, reps)
+    print(f"policy_shared_vision: {policies['_frozen_shared'].shared_vision}")
+    for k, s in t.items():
+        print(f"policy_step_ms{k}: {1000 * s:.1f}")
+        print(f"policy_hz{k}: {1 / s:.1f}")
+    print(f"policy_shared_vision_speedup: {t[''] / t['_frozen_shared']:.2f}")
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_rss_mb()
+    print(f"peak_memory_mb: {peak:.0f}", flush=True)  # this whole process
+    bench_heads(S, tok, ckpt("forward", forward), ckpt("inverse", built["inverse"][0]), (obs, prop), reps)
 
 
-def bench_heads(args, inv_cfg, ckpt, inverse_loss, batch, observation, B, reps, use_amp):
-    """The inverse model with each action head: training samples/s, the model's own latency for one chunk,
-    and the whole policy step (which adds the forward model's codes), as ratios to the Gaussian head."""
-    device = args.device
-    images, proprio, codes = batch
-    train_rate, inverse_s, step_s = {}, {}, {}
-    for head in ("gaussian", "diffusion", "flow"):
-        torch.manual_seed(args.seed)
-        model = A.InverseDynamics(replace(inv_cfg, head=head)).to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        train_rate[head] = B / timed(lambda: bench_train_step(model, opt, inverse_loss, use_amp), device, reps)
-        model.eval()
-        with torch.no_grad():
-            inverse_s[head] = timed(lambda: model(images[:1], proprio[:1], codes[:1]), device, reps)
-        policy = A.Policy({**ckpt["inverse"], "config": asdict(model.cfg), "model": model.state_dict()},
-                          ckpt["tokenizer"], ckpt["forward"], device=str(device))
-        step_s[head] = timed(lambda: policy.act(*observation, "task 0"), device, reps)
+def bench_heads(S, tok, fwd, inv, observation, reps):
+    """The inverse model with each action head: training samples/s, the model's own latency for one
+    chunk, and the whole policy step (which adds the forward model's codes), timed alternately and
+    printed as ratios to the Gaussian head measured in the same run."""
+    heads = ("gaussian", "diffusion", "flow")
+    steps, chunks, policies = {}, {}, {}
+    for head in heads:
+        torch.manual_seed(S.seed)
+        model = A.InverseDynamics(replace(S.cfgs["inverse"], head=head)).to(S.device).train()
+        steps[head] = make_step(model, lambda m: m.loss(S.images, S.proprio, S.codes, S.actions, S.valid)[0], S.bf16)
+        chunks[head] = lambda m=model: m(S.images[:1], S.proprio[:1], S.codes[:1])
+        policies[head] = (model, inv)
         print(f"inverse_{head}_params: {sum(p.numel() for p in model.parameters())}")
-        print(f"inverse_{head}_train_samples_per_s: {train_rate[head]:.2f}")
-        print(f"inverse_{head}_chunk_ms: {1000 * inverse_s[head]:.1f}")
-        print(f"policy_step_ms_{head}: {1000 * step_s[head]:.1f}", flush=True)
-        del model, opt, policy
-    for head in ("diffusion", "flow"):  # ratios measured in this run: they hold on any machine
-        print(f"{head}_vs_gaussian_train_samples_per_s: {train_rate[head] / train_rate['gaussian']:.2f}")
-        print(f"{head}_vs_gaussian_inverse_chunk_ms: {inverse_s[head] / inverse_s['gaussian']:.2f}")
-        print(f"{head}_vs_gaussian_policy_step_ms: {step_s[head] / step_s['gaussian']:.2f}")
+    train_s = timed(steps, S.device, reps)
+    for model, _ in policies.values():
+        model.eval()
+    with torch.no_grad():
+        chunk_s = timed(chunks, S.device, reps)
+    acting = {head: A.Policy({**inv, "config": asdict(m.cfg), "model": m.state_dict()}, tok, fwd, device=str(S.device))
+              for head, (m, inv) in policies.items()}
+    step_s = timed({head: (lambda p=p: p.act(*observation, "task 0")) for head, p in acting.items()}, S.device, reps)
+    for head in heads:
+        print(f"inverse_{head}_train_samples_per_s: {S.B / train_s[head]:.2f}")
+        print(f"inverse_{head}_chunk_ms: {1000 * chunk_s[head]:.1f}")
+        print(f"policy_step_ms_{head}: {1000 * step_s[head]:.1f}")
+    for head in heads[1:]:  # ratios measured in this run: they hold on any machine
+        print(f"{head}_vs_gaussian_train_samples_per_s: {train_s['gaussian'] / train_s[head]:.2f}")
+        print(f"{head}_vs_gaussian_inverse_chunk_ms: {chunk_s[head] / chunk_s['gaussian']:.2f}")
+        print(f"{head}_vs_gaussian_policy_step_ms: {step_s[head] / step_s['gaussian']:.2f}", flush=True)
 
 
 def build_parser():
@@ -144,6 +366,8 @@ def build_parser():
     p.add_argument("--steps", type=int, help="timed repetitions (default 5)")
     p.add_argument("--batch-size", type=int, help="training batch (default: the preset's on CUDA, else 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", choices=A.PRECISIONS, default="auto",
+                   help="training arithmetic, as amplify.py --precision (auto: bf16 on CUDA and CPUs with native bf16)")
     p.add_argument("--seed", type=int, default=0, help="seeds the models and the random inputs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p

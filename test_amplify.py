@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import amplify as A
 import preprocess
@@ -246,6 +247,76 @@ def test_cached_and_uncached_sampling_agree():
     assert rank_gap(s1, 5) < 1e-4
     assert torch.equal(s1, model.generate(images, tasks, temperature=1.0, top_k=5,
                                           generator=torch.Generator().manual_seed(1)))  # same path, same seed
+
+
+def rel_diff(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("groups, chunk_rows", [(1, 7), (15, 7), (15, None), (3, 1000)])
+def test_chunked_cross_entropy_equals_the_plain_computation(groups, chunk_rows):
+    """Loss and gradients of x, weight and bias as linear + F.cross_entropy give them (1e-5 relative)."""
+    g = torch.Generator().manual_seed(groups)
+    M, D, C = 50, 12, 9  # 50 rows in chunks of 7: the last chunk is partial
+    x = torch.randn(M, D, generator=g, requires_grad=True)
+    weight = torch.randn(groups * C, D, generator=g, requires_grad=True)
+    bias = torch.randn(groups * C, generator=g, requires_grad=True)
+    target = torch.randint(0, C, (M, groups), generator=g)
+    results = []
+    for fn in (lambda: F.cross_entropy((x @ weight.T + bias).view(M * groups, C), target.view(-1)),
+               lambda: A.chunked_linear_cross_entropy(x, weight, bias, target.view(-1), chunk_rows)):
+        loss = fn()
+        (3 * loss).backward()  # a scaled upstream gradient reaches every input
+        results.append([loss.detach()] + [t.grad.clone() for t in (x, weight, bias)])
+        for t in (x, weight, bias):
+            t.grad = None
+    for name, a, b in zip(("loss", "x", "weight", "bias"), results[1], results[0]):
+        assert rel_diff(a, b) < 1e-5, name
+    with torch.no_grad():  # evaluation: the same loss, no gradients kept
+        assert rel_diff(A.chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows), results[0][0]) < 1e-5
+
+
+def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    arrays, _ = tiny_data(episodes=1, img=32, grid=5)
+    tracks = torch.as_tensor(arrays["tracks"][:3]).double()
+    model = A.MotionTokenizer(A.TokenizerConfig(d_model=32, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
+                                                grid=5)).double()  # float64: whole-model gradients, no rounding noise
+    grads = []
+    for plain in (True, False):
+        model.zero_grad()
+        if plain:
+            logits, _ = model(tracks)  # (B, V, L, N, Cw)
+            target = A.tracks_to_classes(tracks, 32)  # (B, V, L, N)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        else:
+            loss = model.loss(tracks)[0]
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for (name, _), a, b in zip([("loss", None)] + list(model.named_parameters()), grads[1], grads[0]):
+        assert rel_diff(a, b) < 1e-5, name
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 path: the same loss to bf16 precision
+        assert rel_diff(model.loss(tracks.float())[0].double(), grads[0][0]) < 2e-2
+
+
+def test_prefetcher_yields_batches_in_order_and_raises_errors_of_the_worker():
+    made = []
+
+    def make(step):
+        made.append(step)
+        if step == 3:
+            raise KeyError("bad row")
+        return {"x": np.full(2, step)}
+
+    with A.Prefetcher(make, range(1, 6), torch.device("cpu"), depth=1) as loader:
+        assert [loader.next()["x"][0] for _ in range(2)] == [1, 2]
+        with pytest.raises(KeyError, match="bad row"):
+            loader.next()
+    assert made == [1, 2, 3]  # the worker stops at the error
+    with A.Prefetcher(make, range(10, 1000), torch.device("cpu"), depth=2) as loader:
+        assert loader.next()["x"][0] == 10
+    assert len(made) < 3 + 10  # leaving the block stops the worker (it was at most `depth` ahead)
 
 
 def test_paper_preset_parameter_counts_within_20_percent():
@@ -636,6 +707,40 @@ def test_cli_stage_all_writes_policy_that_acts(trained):
     assert len(policy.ensembler.chunks) == 3
     with pytest.raises(A.UserError, match="expected images"):
         policy.act(obs[:1], np.zeros(9), "x")
+
+
+def test_frozen_vision_trains_from_a_feature_cache_and_the_policy_shares_one_pass(trained, tmp_path):
+    """--frozen-vision: the ResNet does not change, its features are computed once per frame into
+    OUT/features (one file for both stages, reused by a rerun) and read instead of the images; the
+    policy runs one ResNet pass for both models and acts as it would with two."""
+    root, _ = trained
+    out = tmp_path / "frozen"
+    proc = run_cli("--stage", "all", "--data", root / "data", "--out", out, "--steps", "3", "--frozen-vision", *FAST)
+    assert proc.stdout.count("features: 72 frames through the frozen encoder") == 1  # forward and inverse share it
+    assert len(os.listdir(out / "features")) == 1
+    cache = np.load(next((out / "features").iterdir()), mmap_mode="r")
+    fwd = A.load_checkpoint(str(out / "forward.pt"), "forward")
+    inv = A.load_checkpoint(str(out / "inverse_ft.pt"), "inverse")
+    model = A.model_from_checkpoint(fwd)
+    fresh = A.ForwardDynamics(A.config_from_dict(A.ForwardConfig, fwd["config"]))
+    for k, v in fresh.vision.resnet.state_dict().items():  # frozen: weights and BatchNorm statistics untouched
+        assert torch.equal(model.vision.resnet.state_dict()[k], v), k
+        assert torch.equal(inv["model"]["vision.resnet." + k], v), k
+    images = torch.as_tensor(np.array(A.load_dataset(str(root / "data")).arrays["images"][:5]))
+    with torch.no_grad():
+        feats = model.vision.features(images)
+        assert_close(torch.as_tensor(cache[:5]).float(), feats, 1e-2 * feats.abs().max().item())  # float16 cache
+        assert torch.equal(model.vision(feats), model.vision(images))  # features in place of images
+    rerun = run_cli("--stage", "forward", "--data", root / "data", "--out", out, "--steps", "3", "--frozen-vision",
+                    *FAST)
+    assert "features:" not in rerun.stdout  # the cache is read, not recomputed
+    policy = A.Policy.load(str(out / "policy.pt"))
+    assert policy.shared_vision
+    obs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    shared = policy.predict_chunk(obs, np.zeros(9), "move the square right")
+    policy.shared_vision = False
+    assert np.allclose(policy.predict_chunk(obs, np.zeros(9), "move the square right"), shared, atol=1e-5)
+    assert not A.Policy.load(str(root / "run" / "policy.pt")).shared_vision  # trained encoders: two passes
 
 
 def test_policy_acts_in_data_units(trained):
@@ -1072,7 +1177,7 @@ def test_torchrun_two_cpu_ranks_match_a_single_process(trained, tmp_path):
     """Two gloo ranks each train on half of the global batch: same losses, same weights."""
     root, _ = trained
     common = ["--stage", "tokenizer", "--data", root / "data", "--steps", "3", "--batch-size", "4",
-              "--log-every", "1", "--eval-every", "3"]
+              "--log-every", "1", "--eval-every", "3", "--precision", "fp32"]  # bf16 would round halves differently
     import socket
     with socket.socket() as sock:  # a free port, not a fixed one another job may hold
         sock.bind(("127.0.0.1", 0))
@@ -1133,6 +1238,12 @@ def test_bench_prints_its_figures():
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line and "|" not in line)
     for name in ("tokenizer_train_samples_per_s", "forward_train_samples_per_s", "inverse_train_samples_per_s",
-                 "peak_memory_mb", "sample_ms_cached", "sample_ms_uncached", "kv_cache_speedup", "policy_step_ms"):
+                 "tokenizer_plain_ce_fp32_train_samples_per_s", "tokenizer_speedup_vs_plain_ce_fp32",
+                 "forward_frozen_cached_speedup", "inverse_frozen_cached_speedup", "forward_peak_memory_mb",
+                 "forward_frozen_cached_peak_memory_mb", "peak_memory_mb", "sample_ms_cached", "sample_ms_uncached",
+                 "kv_cache_speedup", "policy_step_ms", "policy_step_ms_frozen_shared", "policy_shared_vision_speedup"):
         assert float(figures[name]) > 0, name
+    for name in ("data_wait_share_inline", "data_wait_share_prefetch"):
+        assert 0 <= float(figures[name]) < 1, name
     assert figures["kv_cache_identical_codes"] == "True"
+    assert figures["policy_shared_vision"] == "True"
