@@ -729,7 +729,8 @@ def test_frozen_vision_trains_from_a_feature_cache_and_the_policy_shares_one_pas
     images = torch.as_tensor(np.array(A.load_dataset(str(root / "data")).arrays["images"][:5]))
     with torch.no_grad():
         feats = model.vision.features(images)
-        assert_close(torch.as_tensor(cache[:5]).float(), feats, 1e-2 * feats.abs().max().item())  # float16 cache
+        cached = torch.as_tensor(np.array(cache[:5])).float()
+        assert_close(cached, feats, 1e-2 * feats.abs().max().item())  # stored as float16
         assert torch.equal(model.vision(feats), model.vision(images))  # features in place of images
     rerun = run_cli("--stage", "forward", "--data", root / "data", "--out", out, "--steps", "3", "--frozen-vision",
                     *FAST)
