@@ -1296,7 +1296,7 @@ def sim_view_tracks(rec, v, queries, span, points=False):
     Windows past the episode end repeat the last frame (held poses: exactly zero motion).
     Points on the background (sky, beyond the far plane) are directions at infinity: they move
     only with the camera's rotation. Points on other objects (-2) or behind the camera are held
-    and reported invisible.
+    and reported invisible; points that leave the picture are pinned to its border (invisible).
     """
     depth, seg = rec["depth"][:, v], rec["seg"][:, v]  # (F, H, W)
     F, H, W = depth.shape
@@ -1349,6 +1349,10 @@ def sim_view_tracks(rec, v, queries, span, points=False):
         front = z > 1e-6
         # grid + displacement: exact grid at step 0, exactly still where nothing moved
         moved = q[None] + (xy - xy0)
+        # A point that leaves the picture is pinned to its border, as the local-window codec clamps it
+        # (tracks_to_classes): near the lens a projection can land 1e4 images away, and such values
+        # would swamp the tokenizer's velocity inputs and every error figure.
+        moved = np.clip(moved, 0.0, [W - 1.0, H - 1.0])
         tracks[:, k] = np.where((front & ok_track)[..., None], moved, tracks[:, k - 1])
         inside = (xy[..., 0] > -0.5) & (xy[..., 0] < W - 0.5) & (xy[..., 1] > -0.5) & (xy[..., 1] < H - 0.5)
         seen = np.empty((F, N), bool)

@@ -735,6 +735,8 @@ def test_sim_tracks_grid_at_t0_static_still_and_padding(sim_episode):
     assert tracks.shape == (F, V, 16, 400, 2) and vis.shape == (F, V, 16, 400)
     np.testing.assert_array_equal(tracks[:, :, 0], np.broadcast_to(amplify.grid_points(20), (F, V, 400, 2)))
     assert vis[:, :, 0].all()
+    # points that leave the picture (the wrist view's, near the lens) are pinned to its border
+    assert np.abs(tracks).max() <= 1 and (~vis[np.abs(tracks).max(-1) >= 1 - 2 / 64]).any()
     rec = ep["sim"]
     queries = P.grid_pixels(64, 64, 20)
     # corner view (static camera): points on bodies that did not move in a window do not move at all
