@@ -424,7 +424,7 @@ def run_protocol(args):
         data = data_steps(steps, args, variant)
         motion = motion_steps(steps, args, data, variant)
         policy_steps(steps, args, data, motion, variant)
-    steps.run("tracker-bench", ["preprocess.py", "bench-tracker", "--truth", "metaworld", "--tracker", "lk",
+    steps.run("tracker-bench", ["preprocess.py", "bench-tracker", "--truth", "metaworld", "--tracker", "lk,flow",
                                 "--tasks", ",".join(args.tasks), "--episodes", 1, "--size", args.img_size],
               estimate=STARTUP + len(args.tasks) * 80 * RATES["frame"] * 2)
     if not args.plan:
@@ -619,11 +619,11 @@ def make_table(args, steps):
 def tracker_rows(steps):
     """The tracker link: the last table bench-tracker printed into its log."""
     text = steps.log_text("tracker-bench")
-    at = text.rfind("| view |")
+    at = text.rfind("| tracker | view |")
     if at < 0:
         return ["Tracker vs exact tracks: no bench-tracker output found."]
     table = [line for line in text[at:].splitlines() if line.startswith("|")]
-    return ["Tracker link: Lucas-Kanade vs the exact simulator tracks on one episode per task "
+    return ["Tracker link: the offline trackers (Lucas-Kanade, dense flow) vs the exact simulator tracks on one episode per task "
             "(`preprocess.py bench-tracker --truth metaworld`):", "", *table]
 
 

@@ -357,8 +357,10 @@ def test_tokenizer_overfits_and_reconstructs():
     tracks = tracks[(motion_px > 1).sum(-1).argsort(descending=True)[:8]]  # the 8 windows with most motion
     model = A.MotionTokenizer(A.TokenizerConfig(d_model=64, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
                                                 grid=5))
-    losses = overfit(model, lambda: model.loss(tracks)[0], 400)
-    assert min(losses[-10:]) < losses[0] / 10, history(losses, 40)
+    # The step-query decoder first learns "nothing moves" (most points), then the moves: at lr 3e-3
+    # the moving points came in between steps 200 and 400 on two data sets, so 800 leaves a margin.
+    losses = overfit(model, lambda: model.loss(tracks)[0], 800)
+    assert min(losses[-10:]) < losses[0] / 10, history(losses, 80)
     model.eval()
     with torch.no_grad():
         recon = model.decode(model.encode(tracks)[1], tracks[:, :, 0])
@@ -366,7 +368,7 @@ def test_tokenizer_overfits_and_reconstructs():
     error = ((recon - tracks).norm(dim=-1) * 16)[moving].mean().item()  # pixels, on points that move
     still = ((tracks[:, :, :1] - tracks).norm(dim=-1) * 16)[moving].mean().item()  # the no-motion guess
     assert moving.any() and error < 0.5 * still, f"moving points: {error:.2f} px vs {still:.2f} px if nothing moves; " \
-        f"loss {history(losses, 40)}"
+        f"loss {history(losses, 80)}"
 
 
 def test_forward_overfits_codes():
@@ -733,7 +735,7 @@ def test_frozen_vision_trains_from_a_feature_cache_and_the_policy_shares_one_pas
         assert_close(cached, feats, 1e-2 * feats.abs().max().item())  # stored as float16
         assert torch.equal(model.vision(feats), model.vision(images))  # features in place of images
     rerun = run_cli("--stage", "forward", "--data", root / "data", "--out", out, "--steps", "3", "--frozen-vision",
-                    *FAST)
+                    "--resume", *FAST)
     assert "features:" not in rerun.stdout  # the cache is read, not recomputed
     policy = A.Policy.load(str(out / "policy.pt"))
     assert policy.shared_vision

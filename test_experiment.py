@@ -76,7 +76,9 @@ def test_runs_every_step_and_prints_the_table(first_run):
         cells = row.split("|")[3:-1]  # moving px, per view, MSE, pixel acc, Delta_AUC
         assert len(cells) == 6, row
         assert 0 <= float(cells[-2]) <= 1 and 0 <= float(cells[-1]) <= 1, row
-    assert any(r.startswith("| corner |") for r in rows) and any(r.startswith("| gripperPOV |") for r in rows)
+    for tracker in ("lk", "flow"):
+        assert any(r.startswith(f"| {tracker} | corner |") for r in rows), tracker
+        assert any(r.startswith(f"| {tracker} | gripperPOV |") for r in rows), tracker
     assert "Motion training (plateau rule" in table and "Total time of all steps" in table
 
 
@@ -249,7 +251,7 @@ def fake_run(out, args):
         for stage in ("tokenizer", "forward"):
             write(motion / f"{stage}_metrics.jsonl", "".join(json.dumps({"step": s, "val_loss": 1.0, "code_acc": 0.5})
                                                               + "\n" for s in (1, 2, 3, 4)))
-    write(out / "logs" / "tracker-bench.log", "| view | windows |\n|---|---|\n| corner | 9 |\n")
+    write(out / "logs" / "tracker-bench.log", "| tracker | view | windows |\n|---|---|---|\n| lk | corner | 9 |\n")
 
 
 def test_table_pools_seeds_and_pairs_episodes(tmp_path):
@@ -272,4 +274,4 @@ def test_table_pools_seeds_and_pairs_episodes(tmp_path):
     assert [float(x) for x in oracle.split("|")[3:7]] == pytest.approx([0.105, 0.205, 0.3, 0.205])
     assert "| exact | nothing moves (reference) | 4.00 | 1.00 | 3.00 |" in table
     assert "| Lucas-Kanade | tokenizer reconstruction | 2.00 |" in table
-    assert "| corner | 9 |" in rows and "plateau reached" in table
+    assert "| lk | corner | 9 |" in rows and "plateau reached" in table
