@@ -228,7 +228,8 @@ PRESETS = {
     },
     # Table 10 of the paper: widths, depths, heads, dropout, batch, learning rate, codebook.
     "paper": {
-        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048, head_hidden=256),
+        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048,
+                                     head_hidden=256),
         "forward": ForwardConfig(d_model=768, n_layer=8, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "train": TrainConfig(steps=100_000, batch_size=256, lr=1e-4, warmup=1000, log_every=100, eval_every=5000,
@@ -1327,8 +1328,9 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         net = torch.compile(net)
 
     def save(step):
-        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                   "rng": torch.get_rng_state(), "train": asdict(train), **extra}
+        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                   "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "train": asdict(train),
+                   **extra}
         text = getattr(model, "text", None)
         if text is not None and text.cache:
             payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
@@ -1630,8 +1632,9 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
             row = {"val_nll": loss.item(), "action_mse_norm": metrics["action_mse_norm"].item()}
             row["action_mse"], row["action_mse_first"] = action_mse(model, b, codes_for(b))
             for source in sources:  # the diagnostics: both kinds of codes on the same windows
-                same = source == ("pred" if predicted_codes else "true")
-                row[f"action_mse_{source}"] = row["action_mse"] if same else action_mse(model, b, codes_for(b, source))[0]
+                trained_on = source == ("pred" if predicted_codes else "true")
+                row[f"action_mse_{source}"] = (row["action_mse"] if trained_on
+                                               else action_mse(model, b, codes_for(b, source))[0])
             for k, v in row.items():
                 sums.setdefault(k, []).append(v)
         return {k: float(np.mean(v)) for k, v in sums.items()}
