@@ -243,7 +243,8 @@ PRESETS = {
     },
     # Table 10 of the paper: widths, depths, heads, dropout, batch, learning rate, codebook.
     "paper": {
-        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048, head_hidden=256),
+        "tokenizer": TokenizerConfig(d_model=768, n_layer=2, n_head=8, dropout=0.1, codebook_size=2048,
+                                     head_hidden=256),
         "forward": ForwardConfig(d_model=768, n_layer=8, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION),
         "inverse": InverseConfig(d_model=768, n_layer=4, n_head=8, dropout=0.1, codebook_size=2048, vision=PAPER_VISION,
                                  unet_dims=(256, 512, 1024), dit_layers=4),  # the published heads' sizes
@@ -1941,8 +1942,9 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         net = torch.compile(net)
 
     def save(step):
-        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                   "rng": torch.get_rng_state(), "train": asdict(train), **extra}
+        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                   "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "train": asdict(train),
+                   **extra}
         text = getattr(model, "text", None)
         if text is not None and text.cache:
             payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
