@@ -1431,6 +1431,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     out_dir = os.path.dirname(out_path)
     metrics_path, log_path = (os.path.join(out_dir, f"{label}_{kind}.jsonl") for kind in ("metrics", "log"))
     if ddp.rank == 0:
+        os.makedirs(out_dir or ".", exist_ok=True)  # from Python, `out` need not exist yet
         for path in (metrics_path, log_path):
             start_jsonl(path, step)
     net = StageLoss(model, loss_fn)
