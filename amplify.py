@@ -179,6 +179,10 @@ class TokenizerConfig(ModelConfig):
     window: int = 15  # W: the decoder classifies each step into W x W pixel moves
     head_hidden: int = 128  # hidden width of the decoder's per-(view, step, point) MLP (published code: 256)
     grid: int = 20
+    # Loss weight of each view, in the data's view order; () = all views alike. The published code
+    # weights third-person 0.9 and wrist 0.1: a wrist camera moves with the hand, so nearly all of its
+    # points move and would otherwise dominate the loss (README, "The motion tokenizer's decoder").
+    view_weights: tuple = ()
 
 
 @dataclass
@@ -264,7 +268,7 @@ def config_from_dict(cls, d):
     d = dict(d)
     if "vision" in d:
         d["vision"] = config_from_dict(VisionConfig, d["vision"])
-    for key in ("img_size", "widths", "blocks", "unet_dims"):
+    for key in ("img_size", "widths", "blocks", "unet_dims", "view_weights"):
         if key in d:
             d[key] = tuple(d[key])
     return cls(**d)
@@ -355,15 +359,24 @@ def tracks_to_classes(tracks, img_size, window=15):
     return (delta[..., 1] + half) * window + (delta[..., 0] + half)
 
 
+def window_moves(window=15):
+    """(W*W, 2) the pixel move (dx, dy) of each window class: the inverse of tracks_to_classes' layout."""
+    half, c = window // 2, torch.arange(window * window)
+    return torch.stack([c % window - half, c // window - half], dim=-1).float()
+
+
+def moves_to_tracks(start, moves, img_size):
+    """start (..., N, 2) normalized, moves (..., T-1, N, 2) in pixels -> (..., T, N, 2) normalized tracks."""
+    start = as_tensor(start).float()
+    h, w = size_hw(img_size)
+    steps = torch.cumsum(moves * 2 / start.new_tensor([w, h]), dim=-3)
+    return torch.cat([start.unsqueeze(-3), start.unsqueeze(-3) + steps], dim=-3)
+
+
 def classes_to_tracks(start, classes, img_size, window=15):
     """start (..., N, 2) normalized, classes (..., T-1, N) -> (..., T, N, 2) normalized tracks."""
-    start, classes = as_tensor(start).float(), as_tensor(classes).long()
-    h, w = size_hw(img_size)
-    half = window // 2
-    delta = torch.stack([classes % window - half, classes // window - half], dim=-1).float()  # (..., T-1, N, 2) pixels
-    delta = delta * 2 / start.new_tensor([w, h])
-    steps = torch.cumsum(delta, dim=-3)
-    return torch.cat([start.unsqueeze(-3), start.unsqueeze(-3) + steps], dim=-3)
+    classes = as_tensor(classes).long()
+    return moves_to_tracks(start, window_moves(window).to(classes.device)[classes], img_size)
 
 
 # -----------------------------------------------------------------------------
@@ -493,6 +506,8 @@ class MotionTokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         V, N, L, D = cfg.views, cfg.grid ** 2, cfg.T - 1, cfg.d_model
+        if cfg.view_weights and len(cfg.view_weights) != V:
+            raise UserError(f"tokenizer view weights: expected one per view ({V}), found {list(cfg.view_weights)}")
         self.fsq = FSQ(fsq_levels(cfg.codebook_size))
         n_levels = len(self.fsq.levels)
         # Encoder: one token per time step holding every point of every view, so the views are
@@ -554,18 +569,36 @@ class MotionTokenizer(nn.Module):
         return self.decode_logits(codes), indices
 
     def loss(self, tracks):
-        """Cross-entropy of every point's every step against its true local-window class -> (loss, {})."""
+        """Cross-entropy of every point's every step against its true local-window class, averaged per
+        view and weighted by `view_weights` -> (loss, {})."""
         features = self.decode_features(self.encode(tracks)[0])  # (B, V, L, N, D)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
+        if not self.cfg.view_weights:  # every view alike: one mean over all rows
+            features, target = features.unsqueeze(1), target.unsqueeze(1)
+        weights = self.cfg.view_weights or (1.0,)
         # The (B*V*L*N, Cw) logits would be the biggest tensor of the step: computed in chunks instead.
-        loss = chunked_linear_cross_entropy(rearrange(features, "b v l n d -> (b v l n) d"), self.head.weight,
-                                            self.head.bias, rearrange(target, "b v l n -> (b v l n)"))
+        loss = sum(w * chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
+                                                    self.head.bias, target[:, v].flatten())
+                   for v, w in enumerate(weights))
         return loss, {}
 
-    def decode(self, indices, start):
-        """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2): argmax window, summed up."""
-        classes = self.decode_logits(self.fsq.indices_to_codes(indices)).argmax(-1)  # (B, V, L, N)
-        return classes_to_tracks(start, classes, self.cfg.img_size, self.cfg.window)
+    def decode(self, indices, start, readout="mean"):
+        """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2), each step's move summed up.
+
+        readout "mean": the expected move under the step's window distribution, so sub-pixel motion
+        survives; "argmax": the most likely move, as the published code reads it out. A point moving
+        0.3 px a step moves by one pixel in about a third of its steps, so "stay" is every step's
+        most likely class and argmax decodes it as still (README, "The motion tokenizer's decoder").
+        """
+        probs = self.decode_logits(self.fsq.indices_to_codes(indices)).float().softmax(-1)  # (B, V, L, N, W*W)
+        moves = window_moves(self.cfg.window).to(probs.device)
+        if readout == "mean":
+            moves = probs @ moves
+        elif readout == "argmax":
+            moves = moves[probs.argmax(-1)]
+        else:
+            raise UserError(f"tokenizer readout: expected 'mean' or 'argmax', found {readout!r}")
+        return moves_to_tracks(start, moves, self.cfg.img_size)
 
     def start_points(self, batch, device=None):
         """The 20x20 grid every window starts from, (B, V, N, 2)."""
@@ -1537,9 +1570,11 @@ def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 15
     for i, (name, xs, ys, ref_value) in enumerate(series):
         x0, y0 = (i % cols) * pw, 16 + (i // cols) * ph
         left, top, right, bottom = x0 + 46, y0 + 14, x0 + pw - 8, y0 + ph - 16
-        values = list(ys) + ([ref_value] if ref_value is not None else [])
+        values = [v for v in list(ys) + [ref_value] if v is not None and math.isfinite(v)] or [0.0]
         lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1e-9
+        if hi - lo <= 1e-6 * max(1.0, abs(lo)):  # a flat curve: centre it (lo + 1e-9 == lo for large lo)
+            pad = 0.01 * max(1.0, abs(lo))
+            lo, hi = lo - pad, hi + pad
         sx = lambda x: left + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (right - left)  # noqa: E731
         sy = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)  # noqa: E731
         pen.rectangle([left, top, right, bottom], outline=(180, 180, 180))
@@ -1548,9 +1583,9 @@ def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 15
         pen.text((x0 + 2, bottom - 10), f"{lo:.3g}", fill="black")
         pen.text((left, bottom + 2), str(xs[0]), fill="black")
         pen.text((right - 6 * len(str(xs[-1])), bottom + 2), str(xs[-1]), fill="black")
-        if ref_value is not None:
+        if ref_value is not None and math.isfinite(ref_value):
             pen.line([(left, sy(ref_value)), (right, sy(ref_value))], fill=(230, 120, 0), width=2)
-        points = [(sx(x), sy(y)) for x, y in zip(xs, ys)]
+        points = [(sx(x), sy(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
         if len(points) > 1:
             pen.line(points, fill=(30, 90, 200), width=2)
         for x, y in points if len(points) <= 30 else points[-1:]:
@@ -2194,8 +2229,13 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
             used.update(idx.flatten().tolist())
             preds.append(model.decode(idx, tracks[:, :, 0]).cpu())
             gts.append(tracks.cpu())
-        metrics = track_report(torch.cat(preds), torch.cat(gts), corpus.img_size)
-        return {"val_loss": float(np.mean(losses)), **metrics, "codes_used": len(used) / model.fsq.codebook_size}
+        pred, gt = torch.cat(preds), torch.cat(gts)  # (n, V, T, N, 2)
+        per_view = {}  # the pooled figures hide which view's motion is learned
+        for v, view in enumerate(corpus.views):
+            report = track_report(pred[:, v], gt[:, v], corpus.img_size)
+            per_view.update({f"{key}_{view}": report[key] for key in ("moving_px", "still_moving_px", "moving_frac")})
+        return {"val_loss": float(np.mean(losses)), **track_report(pred, gt, corpus.img_size), **per_view,
+                "codes_used": len(used) / model.fsq.codebook_size}
 
     def on_eval(model, step):
         tracks = torch.as_tensor(tracks_batch(corpus, val[:1]), device=run.device)
@@ -2642,7 +2682,10 @@ def configs_from_args(args):
                     compile=args.compile, precision=args.precision, vis=args.vis,
                     val_episodes=args.val_episodes, shots=args.shots, only_tasks=tuple(args.only_task),
                     exclude_tasks=tuple(args.exclude_task))
-    return {"tokenizer": preset["tokenizer"], "forward": forward, "inverse": inverse}, train, run
+    tokenizer = preset["tokenizer"]
+    if args.view_weights:
+        tokenizer = replace(tokenizer, view_weights=tuple(args.view_weights))
+    return {"tokenizer": tokenizer, "forward": forward, "inverse": inverse}, train, run
 
 
 def stage_labels(args):
@@ -2752,6 +2795,9 @@ def build_parser():
     p.add_argument("--finetune-steps", type=int, help="--stage all --protocol paper: steps of the fine-tuning on "
                    "predicted codes (default: steps/2)")
     # data protocols (paper section 5): few-shot, zero-shot, cross-embodiment
+    p.add_argument("--view-weights", type=lambda s: [float(w) for w in s.split(",")], metavar="W1,W2",
+                   help="tokenizer: loss weight per view, in the data's view order (published: 0.9,0.1 for "
+                        "third-person, wrist); default: the preset's")
     p.add_argument("--shots", type=int, default=0, help="inverse: use only the first K action episodes of each task (0: all)")
     p.add_argument("--only-task", action="append", default=[], help="train only on episodes of this task (repeatable)")
     p.add_argument("--exclude-task", action="append", default=[], help="leave out episodes of this task (repeatable)")

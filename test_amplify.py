@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -124,6 +125,25 @@ def test_codec_rectangular_images_and_edge_clamp():
     assert A.tracks_to_classes(t, (h, w)).item() == 112
     step_y = torch.tensor([[[0.0, 0.0]], [[0.0, 2 * 1 / h]]])  # one pixel down in a 20-row image
     assert A.tracks_to_classes(step_y, (h, w)).item() == 127
+
+
+def test_decode_readouts_keep_sub_pixel_motion_only_in_the_mean(monkeypatch):
+    # Every point moves +1 px in x with probability 0.3 a step and stays otherwise: on average
+    # 0.3 px a step, 4.5 px over 15 steps; "stay" is nevertheless each step's most likely class.
+    size, W = 64, 15
+    model = A.MotionTokenizer(A.TokenizerConfig(d_model=32, n_head=4, codebook_size=256, views=1, img_size=(size, size),
+                                                grid=2))
+    probs = torch.zeros(W * W)
+    probs[112], probs[113] = 0.7, 0.3  # 112: no move, 113: +1 px in x
+    logits = probs.clamp_min(1e-12).log().expand(1, 1, 15, 4, W * W)
+    monkeypatch.setattr(model, "decode_logits", lambda codes: logits)
+    start = model.start_points(1)
+    moved = {r: (model.decode(torch.zeros(1, 15, dtype=torch.long), start, readout=r)[:, :, -1] - start) * size / 2
+             for r in ("mean", "argmax")}
+    assert_close(moved["mean"], torch.tensor([4.5, 0.0]).expand(1, 1, 4, 2), 1e-4)
+    assert_close(moved["argmax"], torch.zeros(1, 1, 4, 2), 1e-6)
+    with pytest.raises(A.UserError, match="expected 'mean' or 'argmax', found 'mode'"):
+        model.decode(torch.zeros(1, 15, dtype=torch.long), start, readout="mode")
 
 
 def test_grid_points_convention():
@@ -298,6 +318,25 @@ def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits():
     model.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 path: the same loss to bf16 precision
         assert rel_diff(model.loss(tracks.float())[0].double(), grads[0][0]) < 2e-2
+
+
+def test_tokenizer_view_weights_weight_each_views_mean_loss():
+    torch.manual_seed(0)
+    arrays, _ = tiny_data(episodes=1, img=32, grid=5)
+    tracks = torch.as_tensor(arrays["tracks"][:3]).double()
+    cfg = A.TokenizerConfig(d_model=32, n_head=4, codebook_size=256, views=2, img_size=(32, 32), grid=5)
+    model = A.MotionTokenizer(cfg).double()
+    logits, _ = model(tracks)  # (B, V, L, N, Cw)
+    target = A.tracks_to_classes(tracks, 32)
+    per_view = [F.cross_entropy(logits[:, v].reshape(-1, logits.shape[-1]), target[:, v].reshape(-1)) for v in (0, 1)]
+    for weights in ((0.9, 0.1), (0.0, 1.0), (0.5, 0.5)):
+        model.cfg = replace(cfg, view_weights=weights)
+        expected = weights[0] * per_view[0] + weights[1] * per_view[1]
+        assert rel_diff(model.loss(tracks)[0], expected) < 1e-6, weights
+    model.cfg = cfg  # no weights: every row alike, which with equal views is weights (0.5, 0.5)
+    assert rel_diff(model.loss(tracks)[0], (per_view[0] + per_view[1]) / 2) < 1e-6
+    with pytest.raises(A.UserError, match=r"one per view \(2\), found \[1.0\]"):
+        A.MotionTokenizer(replace(cfg, view_weights=(1.0,)))
 
 
 def test_prefetcher_yields_batches_in_order_and_raises_errors_of_the_worker():
@@ -655,6 +694,16 @@ def test_corpus_joins_datasets_and_rejects_mismatched_views(tmp_path):
     preprocess.write_dataset(str(tmp_path / "c.npz"), a3, m3)
     with pytest.raises(A.DataError, match="disagree on 'views'"):
         A.Corpus([A.load_dataset(str(tmp_path / "a")), A.load_dataset(str(tmp_path / "c.npz"))])
+
+
+def test_curves_plot_flat_huge_and_missing_values(tmp_path):
+    # One evaluation of a diverging run: flat at 2e7 (lo + 1e-9 == lo), a NaN metric, a NaN reference.
+    log_rows = [{"step": 1, "loss": 12.9}]
+    eval_rows = [{"step": 1, "val_nll": 2.1e7, "moving_px": float("nan")}]
+    path = A.plot_curves(str(tmp_path / "c.png"), "inverse", log_rows, eval_rows,
+                         reference=("mean action", {"val_nll": float("nan")}))
+    from PIL import Image
+    assert Image.open(path).size == (600, 16 + 2 * 150)
 
 
 def test_draw_tracks_and_png(tmp_path):
