@@ -144,12 +144,13 @@ def test_time_resampling_cubic_spline_keeps_linear_motion_and_holds_at_end():
 # Trackers
 
 
-def test_lk_tracks_known_translation_with_padding():
+@pytest.mark.parametrize("tracker", ["LKTracker", "FlowTracker"])
+def test_trackers_track_a_known_translation_with_padding(tracker):
     need("cv2")
     F, size = 6, 32
     frames = shifted_frames(F, size, dx=1, dy=-1)
     queries = P.grid_pixels(size, size, 20)
-    tracks, vis = P.LKTracker().track(frames, queries, span=16)
+    tracks, vis = getattr(P, tracker)().track(frames, queries, span=16)
     assert tracks.shape == (F, 16, 400, 2) and tracks.dtype == np.float32
     np.testing.assert_array_equal(tracks[:, 0], np.broadcast_to(queries, (F, 400, 2)))
     inner = ((queries >= 8) & (queries <= size - 9)).all(1)  # stay in view over 5 px of motion
@@ -158,6 +159,8 @@ def test_lk_tracks_known_translation_with_padding():
         err = tracks[s][:, inner] - (queries[inner] + np.stack([k, -k], 1)[:, None])
         assert np.median(np.abs(err)) < 0.2, (s, np.median(np.abs(err)))
         assert vis[s][:, inner].mean() > 0.9
+        held = tracks[s, F - 1 - s:]  # past the last frame a window holds the last position
+        np.testing.assert_array_equal(held, np.broadcast_to(held[0], held.shape))
         held = tracks[s, F - 1 - s:]  # the last real step, then the padding
         np.testing.assert_array_equal(held, np.broadcast_to(held[0], held.shape))
 
@@ -942,24 +945,6 @@ def test_libero_subcommand_exact_tracks(libero_demo_file, tmp_path):
 
 # -----------------------------------------------------------------------------
 # Flow tracker (dense optical flow chained through the window)
-
-
-def test_flow_tracks_known_translation_with_padding():
-    need("cv2")
-    F, size = 6, 32
-    frames = shifted_frames(F, size, dx=1, dy=-1)
-    queries = P.grid_pixels(size, size, 20)
-    tracks, vis = P.FlowTracker().track(frames, queries, span=16)
-    assert tracks.shape == (F, 16, 400, 2) and tracks.dtype == np.float32
-    np.testing.assert_array_equal(tracks[:, 0], np.broadcast_to(queries, (F, 400, 2)))
-    inner = ((queries >= 8) & (queries <= size - 9)).all(1)
-    for s in range(F):
-        k = np.minimum(np.arange(16), F - 1 - s)
-        err = tracks[s][:, inner] - (queries[inner] + np.stack([k, -k], 1)[:, None])
-        assert np.median(np.abs(err)) < 0.2, (s, np.median(np.abs(err)))
-        assert vis[s][:, inner].mean() > 0.9
-        held = tracks[s, F - 1 - s:]
-        np.testing.assert_array_equal(held, np.broadcast_to(held[0], held.shape))
 
 
 def test_flow_static_flat_background_stays_put_next_to_a_moving_object():
