@@ -218,6 +218,9 @@ class InverseConfig(ModelConfig):
     diffusion_sample_steps: int = 16
     unet_dims: tuple = (32, 64, 128)  # U-Net channels per level (Diffusion Policy's: 256, 512, 1024)
     flow_steps: int = 10  # flow matching: midpoint steps per chunk (the paper's 10)
+    # gaussian: 0 = a learned std per dimension and step (NLL); > 0 = this fixed std, in normalized
+    # action units, so the loss is the mean's squared error scaled (the published default: 0.1)
+    gaussian_std: float = 0.0
     dit_layers: int = 2  # flow matching: DiT blocks, D wide
     action_dim: int = 7
     proprio_dim: int = 9
@@ -922,7 +925,7 @@ class InverseDynamics(nn.Module):
 
 def build_head(cfg: InverseConfig):
     if cfg.head == "gaussian":
-        return GaussianHead(cfg.d_model, cfg.action_dim)
+        return GaussianHead(cfg.d_model, cfg.action_dim, cfg.gaussian_std)
     if cfg.head == "diffusion":
         return DiffusionHead(cfg)
     if cfg.head == "flow":
@@ -947,12 +950,17 @@ def timestep_embedding(t, dim, max_period=10_000):
 
 
 class GaussianHead(nn.Linear):
-    """One linear map to the mean and log-std of every action dimension at every step."""
+    """One linear map to the mean and log-std of every action dimension at every step; with a fixed
+    std > 0, to the mean alone."""
 
-    def __init__(self, d, action_dim):
-        super().__init__(d, 2 * action_dim)
+    def __init__(self, d, action_dim, std=0.0):
+        super().__init__(d, action_dim if std > 0 else 2 * action_dim)
+        self.std = std
 
     def forward(self, tokens):
+        if self.std > 0:
+            mean = super().forward(tokens)
+            return mean, torch.full_like(mean, math.log(self.std))
         mean, log_std = super().forward(tokens).chunk(2, dim=-1)  # (B, T, A) each
         return mean, log_std.clamp(-7.0, 2.0)
 
@@ -2667,7 +2675,8 @@ def configs_from_args(args):
                  "log_every": args.log_every, "eval_samples": args.eval_samples}
     train = replace(preset["train"], **{k: v for k, v in overrides.items() if v is not None})
     head = {"head": args.action_head, "diffusion_train_steps": args.diffusion_train_steps,
-            "diffusion_sample_steps": args.diffusion_sample_steps, "flow_steps": args.flow_steps}
+            "diffusion_sample_steps": args.diffusion_sample_steps, "flow_steps": args.flow_steps,
+            "gaussian_std": args.gaussian_std}
     head = {k: v for k, v in head.items() if v is not None}
     forward, inverse = preset["forward"], replace(preset["inverse"], use_codes=not args.no_codes, **head)
     if args.vision_weights:
@@ -2807,6 +2816,8 @@ def build_parser():
                    "(--predicted-codes fine-tuning keeps the head of the model it fine-tunes)")
     p.add_argument("--diffusion-train-steps", type=int, help="diffusion head: noise levels in training (default: the preset's, 100)")
     p.add_argument("--diffusion-sample-steps", type=int, help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
+    p.add_argument("--gaussian-std", type=float, help="gaussian head: a fixed std in normalized action units "
+                   "(published: 0.1); default: learned (the preset's 0)")
     p.add_argument("--flow-steps", type=int, help="flow head: midpoint steps per chunk (default: the preset's, 10)")
     p.add_argument("--no-codes", action="store_true",
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")

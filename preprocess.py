@@ -15,10 +15,9 @@ kinds of source into the dataset format that `amplify.py --data` reads:
 
 Notable features
 - Trackers: CoTracker3 (offline model, torch.hub or a local clone + checkpoint) when it loads,
-  else an offline pyramidal Lucas-Kanade tracker with a forward-backward check for visibility.
-  `--tracker auto` picks the first that works; the one used is recorded in meta.json.
-  `--tracker flow`: dense optical flow chained through the window (the best offline tracker on
-  real frames). `--tracker sim` (the default for metaworld; libero files with recorded states):
+  else `flow`, dense optical flow chained through the window (the best offline tracker on real
+  frames); `--tracker auto` picks the first that works, the one used is recorded in meta.json.
+  `--tracker lk`: pyramidal Lucas-Kanade with a forward-backward check for visibility. `--tracker sim` (the default for metaworld; libero files with recorded states):
   exact tracks from MuJoCo's depth, segmentation and body poses, no tracking at all.
 - Windows are tracked in batches: Lucas-Kanade moves the points of every open window across one
   frame transition in a single call, CoTracker gets `--batch` windows per forward pass.
@@ -477,7 +476,7 @@ class CoTrackerTracker:
 
 def load_tracker(name="auto", *, cotracker_repo=None, cotracker_checkpoint=None, device=None,
                  batch=8, log=None):
-    """"lk" | "flow" | "cotracker" | "auto" (CoTracker when it loads, else lk) | "sim" -> tracker."""
+    """"lk" | "flow" | "cotracker" | "auto" (CoTracker when it loads, else flow) | "sim" -> tracker."""
     if name not in ("auto", "lk", "flow", "cotracker", "sim"):
         raise DataError(f"--tracker: expected auto, cotracker, lk, flow or sim, found {name!r}")
     if name == "lk":
@@ -493,8 +492,8 @@ def load_tracker(name="auto", *, cotracker_repo=None, cotracker_checkpoint=None,
             raise DataError(f"--tracker cotracker: could not load CoTracker "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
         reason = str(e).splitlines()[0][:160] if str(e) else ""
-        (log or print)(f"CoTracker unavailable ({type(e).__name__}: {reason}); using the offline lk tracker")
-        return LKTracker()
+        (log or print)(f"CoTracker unavailable ({type(e).__name__}: {reason}); using the offline flow tracker")
+        return FlowTracker()
 
 
 # -----------------------------------------------------------------------------
@@ -1816,7 +1815,7 @@ def _summary_line(summary):
 def _common(p):
     p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
     p.add_argument("--tracker", default="auto", choices=["auto", "cotracker", "lk", "flow", "sim"],
-                   help="auto: CoTracker when it loads, else lk (OpenCV Lucas-Kanade); flow: dense "
+                   help="auto: CoTracker when it loads, else flow; lk: OpenCV Lucas-Kanade; flow: dense "
                         "optical flow chained through the window (offline, see bench-tracker); sim: "
                         "exact tracks from the simulator (metaworld, libero files with states)")
     p.add_argument("--cotracker-repo", default=None,

@@ -5,6 +5,7 @@ that really learn (a small batch is overfit), and the command line run end to en
 including every kind of bad input it must refuse.
 """
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -608,6 +609,17 @@ def test_diffusion_schedule_and_odd_horizons():
     tokens, actions, weights = head_batch(T=7)
     assert torch.isfinite(head.loss(tokens, actions, weights)[0])
     assert head.sample(tokens, torch.Generator().manual_seed(0)).shape == (4, 7, 4)
+
+
+def test_gaussian_head_with_a_fixed_std_is_a_scaled_squared_error():
+    torch.manual_seed(0)
+    head = A.build_head(A.InverseConfig(d_model=16, action_dim=3, gaussian_std=0.1))
+    assert head.weight.shape == (3, 16)  # the mean only
+    tokens, actions, weights = torch.randn(2, 4, 16), torch.randn(2, 4, 3), torch.rand(2, 4)
+    loss, _ = head.loss(tokens, actions, weights)
+    per_step = ((head(tokens)[0] - actions) ** 2 / (2 * 0.1 ** 2) + math.log(0.1) + 0.5 * math.log(2 * math.pi)).sum(-1)
+    assert rel_diff(loss, (per_step * weights).sum(1).mean()) < 1e-5
+    assert A.build_head(A.InverseConfig(d_model=16, action_dim=3)).weight.shape == (6, 16)  # learned: mean and log-std
 
 
 def test_head_config_errors():

@@ -215,7 +215,7 @@ def test_bench_tracker_lk_accuracy():
     assert rows[0]["frames_per_s"] > 0
 
 
-def test_tracker_auto_falls_back_to_lk(monkeypatch):
+def test_tracker_auto_falls_back_to_flow(monkeypatch):
     need("cv2")
     import torch
 
@@ -224,7 +224,7 @@ def test_tracker_auto_falls_back_to_lk(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load", offline)
     messages = []
-    assert P.load_tracker("auto", log=messages.append).name == "lk"
+    assert P.load_tracker("auto", log=messages.append).name == "flow"
     assert "CoTracker unavailable" in messages[0] and "no internet" in messages[0]
     with pytest.raises(amplify.DataError, match="could not load CoTracker"):
         P.load_tracker("cotracker")
