@@ -613,13 +613,13 @@ def test_diffusion_schedule_and_odd_horizons():
 
 def test_gaussian_head_with_a_fixed_std_is_a_scaled_squared_error():
     torch.manual_seed(0)
-    head = A.build_head(A.InverseConfig(d_model=16, action_dim=3, gaussian_std=0.1))
+    head = A.build_head(A.InverseConfig(d_model=16, action_dim=3))  # the default: 0.1, as published
     assert head.weight.shape == (3, 16)  # the mean only
     tokens, actions, weights = torch.randn(2, 4, 16), torch.randn(2, 4, 3), torch.rand(2, 4)
     loss, _ = head.loss(tokens, actions, weights)
     per_step = ((head(tokens)[0] - actions) ** 2 / (2 * 0.1 ** 2) + math.log(0.1) + 0.5 * math.log(2 * math.pi)).sum(-1)
     assert rel_diff(loss, (per_step * weights).sum(1).mean()) < 1e-5
-    assert A.build_head(A.InverseConfig(d_model=16, action_dim=3)).weight.shape == (6, 16)  # learned: mean and log-std
+    assert A.build_head(A.InverseConfig(d_model=16, action_dim=3, gaussian_std=0)).weight.shape == (6, 16)  # learned
 
 
 def test_head_config_errors():
