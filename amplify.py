@@ -577,9 +577,7 @@ class MotionTokenizer(nn.Module):
         view and weighted by `view_weights` -> (loss, {})."""
         features = self.decode_features(self.encode(tracks)[0])  # (B, V, L, N, D)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
-        if not self.cfg.view_weights:  # every view alike: one mean over all rows
-            features, target = features.unsqueeze(1), target.unsqueeze(1)
-        weights = self.cfg.view_weights or (1.0,)
+        weights = self.cfg.view_weights or [1 / self.cfg.views] * self.cfg.views  # views alike: the mean of all rows
         # The (B*V*L*N, Cw) logits would be the biggest tensor of the step: computed in chunks instead.
         loss = sum(w * chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
                                                     self.head.bias, target[:, v].flatten())
