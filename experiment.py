@@ -34,9 +34,11 @@ The protocol (every step is one subprocess or one in-process function; logs in O
                episode), never a training episode
   5. links     tokenizer and forward model on the held-out windows: endpoint error of the points
                that move, beside "nothing moves"; inverse model's held-out action error with true
-               codes vs BC at equal steps (the oracle row); the offline tracker (Lucas-Kanade) vs
-               the exact tracks (`preprocess.py bench-tracker --truth metaworld`)
-  6. ablation  (`--lk-ablation`) steps 1-4 again with Lucas-Kanade tracks for every episode
+               codes vs BC at equal steps (the oracle row); the offline trackers (Lucas-Kanade,
+               dense flow) vs the exact tracks (`preprocess.py bench-tracker --truth metaworld`)
+  6. ablation  (`--ablation-tracker flow|lk`) steps 1-4 again with an offline tracker's tracks for
+               every episode, for the first few-shot setting; its motion prior is scored against
+               the exact tracks of the same held-out windows
 
 Plateau rule (tokenizer, forward model): round 1 trains S steps; if the best held-out loss of the
 second half of the evaluations so far is lower than the best of the first half by more than
@@ -193,7 +195,7 @@ def strip_actions(src, dst):
 
 
 def data_steps(steps, args, variant):
-    """The two datasets of one track variant ("sim" or "lk"); returns their paths."""
+    """The two datasets of one track variant (a key of TRACKS); returns their paths."""
     d = Path(args.out) / ("data" if variant == "sim" else f"data-{variant}")
     tag = "" if variant == "sim" else f"-{variant}"
     common = ["--img-size", args.img_size, "--T", args.T, "--grid", args.grid, "--tracker", variant, "--no-progress"]
@@ -247,8 +249,9 @@ def amplify_cmd(stage, data, out, steps, args, *flags, seed=None, eval_every=Non
     return cmd + list(flags)
 
 
-def motion_steps(steps, args, data, variant):
-    """Tokenizer then forward model on all videos, each in rounds until its held-out loss plateaus."""
+def motion_steps(steps, args, data, variant, truth=None):
+    """Tokenizer then forward model on all videos, each in rounds until its held-out loss plateaus;
+    then their links, scored on the held-out windows of `truth` (default `data`): the exact tracks."""
     out = Path(args.out) / ("motion" if variant == "sim" else f"motion-{variant}")
     tag = "" if variant == "sim" else f"-{variant}"
     for stage, first in (("tokenizer", args.tokenizer_steps), ("forward", args.forward_steps)):
@@ -267,8 +270,9 @@ def motion_steps(steps, args, data, variant):
             if not steps.plan and plateaued(read_jsonl(out / f"{stage}_metrics.jsonl"), args.plateau):
                 break
             total, r = min(2 * total, args.max_motion_steps), r + 1
-    steps.call(f"diagnostics{tag}", ["motion_diagnostics", *data, out, args.motion_eval_samples],
-               lambda: write_motion_diagnostics(data, out, args.motion_eval_samples), estimate=RATES["motion_eval"])
+    truth = truth or data
+    steps.call(f"diagnostics{tag}", ["motion_diagnostics", *truth, out, args.motion_eval_samples],
+               lambda: write_motion_diagnostics(truth, out, args.motion_eval_samples), estimate=RATES["motion_eval"])
     return out
 
 
@@ -359,8 +363,11 @@ def atomic_copy(src, dst):
     os.replace(tmp, dst)
 
 
+TRACKS = {"sim": "exact", "flow": "dense flow", "lk": "Lucas-Kanade"}  # track variant -> table label
+
+
 def variants(args):
-    return ["sim", "lk"] if args.lk_ablation else ["sim"]
+    return ["sim", args.ablation_tracker] if args.ablation_tracker else ["sim"]
 
 
 def policy_name(variant, setting, seed, method):
@@ -420,9 +427,11 @@ def run_protocol(args):
     if not args.plan:
         out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out, plan=args.plan)
-    for variant in variants(args):
+    exact = None
+    for variant in variants(args):  # "sim" first: its data are the exact tracks every variant is scored on
         data = data_steps(steps, args, variant)
-        motion = motion_steps(steps, args, data, variant)
+        exact = exact or data
+        motion = motion_steps(steps, args, data, variant, truth=exact)
         policy_steps(steps, args, data, motion, variant)
     steps.run("tracker-bench", ["preprocess.py", "bench-tracker", "--truth", "metaworld", "--tracker", "lk,flow",
                                 "--tasks", ",".join(args.tasks), "--episodes", 1, "--size", args.img_size],
@@ -530,7 +539,7 @@ def closed_loop_rows(args, variant):
             actions = f"{n_demos} x {len(args.tasks) - len(eval_tasks)} other tasks"
         else:
             actions = f"{name[len('fewshot'):]} x {len(args.tasks)} tasks"
-        tracks = "exact" if variant == "sim" else "Lucas-Kanade"
+        tracks = TRACKS[variant]
         rows.append(f"| {label} | {tracks} | {actions} | {len(eval_tasks)} x {args.eval_episodes} x "
                     f"{len(args.seeds)} | {rate_cell(*wins['amplify'])} | {rate_cell(*wins['bc'])} | "
                     f"{pct(diff)} [{pct(lo)}, {pct(hi)}] |")
@@ -583,19 +592,20 @@ def make_table(args, steps):
                 if args.finetune_steps:
                     cols[2].append(metric_at(read_jsonl(amp / "inverse_ft_metrics.jsonl"), args.finetune_steps))
                 cols[3].append(metric_at(bc, args.inverse_steps + args.finetune_steps))
-            tracks = "exact" if variant == "sim" else "Lucas-Kanade"
+            tracks = TRACKS[variant]
             lines.append(f"| {label} | {tracks} | " + " | ".join(fmt(mean_of(c), 4) for c in cols) + " |")
 
     lines += ["", "Motion prior on the held-out windows: endpoint error (px, median) of the points that move > 1 px "
-                  "in the window and stay in the image, pooled and per view; the published per-coordinate metrics "
-                  "beside it:", ""]
+                  "in the window and stay in the image, pooled and per view, against the exact tracks (an "
+                  "ablation's motion prior too: it learnt from its tracker's tracks); the published "
+                  "per-coordinate metrics beside it:", ""]
     for variant in variants(args):
         d = json.loads((out / ("motion" if variant == "sim" else f"motion-{variant}") / "diagnostics.json").read_text())
         views = d["views"]
         if variant == "sim":
             lines += ["| tracks | prediction | moving px | " + " | ".join(f"{v} px" for v in views) +
                       " | MSE | pixel acc | Delta_AUC |", "|---|---|---|" + "---|" * len(views) + "---|---|---|"]
-        tracks = "exact" if variant == "sim" else "Lucas-Kanade"
+        tracks = TRACKS[variant]
         for key, label in (("tokenizer", "tokenizer reconstruction"), ("forward", "forward model prediction"),
                            ("still", "nothing moves (reference)")):
             m = d[key]
@@ -637,7 +647,7 @@ def plateau_line(args, out):
                 continue
             best = min(rec, key=lambda r: r["val_loss"])
             state = "plateau reached" if plateaued(rec, args.plateau) else "STILL IMPROVING at the step cap"
-            parts.append(f"{stage}{'' if variant == 'sim' else ' (LK)'} {rec[-1]['step']} steps, held-out loss "
+            parts.append(f"{stage}{'' if variant == 'sim' else f' ({TRACKS[variant]} tracks)'} {rec[-1]['step']} steps, held-out loss "
                          f"{rec[-1]['val_loss']:.4f} (best {best['val_loss']:.4f} at {best['step']}), {state}")
     return "Motion training (plateau rule, --plateau " + f"{args.plateau}): " + "; ".join(parts) + "."
 
@@ -716,8 +726,11 @@ def build_parser():
     p.add_argument("--img-size", type=int, default=128, help="rendered image size (paper: 128)")
     p.add_argument("--T", type=int, default=16, help="track window length (paper: 16)")
     p.add_argument("--grid", type=int, default=20, help="tracked grid side (paper: 20)")
-    p.add_argument("--lk-ablation", action="store_true",
-                   help="also the whole protocol with Lucas-Kanade tracks instead of the exact ones")
+    p.add_argument("--ablation-tracker", choices=["flow", "lk"], default=None,
+                   help="also the protocol (first few-shot setting) with this offline tracker's tracks instead "
+                        "of the exact ones: dense flow or Lucas-Kanade")
+    p.add_argument("--lk-ablation", dest="ablation_tracker", action="store_const", const="lk",
+                   help="the same as --ablation-tracker lk")
     # motion prior
     p.add_argument("--tokenizer-steps", type=int, default=1000, help="tokenizer steps of the first round")
     p.add_argument("--forward-steps", type=int, default=1000, help="forward-model steps of the first round")

@@ -168,6 +168,32 @@ def test_plan_lists_every_step_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_ablation_tracks_with_its_tracker_and_is_scored_on_exact_tracks(tmp_path, monkeypatch):
+    """The ablation's data come from its offline tracker; its motion prior's links are measured
+    against the exact tracks of the same held-out windows, as the exact run's are."""
+    commands = {}
+
+    class Recording(experiment.Steps):
+        def run(self, name, cmd, estimate=0.0):
+            commands[name] = [str(c) for c in cmd]
+            super().run(name, cmd, estimate)
+
+        def call(self, name, what, fn, estimate=0.0):
+            commands[name] = [str(c) for c in what]
+            super().call(name, what, fn, estimate)
+
+    monkeypatch.setattr(experiment, "Steps", Recording)
+    args = experiment.parse_args(["--out", str(tmp_path / "run"), *TINY, "--ablation-tracker", "flow", "--plan"])
+    experiment.run_protocol(args)
+    tracker = lambda name: commands[name][commands[name].index("--tracker") + 1]  # noqa: E731
+    assert tracker("data-demos") == "sim" and tracker("data-flow-demos") == tracker("data-flow-videos-raw") == "flow"
+    exact, ablation = commands["diagnostics"], commands["diagnostics-flow"]
+    assert ablation[1:3] == exact[1:3] and exact[1].endswith(os.path.join("data", "videos"))  # the exact tracks
+    assert exact[3].endswith("motion") and ablation[3].endswith("motion-flow")
+    assert "flow-fewshot1-s0-amplify-eval" in commands and "flow-zeroshot-s0-amplify-eval" not in commands
+    assert not (tmp_path / "run").exists()
+
+
 def test_quick_sizes_are_defaults_that_flags_override():
     args = experiment.parse_args(["--quick", "--eval-episodes", "3"])
     assert args.videos == experiment.QUICK["videos"] and args.seeds == [0] and args.eval_episodes == 3
@@ -222,7 +248,7 @@ def test_strip_actions_keeps_everything_else(tmp_path):
 
 def fake_run(out, args):
     """The files a finished run leaves, with known outcomes: AMPLIFY wins every few-shot episode with
-    exact tracks, BC none; the Lucas-Kanade AMPLIFY wins half; zero-shot both win everything."""
+    exact tracks, BC none; the ablation's AMPLIFY (offline tracks) wins half; zero-shot both win everything."""
     def write(path, text):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -243,7 +269,7 @@ def fake_run(out, args):
                     if method == "amplify":
                         write(out / "policies" / p / "inverse_ft_metrics.jsonl", json.dumps(
                             {"step": 1, "action_mse": 0.3}) + "\n")
-        motion = out / ("motion" if variant == "sim" else "motion-lk")
+        motion = out / ("motion" if variant == "sim" else f"motion-{variant}")
         m = {"moving_px": 2.0, "moving_px_per_view": [1.0, 3.0], "mse": 0.01, "pixel_acc": 0.5, "delta_auc": 0.9}
         write(motion / "diagnostics.json", json.dumps({
             "views": ["corner", "gripperPOV"], "windows": 8, "moving_frac": 0.25, "outside_frac": 0.01,
@@ -256,15 +282,16 @@ def fake_run(out, args):
 
 def test_table_pools_seeds_and_pairs_episodes(tmp_path):
     out = tmp_path / "run"
-    args = experiment.parse_args(["--out", str(out), *TINY, "--seeds", "0,1", "--eval-episodes", "4", "--lk-ablation"])
+    args = experiment.parse_args(["--out", str(out), *TINY, "--seeds", "0,1", "--eval-episodes", "4",
+                                  "--ablation-tracker", "flow"])
     fake_run(out, args)
     table = experiment.make_table(args, experiment.Steps(out))
     rows = [line for line in table.splitlines() if line.startswith("|")]
     few = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact | 1 x 2 tasks | 2 x 4 x 2 |"))
     assert "100% (16/16)" in few and "0% (0/16)" in few and few.endswith("| +100 [+100, +100] |")
-    lk = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | Lucas-Kanade |") and "x 2 |" in r)
-    assert "50% (8/16)" in lk and "0% (0/16)" in lk  # against the exact run's BC
-    assert not any(r.startswith("| zero-shot on button-press-topdown-v3 | Lucas-Kanade") for r in rows)
+    flow = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | dense flow |") and "x 2 |" in r)
+    assert "50% (8/16)" in flow and "0% (0/16)" in flow  # against the exact run's BC
+    assert not any(r.startswith("| zero-shot on button-press-topdown-v3 | dense flow") for r in rows)
     zero = next(r for r in rows if r.startswith("| zero-shot on button-press-topdown-v3 | exact |") and "x 2 |" in r)
     assert zero.count("100% (8/8)") == 2 and zero.endswith("| 0 [0, 0] |")
     per = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | AMPLIFY |")).split("|")[3:-1]
@@ -273,5 +300,5 @@ def test_table_pools_seeds_and_pairs_episodes(tmp_path):
     oracle = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact |") and r.count("|") == 7)
     assert [float(x) for x in oracle.split("|")[3:7]] == pytest.approx([0.105, 0.205, 0.3, 0.205])
     assert "| exact | nothing moves (reference) | 4.00 | 1.00 | 3.00 |" in table
-    assert "| Lucas-Kanade | tokenizer reconstruction | 2.00 |" in table
+    assert "| dense flow | tokenizer reconstruction | 2.00 |" in table
     assert "| lk | corner | 9 |" in rows and "plateau reached" in table
