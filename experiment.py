@@ -492,9 +492,12 @@ def fmt(x, digits=3):
 # The table
 
 
-def episodes_of(out, policy):
-    """{(task, episode): success} of one policy's evaluation."""
-    r = json.loads((Path(out) / "eval" / policy / "results.json").read_text())
+def episodes_of(out, policy, partial=False):
+    """{(task, episode): success} of one policy's evaluation; None where it has not run and `partial`."""
+    path = Path(out) / "eval" / policy / "results.json"
+    if partial and not path.exists():
+        return None
+    r = json.loads(path.read_text())
     if not r.get("complete", True):
         raise SystemExit(f"experiment.py: error: {out}/eval/{policy}/results.json: expected a complete evaluation, "
                          f"found a partial one")
@@ -513,17 +516,25 @@ def mean_of(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def closed_loop_rows(args, variant):
-    """Rows of the success table for one track variant, and counts per (setting, method, task or seed)."""
+def closed_loop_rows(args, variant, partial=False):
+    """Rows of the success table for one track variant, and counts per (setting, method, task or seed).
+
+    partial: a seed whose evaluations have not both run is left out (the row says of how many), and a
+    setting with none is marked pending."""
     out = Path(args.out)
     rows, per_task = [], {}
     n_demos = args.demos
+    tracks = TRACKS[variant]
     for name, label, _, eval_tasks in variant_settings(args, variant):
         wins = {m: [0, 0] for m in METHODS}
         pairs = {}
+        seeds = []
         for seed in args.seeds:
-            eps = {m: episodes_of(out, policy_name(variant if m in variant_methods(variant) else "sim", name, seed, m))
-                   for m in METHODS}
+            eps = {m: episodes_of(out, policy_name(variant if m in variant_methods(variant) else "sim", name, seed, m),
+                                  partial) for m in METHODS}
+            if None in eps.values():
+                continue
+            seeds.append(seed)
             for (task, ep), success in eps["amplify"].items():
                 pairs.setdefault((seed, task), []).append((success, eps["bc"][(task, ep)]))
             for m in METHODS:
@@ -534,19 +545,23 @@ def closed_loop_rows(args, variant):
                         c = per_task.setdefault(key, [0, 0])
                         c[0] += success
                         c[1] += 1
+        if not seeds:
+            rows.append(f"| {label} | {tracks} | pending | | | | |")
+            continue
         diff, lo, hi = paired_bootstrap(pairs)
         if name == "zeroshot":
             actions = f"{n_demos} x {len(args.tasks) - len(eval_tasks)} other tasks"
         else:
             actions = f"{name[len('fewshot'):]} x {len(args.tasks)} tasks"
-        tracks = TRACKS[variant]
+        of = "" if len(seeds) == len(args.seeds) else f" (seeds {', '.join(map(str, seeds))} of {len(args.seeds)})"
         rows.append(f"| {label} | {tracks} | {actions} | {len(eval_tasks)} x {args.eval_episodes} x "
-                    f"{len(args.seeds)} | {rate_cell(*wins['amplify'])} | {rate_cell(*wins['bc'])} | "
+                    f"{len(seeds)}{of} | {rate_cell(*wins['amplify'])} | {rate_cell(*wins['bc'])} | "
                     f"{pct(diff)} [{pct(lo)}, {pct(hi)}] |")
     return rows, per_task
 
 
-def make_table(args, steps):
+def make_table(args, steps, partial=False):
+    """The results table (markdown). partial: from whatever has finished, the rest marked pending."""
     out = Path(args.out)
     seeds = ",".join(str(s) for s in args.seeds)
     lines = [f"AMPLIFY vs BC on Meta-World ({', '.join(args.tasks)}), {args.img_size}x{args.img_size} px. Motion "
@@ -558,7 +573,7 @@ def make_table(args, steps):
              "| AMPLIFY - BC (points) [95%] |", "|---|---|---|---|---|---|---|"]
     per_task = {}
     for variant in variants(args):
-        rows, counts = closed_loop_rows(args, variant)
+        rows, counts = closed_loop_rows(args, variant, partial)
         lines += rows
         per_task[variant] = counts
     lines += ["", "Success (successes/episodes) [95% Wilson interval], pooled over tasks and seeds. The difference's "
@@ -600,7 +615,11 @@ def make_table(args, steps):
                   "ablation's motion prior too: it learnt from its tracker's tracks); the published "
                   "per-coordinate metrics beside it:", ""]
     for variant in variants(args):
-        d = json.loads((out / ("motion" if variant == "sim" else f"motion-{variant}") / "diagnostics.json").read_text())
+        path = out / ("motion" if variant == "sim" else f"motion-{variant}") / "diagnostics.json"
+        if partial and not path.exists():
+            lines.append(f"| {TRACKS[variant]} | pending |")
+            continue
+        d = json.loads(path.read_text())
         views = d["views"]
         if variant == "sim":
             lines += ["| tracks | prediction | moving px | " + " | ".join(f"{v} px" for v in views) +
@@ -613,11 +632,15 @@ def make_table(args, steps):
                          " | ".join(fmt(x, 2) for x in m["moving_px_per_view"]) +
                          f" | {fmt(m['mse'], 4)} | {fmt(m['pixel_acc'])} | {fmt(m['delta_auc'])} |")
     fwd = read_jsonl(out / "motion" / "forward_metrics.jsonl")
-    d = json.loads((out / "motion" / "diagnostics.json").read_text())
-    lines += ["", f"Moving points (exact tracks): {100 * d['moving_frac']:.0f}% of all, {d['windows']} windows; "
-                  f"points that leave the image (left out above, but in MSE etc.): "
-                  f"{100 * d['outside_frac']:.1f}%; forward-model code accuracy on held-out "
-                  f"windows: {fmt(fwd[-1].get('code_acc') if fwd else None)}.", ""]
+    path = out / "motion" / "diagnostics.json"
+    if path.exists() or not partial:
+        d = json.loads(path.read_text())
+        lines += ["", f"Moving points (exact tracks): {100 * d['moving_frac']:.0f}% of all, {d['windows']} windows; "
+                      f"points that leave the image (left out above, but in MSE etc.): "
+                      f"{100 * d['outside_frac']:.1f}%; forward-model code accuracy on held-out "
+                      f"windows: {fmt(fwd[-1].get('code_acc') if fwd else None)}.", ""]
+    else:
+        lines += [""]
     lines += tracker_rows(steps)
     lines += ["", plateau_line(args, out), "",
               f"Policy steps: inverse {args.inverse_steps} + {args.finetune_steps} fine-tuning on predicted codes "
@@ -716,6 +739,9 @@ def build_parser():
                    ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     p.add_argument("--plan", action="store_true",
                    help="list the steps still to run with estimated minutes; run nothing")
+    p.add_argument("--table", action="store_true",
+                   help="print the table of what has finished in --out, the rest marked pending; run nothing "
+                        "(results.md is written by a complete run only)")
     # data
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated Meta-World tasks")
     # drawer-open: its motions (reach a handle, pull it) occur in the other tasks, its actions never.
@@ -798,6 +824,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.table:
+        if not (Path(args.out) / "steps.json").exists():
+            sys.exit(f"experiment.py: error: --table: expected a run in {args.out} (its steps.json), found none")
+        print(make_table(args, Steps(args.out), partial=True), end="")
+        return
     if args.plan:
         steps = run_protocol(args)
         total = sum(s for _, s in steps.planned)

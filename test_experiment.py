@@ -302,3 +302,24 @@ def test_table_pools_seeds_and_pairs_episodes(tmp_path):
     assert "| exact | nothing moves (reference) | 4.00 | 1.00 | 3.00 |" in table
     assert "| dense flow | tokenizer reconstruction | 2.00 |" in table
     assert "| lk | corner | 9 |" in rows and "plateau reached" in table
+
+
+def test_table_of_an_unfinished_run_marks_what_is_pending(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["--out", str(out), *TINY, "--seeds", "0,1", "--eval-episodes", "4", "--ablation-tracker", "flow"]
+    with pytest.raises(SystemExit, match="expected a run"):
+        experiment.main([*flags, "--table"])
+    fake_run(out, experiment.parse_args(flags))
+    (out / "steps.json").write_text("{}")
+    (out / "eval" / "fewshot1-s1-bc" / "results.json").unlink()  # seed 1 of few-shot: BC not evaluated yet
+    for seed in (0, 1):
+        (out / "eval" / f"zeroshot-s{seed}-amplify" / "results.json").unlink()
+    (out / "motion-flow" / "diagnostics.json").unlink()
+    experiment.main([*flags, "--table"])
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    few = next(r for r in rows if r.startswith("| few-shot, 1 demo/task | exact | 1 x 2 tasks |"))
+    assert "| 2 x 4 x 1 (seeds 0 of 2) |" in few and "100% (8/8)" in few and "0% (0/8)" in few
+    assert any(r.startswith("| zero-shot on button-press-topdown-v3 | exact | pending |") for r in rows)
+    assert "| dense flow | pending |" in rows and "| exact | nothing moves (reference) | 4.00 |" in table
+    assert not (out / "results.md").exists()  # a complete run writes the table; --table only prints it
