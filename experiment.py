@@ -493,12 +493,15 @@ def fmt(x, digits=3):
 
 
 def episodes_of(out, policy, partial=False):
-    """{(task, episode): success} of one policy's evaluation; None where it has not run and `partial`."""
+    """{(task, episode): success} of one policy's evaluation; with `partial`, None where it has not
+    run or not to the end."""
     path = Path(out) / "eval" / policy / "results.json"
     if partial and not path.exists():
         return None
     r = json.loads(path.read_text())
     if not r.get("complete", True):
+        if partial:
+            return None
         raise SystemExit(f"experiment.py: error: {out}/eval/{policy}/results.json: expected a complete evaluation, "
                          f"found a partial one")
     return {(e["task"], e["episode"]): bool(e["success"]) for e in r["episodes"]}
