@@ -796,6 +796,7 @@ def block_causal_mask(n_cond, n_seq, device=None):
 
 def sample_logits(logits, temperature=0.0, top_k=None, generator=None):
     """(B, K) -> (B,) codes: greedy at temperature 0, else top-k / temperature sampling."""
+    logits = logits.float()  # bf16 logits (autocast) would tie and round the softmax
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -2537,11 +2538,19 @@ def write_policy(out_dir):
 
 
 class Policy:
-    """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data."""
+    """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data.
+
+    precision: "auto" runs the models under bf16 autocast on CUDA and on CPUs that multiply bf16
+    natively (as training does), "fp32" turns that off, "bf16" forces it. temperature / top_k:
+    how codes are sampled (0: greedy). seed: sampled heads and codes restart from it at reset().
+    """
 
     def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,
-                 temperature=0.0, top_k=None, seed=0):
+                 temperature=0.0, top_k=None, seed=0, precision="auto"):
         self.device = pick_device(device or "auto")
+        # bf16 autocast where the hardware multiplies bf16 natively (as training's --precision auto):
+        # sampling 15 codes at batch 1 reads every forward-model weight 15 times, and bf16 halves that.
+        self.bf16 = use_bf16(precision, self.device)
         check_policy_parts({"inverse": inverse_ckpt, "tokenizer": tokenizer_ckpt, "forward": forward_ckpt})
         self.inverse = model_from_checkpoint(inverse_ckpt).to(self.device)
         cfg = self.inverse.cfg
@@ -2599,9 +2608,9 @@ class Policy:
         """(V, T, N, 2) tracks decoded from the latest predicted codes, or None. Decoded on first
         access only: a control loop that never draws them does not pay for the decoder."""
         if self._last_tracks is None and self._last_codes is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 start = self.tokenizer.start_points(1, self.device)
-                self._last_tracks = self.tokenizer.decode(self._last_codes, start)[0].cpu().numpy()
+                self._last_tracks = self.tokenizer.decode(self._last_codes, start)[0].float().cpu().numpy()
         return self._last_tracks
 
     def _images(self, images):
@@ -2611,6 +2620,9 @@ class Policy:
             raise UserError(f"policy.act: expected images ({V}, H, W, 3) for views {self.views}, found {images.shape}")
         return resize_images(torch.as_tensor(images, device=self.device)[None], self.img_size)  # (1, V, H, W_img, 3)
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
     @torch.no_grad()
     def predict_chunk(self, images, proprio, task):
         """The model's action chunk (T, A) in data units for one observation, without ensembling."""
@@ -2618,6 +2630,10 @@ class Policy:
         proprio = np.asarray(proprio, dtype=np.float32).reshape(-1)
         if proprio.shape != (self.proprio_dim,):
             raise UserError(f"policy.act: expected proprio ({self.proprio_dim},), found {proprio.shape}")
+        with self._autocast():
+            return self._chunk(x, proprio, task)
+
+    def _chunk(self, x, proprio, task):
         if self.shared_vision:
             x = self.inverse.vision.features(x)  # (1, V, C, h, w), read by both models
         codes = None

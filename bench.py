@@ -6,8 +6,9 @@
 Prints `name: value` lines on LIBERO-shaped random inputs (2 views, 128x128, A = 7, P = 9).
 Every speed-up is a ratio of two variants timed alternately in the same run (chunked vs plain
 tokenizer loss, bf16 vs fp32, frozen cached encoder vs full step, prefetched vs inline data, one
-shared vision pass vs two, cached vs uncached sampling), so it holds on a busy machine; absolute
-figures are only comparable on the same machine under the same load. Peak memory of a training
+shared vision pass vs two, cached vs uncached sampling, the policy step in bf16 vs fp32), so it
+holds on a busy machine; absolute figures are only comparable on the same machine under the same
+load. Peak memory of a training
 variant is measured alone: in a fresh process on CPU (peak resident set), after a reset on CUDA.
 Then the inverse model with each action head (gaussian, diffusion, flow), timed alternately, as
 ratios to the Gaussian head.
@@ -248,7 +249,7 @@ def data_wait(S, model, reps):
 def bench(args):
     """Print `name: value` lines for the preset (see the module docstring)."""
     args.precision = getattr(args, "precision", "auto")  # amplify.py --bench passes its own args
-    reps = args.steps or 5
+    reps = args.steps
     S = setup(args)
     device = S.device
     print(f"device: {device} | preset: {args.preset} | batch: {S.B} | threads: {torch.get_num_threads()} | "
@@ -288,10 +289,10 @@ def bench(args):
     print(f"data_wait_share_inline: {shares['inline']:.3f}")
     print(f"data_wait_share_prefetch: {shares['prefetch']:.3f}", flush=True)
 
-    # Sampling: the forward model's 15 codes with and without the key/value cache.
+    # Sampling: the forward model's 15 codes with and without the key/value cache (bf16 as the policy).
     forward = built["forward"][0].eval()
     one_image, one_task = S.images[:1], S.tasks[:1]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=S.bf16):
         cached = forward.generate(one_image, one_task, use_cache=True)
         uncached = forward.generate(one_image, one_task, use_cache=False)
         t = timed({"cached": lambda: forward.generate(one_image, one_task, use_cache=True),
@@ -301,7 +302,8 @@ def bench(args):
     print(f"kv_cache_speedup: {t['uncached'] / t['cached']:.2f}")
     print(f"kv_cache_identical_codes: {bool(torch.equal(cached, uncached))}", flush=True)
 
-    # The policy step: trained encoders (two ResNet passes) vs frozen equal ones (one shared pass).
+    # The policy step: trained encoders (two ResNet passes) vs frozen equal ones (one shared pass),
+    # and, where bf16 is on, the same step in fp32.
     data = {"views": [f"view{v}" for v in range(S.V)], "img_size": list(S.size), "T": S.tok_cfg.T,
             "grid": S.tok_cfg.grid}
     stats = {"actions": {"mean": [0.0] * S.A, "std": [1.0] * S.A}, "proprio": {"mean": [0.0] * S.P, "std": [1.0] * S.P}}
@@ -312,10 +314,11 @@ def bench(args):
 
     tok = ckpt("tokenizer", built["tokenizer"][0])
     frozen = {stage: A.build_model(stage, S.cfgs[stage + "_frozen"]) for stage in ("forward", "inverse")}
-    policies = {
-        "": A.Policy(ckpt("inverse", built["inverse"][0]), tok, ckpt("forward", forward), device=str(device)),
-        "_frozen_shared": A.Policy(ckpt("inverse", frozen["inverse"]), tok, ckpt("forward", frozen["forward"]),
-                                   device=str(device))}
+    parts = {"": (ckpt("inverse", built["inverse"][0]), tok, ckpt("forward", forward)),
+             "_frozen_shared": (ckpt("inverse", frozen["inverse"]), tok, ckpt("forward", frozen["forward"]))}
+    policies = {k: A.Policy(*p, device=str(device), precision=args.precision) for k, p in parts.items()}
+    for k in fp32:
+        policies[k] = A.Policy(*parts[""], device=str(device), precision="fp32")
     obs, prop = S.images[0].cpu().numpy(), np.zeros(S.P, dtype=np.float32)
     t = timed({k: (lambda p=p: p.act(obs, prop, "task 0")) for k, p in policies.items()}, device, reps)
     print(f"policy_shared_vision: {policies['_frozen_shared'].shared_vision}")
@@ -323,12 +326,15 @@ def bench(args):
         print(f"policy_step_ms{k}: {1000 * s:.1f}")
         print(f"policy_hz{k}: {1 / s:.1f}")
     print(f"policy_shared_vision_speedup: {t[''] / t['_frozen_shared']:.2f}")
+    if S.bf16:
+        print(f"policy_bf16_speedup: {t['_fp32'] / t['']:.2f}")
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_rss_mb()
     print(f"peak_memory_mb: {peak:.0f}", flush=True)  # this whole process
-    bench_heads(S, tok, ckpt("forward", forward), ckpt("inverse", built["inverse"][0]), (obs, prop), reps)
+    bench_heads(S, tok, ckpt("forward", forward), ckpt("inverse", built["inverse"][0]), (obs, prop), reps,
+                args.precision)
 
 
-def bench_heads(S, tok, fwd, inv, observation, reps):
+def bench_heads(S, tok, fwd, inv, observation, reps, precision):
     """The inverse model with each action head: training samples/s, the model's own latency for one
     chunk, and the whole policy step (which adds the forward model's codes), timed alternately and
     printed as ratios to the Gaussian head measured in the same run."""
@@ -346,7 +352,8 @@ def bench_heads(S, tok, fwd, inv, observation, reps):
         model.eval()
     with torch.no_grad():
         chunk_s = timed(chunks, S.device, reps)
-    acting = {head: A.Policy({**inv, "config": asdict(m.cfg), "model": m.state_dict()}, tok, fwd, device=str(S.device))
+    acting = {head: A.Policy({**inv, "config": asdict(m.cfg), "model": m.state_dict()}, tok, fwd, device=str(S.device),
+                             precision=precision)
               for head, (m, inv) in policies.items()}
     step_s = timed({head: (lambda p=p: p.act(*observation, "task 0")) for head, p in acting.items()}, S.device, reps)
     for head in heads:
@@ -363,13 +370,14 @@ def build_parser():
     p = argparse.ArgumentParser(description="AMPLIFY benchmark: throughput, memory, latency.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(A.PRESETS), default="cpu", help="model sizes")
-    p.add_argument("--steps", type=int, help="timed repetitions (default 5)")
-    p.add_argument("--batch-size", type=int, help="training batch (default: the preset's on CUDA, else 8)")
+    p.add_argument("--steps", type=int, default=5, help="timed repetitions")
+    p.add_argument("--batch-size", type=int, help="training batch (none given: the preset's on CUDA, else 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", choices=A.PRECISIONS, default="auto",
-                   help="training arithmetic, as amplify.py --precision (auto: bf16 on CUDA and CPUs with native bf16)")
+                   help="training and policy arithmetic, as amplify.py --precision and Policy(precision=) "
+                        "(auto: bf16 on CUDA and CPUs with native bf16)")
     p.add_argument("--seed", type=int, default=0, help="seeds the models and the random inputs")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (none given: torch's choice)")
     return p
 
 

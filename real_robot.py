@@ -1251,6 +1251,9 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true",
                    help="everything but motion: robot opened read-only, no servoL, no gripper commands")
     p.add_argument("--device", default="auto", help="torch device for the policy: auto, cpu, cuda, cuda:1")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="policy arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+                        "(about 2x faster code sampling there), else fp32")
     p.add_argument("--log", help="append one JSON line per step (latency, action, target, measured "
                                  "pose, safety events)")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per episode (bring-up)")
@@ -1360,9 +1363,9 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
     try:
         if policy is None and running:
             import amplify
-            policy = amplify.load_policy(args.policy, args.device)
+            policy = amplify.load_policy(args.policy, args.device, precision=args.precision)
             print(f"policy {args.policy}: views {policy.views}, {policy.img_size[0]}x{policy.img_size[1]}, "
-                  f"device {policy.device}", file=sys.stderr)
+                  f"device {policy.device}, {'bf16' if policy.bf16 else 'fp32'}", file=sys.stderr)
         if running:
             check_policy(policy, cfg)
             warm_up(policy, task)

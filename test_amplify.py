@@ -773,6 +773,31 @@ def test_cli_stage_all_writes_policy_that_acts(trained):
         policy.act(obs[:1], np.zeros(9), "x")
 
 
+def test_policy_precision_follows_the_hardware_and_bf16_stays_close(trained):
+    """Policy(precision=): "auto" runs under bf16 autocast where training would (CUDA, CPUs that
+    multiply bf16 natively), "fp32" / "bf16" force it. Given the same codes, the bf16 inverse model's
+    chunk is not bit-identical to fp32's (autocast is on) but within a few percent of its scale."""
+    root, _ = trained
+    run = str(root / "run")
+    assert A.Policy.load(run).bf16 == A.cpu_has_bf16()
+    fp32, bf16 = A.Policy.load(run, precision="fp32"), A.Policy.load(run, precision="bf16")
+    assert not fp32.bf16 and bf16.bf16
+    obs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
+    action = bf16.act(obs, np.zeros(9), "move the square right")
+    assert action.shape == (7,) and action.dtype == np.float32 and np.isfinite(action).all()
+    assert bf16.last_tracks.shape == (2, 16, 25, 2) and np.isfinite(bf16.last_tracks).all()
+    x, p = fp32._images(obs), torch.zeros(1, 9)
+    with torch.no_grad():
+        codes = fp32.forward.generate(x, ["move the square right"])
+        ref = fp32.inverse(x, p, codes)
+        with bf16._autocast():
+            low = bf16.inverse(x, p, codes).float()
+    assert not torch.equal(low, ref)
+    assert (low - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+    with pytest.raises(A.UserError, match="precision"):
+        A.Policy.load(run, precision="half")
+
+
 def test_frozen_vision_trains_from_a_feature_cache_and_the_policy_shares_one_pass(trained, tmp_path):
     """--frozen-vision: the ResNet does not change, its features are computed once per frame into
     OUT/features (one file for both stages, reused by a rerun) and read instead of the images; the
@@ -814,7 +839,7 @@ def test_policy_acts_in_data_units(trained):
     ds = A.load_dataset(str(root / "data"))
     train_frames = np.arange(ds.episode_range(1)[1])  # episodes 0 and 1 train; 2 and 3 are held out (one per task)
     np.testing.assert_allclose(ckpt["stats"]["actions"]["mean"], ds.arrays["actions"][train_frames].mean(0), atol=1e-5)
-    policy = A.Policy.load(str(root / "run"))
+    policy = A.Policy.load(str(root / "run"), precision="fp32")  # "auto" is bf16 on CPUs that have it
     chunk = policy.predict_chunk(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9), "x")
     normalized = (chunk - policy.act_norm.mean) / policy.act_norm.std
     with torch.no_grad():
