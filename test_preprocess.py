@@ -932,6 +932,7 @@ def test_libero_subcommand_exact_tracks(libero_demo_file, tmp_path):
     ds = amplify.load_dataset(str(out))
     tracks, vis = ds.arrays["tracks"], ds.arrays["vis"]
     assert ds.meta["tracker"] == "sim" and tracks.shape == (12, 2, 16, 400, 2)
+    assert vis.dtype == bool and vis.shape == tracks.shape[:-1]
     np.testing.assert_array_equal(tracks[:, :, 0], np.broadcast_to(amplify.grid_points(20), (12, 2, 400, 2)))
     disp = np.linalg.norm(tracks - tracks[:, :, :1], axis=-1).max(2) * 32  # px at 64
     assert (disp[0, 1] > 1).mean() > 0.5  # the wrist camera moves with the arm: most points move
