@@ -578,11 +578,20 @@ class MotionTokenizer(nn.Module):
         features = self.decode_features(self.encode(tracks)[0])  # (B, V, L, N, D)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
         weights = self.cfg.view_weights or [1 / self.cfg.views] * self.cfg.views  # views alike: the mean of all rows
-        # The (B*V*L*N, Cw) logits would be the biggest tensor of the step: computed in chunks instead.
-        loss = sum(w * chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
-                                                    self.head.bias, target[:, v].flatten())
+        loss = sum(w * self.window_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), target[:, v].flatten())
                    for v, w in enumerate(weights))
         return loss, {}
+
+    def window_cross_entropy(self, x, target):
+        """Mean cross-entropy of the head on features x (M, D) against window classes (M,).
+
+        Features narrower than the Cw = 225 classes (the cpu preset, D = 64): the (M, Cw) logits would be
+        the biggest tensor of the step, so they are computed in chunks (3x faster there). At the paper's
+        D = 768 the features are the bigger tensor and the plain head is faster (1.4x in bf16) and keeps
+        less (README, "Scale"). Both give the same loss and gradients."""
+        if x.shape[-1] < self.head.out_features:
+            return chunked_linear_cross_entropy(x, self.head.weight, self.head.bias, target)
+        return F.cross_entropy(self.head(x).float(), target)
 
     def decode(self, indices, start, readout="mean"):
         """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2), each step's move summed up.
@@ -2537,20 +2546,25 @@ def write_policy(out_dir):
     return os.path.join(out_dir, "policy.pt")
 
 
+def policy_uses_bf16(precision, device, width):
+    """Whether a policy acts under bf16 autocast. "auto": where training would (CUDA, CPUs with native
+    bf16) and the models are wide enough for their matmuls to dominate. Sampling 15 codes at batch 1
+    reads every forward-model weight 15 times and bf16 halves those reads: 1.65x per policy step at
+    the paper preset's width 768; at the cpu preset's 64 the casts cost more than they save (0.71x)."""
+    return use_bf16(precision, device) and (precision != "auto" or width >= 256)
+
+
 class Policy:
     """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data.
 
     precision: "auto" runs the models under bf16 autocast on CUDA and on CPUs that multiply bf16
-    natively (as training does), "fp32" turns that off, "bf16" forces it. temperature / top_k:
+    natively when they are wide enough to gain (policy_uses_bf16), "fp32" turns that off, "bf16" forces it. temperature / top_k:
     how codes are sampled (0: greedy). seed: sampled heads and codes restart from it at reset().
     """
 
     def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,
                  temperature=0.0, top_k=None, seed=0, precision="auto"):
         self.device = pick_device(device or "auto")
-        # bf16 autocast where the hardware multiplies bf16 natively (as training's --precision auto):
-        # sampling 15 codes at batch 1 reads every forward-model weight 15 times, and bf16 halves that.
-        self.bf16 = use_bf16(precision, self.device)
         check_policy_parts({"inverse": inverse_ckpt, "tokenizer": tokenizer_ckpt, "forward": forward_ckpt})
         self.inverse = model_from_checkpoint(inverse_ckpt).to(self.device)
         cfg = self.inverse.cfg
@@ -2561,6 +2575,7 @@ class Policy:
                 raise DataError("policy: the inverse model uses motion codes, so a tokenizer and a forward model are needed")
             self.tokenizer = model_from_checkpoint(tokenizer_ckpt).to(self.device)
             self.forward = model_from_checkpoint(forward_ckpt).to(self.device)
+        self.bf16 = policy_uses_bf16(precision, self.device, (self.forward or self.inverse).cfg.d_model)
         # Both models frozen on the same ResNet (pretrained weights, or the fixed random one): one
         # vision pass per step feeds both, as in the published code.
         self.shared_vision = (self.uses_codes and self.forward.cfg.vision.frozen and cfg.vision.frozen

@@ -303,7 +303,7 @@ def bench(args):
     print(f"kv_cache_identical_codes: {bool(torch.equal(cached, uncached))}", flush=True)
 
     # The policy step: trained encoders (two ResNet passes) vs frozen equal ones (one shared pass),
-    # and, where bf16 is on, the same step in fp32.
+    # and, where bf16 is on, the same step forced to bf16 and to fp32.
     data = {"views": [f"view{v}" for v in range(S.V)], "img_size": list(S.size), "T": S.tok_cfg.T,
             "grid": S.tok_cfg.grid}
     stats = {"actions": {"mean": [0.0] * S.A, "std": [1.0] * S.A}, "proprio": {"mean": [0.0] * S.P, "std": [1.0] * S.P}}
@@ -317,8 +317,8 @@ def bench(args):
     parts = {"": (ckpt("inverse", built["inverse"][0]), tok, ckpt("forward", forward)),
              "_frozen_shared": (ckpt("inverse", frozen["inverse"]), tok, ckpt("forward", frozen["forward"]))}
     policies = {k: A.Policy(*p, device=str(device), precision=args.precision) for k, p in parts.items()}
-    for k in fp32:
-        policies[k] = A.Policy(*parts[""], device=str(device), precision="fp32")
+    for k in (["_bf16", "_fp32"] if S.bf16 else []):  # what bf16 gains at this width ("auto" uses it from width 256)
+        policies[k] = A.Policy(*parts[""], device=str(device), precision=k[1:])
     obs, prop = S.images[0].cpu().numpy(), np.zeros(S.P, dtype=np.float32)
     t = timed({k: (lambda p=p: p.act(obs, prop, "task 0")) for k, p in policies.items()}, device, reps)
     print(f"policy_shared_vision: {policies['_frozen_shared'].shared_vision}")
@@ -327,7 +327,8 @@ def bench(args):
         print(f"policy_hz{k}: {1 / s:.1f}")
     print(f"policy_shared_vision_speedup: {t[''] / t['_frozen_shared']:.2f}")
     if S.bf16:
-        print(f"policy_bf16_speedup: {t['_fp32'] / t['']:.2f}")
+        print(f"policy_bf16: {policies[''].bf16}")
+        print(f"policy_bf16_speedup: {t['_fp32'] / t['_bf16']:.2f}")
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_rss_mb()
     print(f"peak_memory_mb: {peak:.0f}", flush=True)  # this whole process
     bench_heads(S, tok, ckpt("forward", forward), ckpt("inverse", built["inverse"][0]), (obs, prop), reps,

@@ -297,11 +297,12 @@ def test_chunked_cross_entropy_equals_the_plain_computation(groups, chunk_rows):
         assert rel_diff(A.chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows), results[0][0]) < 1e-5
 
 
-def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits():
+@pytest.mark.parametrize("width", [32, 256])  # narrower than the 225 window classes (chunked head) and wider (plain)
+def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits(width):
     torch.manual_seed(0)
     arrays, _ = tiny_data(episodes=1, img=32, grid=5)
     tracks = torch.as_tensor(arrays["tracks"][:3]).double()
-    model = A.MotionTokenizer(A.TokenizerConfig(d_model=32, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
+    model = A.MotionTokenizer(A.TokenizerConfig(d_model=width, n_head=4, codebook_size=256, views=2, img_size=(32, 32),
                                                 grid=5)).double()  # float64: whole-model gradients, no rounding noise
     grads = []
     for plain in (True, False):
@@ -773,13 +774,21 @@ def test_cli_stage_all_writes_policy_that_acts(trained):
         policy.act(obs[:1], np.zeros(9), "x")
 
 
-def test_policy_precision_follows_the_hardware_and_bf16_stays_close(trained):
+def test_policy_precision_follows_the_hardware_and_bf16_stays_close(trained, monkeypatch):
     """Policy(precision=): "auto" runs under bf16 autocast where training would (CUDA, CPUs that
-    multiply bf16 natively), "fp32" / "bf16" force it. Given the same codes, the bf16 inverse model's
-    chunk is not bit-identical to fp32's (autocast is on) but within a few percent of its scale."""
+    multiply bf16 natively) for models wide enough to gain, "fp32" / "bf16" force it. Given the same
+    codes, the bf16 inverse model's chunk is not bit-identical to fp32's (autocast is on) but within a
+    few percent of its scale."""
     root, _ = trained
     run = str(root / "run")
-    assert A.Policy.load(run).bf16 == A.cpu_has_bf16()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(A, "cpu_has_bf16", lambda: native)
+        assert A.policy_uses_bf16("auto", cpu, 768) == native and not A.policy_uses_bf16("auto", cpu, 64)
+        assert A.policy_uses_bf16("bf16", cpu, 64) and not A.policy_uses_bf16("fp32", cpu, 768)
+    assert A.policy_uses_bf16("auto", cuda, 768) and not A.policy_uses_bf16("auto", cuda, 64)
+    monkeypatch.undo()
+    assert not A.Policy.load(run).bf16  # the test models are narrow: fp32 on any CPU
     fp32, bf16 = A.Policy.load(run, precision="fp32"), A.Policy.load(run, precision="bf16")
     assert not fp32.bf16 and bf16.bf16
     obs = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
