@@ -578,20 +578,22 @@ class MotionTokenizer(nn.Module):
         features = self.decode_features(self.encode(tracks)[0])  # (B, V, L, N, D)
         target = tracks_to_classes(tracks, self.cfg.img_size, self.cfg.window)  # (B, V, L, N)
         weights = self.cfg.view_weights or [1 / self.cfg.views] * self.cfg.views  # views alike: the mean of all rows
-        loss = sum(w * self.window_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), target[:, v].flatten())
-                   for v, w in enumerate(weights))
-        return loss, {}
+        return sum(w * ce for w, ce in zip(weights, self.view_cross_entropy(features, target))), {}
 
-    def window_cross_entropy(self, x, target):
-        """Mean cross-entropy of the head on features x (M, D) against window classes (M,).
+    def view_cross_entropy(self, features, target):
+        """Each view's mean cross-entropy of the head on features (B, V, L, N, D) against window
+        classes (B, V, L, N): V losses.
 
-        Features narrower than the Cw = 225 classes (the cpu preset, D = 64): the (M, Cw) logits would be
-        the biggest tensor of the step, so they are computed in chunks (3x faster there). At the paper's
-        D = 768 the features are the bigger tensor and the plain head is faster (1.4x in bf16) and keeps
-        less (README, "Scale"). Both give the same loss and gradients."""
-        if x.shape[-1] < self.head.out_features:
-            return chunked_linear_cross_entropy(x, self.head.weight, self.head.bias, target)
-        return F.cross_entropy(self.head(x).float(), target)
+        Features narrower than the Cw = 225 classes (the cpu preset, D = 64): the (B V L N, Cw) logits
+        would be the biggest tensor of the step, so they are computed in chunks (3x faster there). At
+        the paper's D = 768 the features are the bigger tensor and the plain head is faster (1.4x in
+        bf16; README, "Scale"). Both give the same loss and gradients."""
+        if features.shape[-1] < self.head.out_features:
+            return [chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
+                                                 self.head.bias, target[:, v].flatten()) for v in range(features.shape[1])]
+        logits = self.head(features).float()  # (B, V, L, N, Cw)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        return ce.view(target.shape).mean((0, 2, 3))  # (V,)
 
     def decode(self, indices, start, readout="mean"):
         """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2), each step's move summed up.

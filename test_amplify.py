@@ -322,11 +322,12 @@ def test_tokenizer_loss_equals_plain_cross_entropy_of_its_logits(width):
         assert rel_diff(model.loss(tracks.float())[0].double(), grads[0][0]) < 2e-2
 
 
-def test_tokenizer_view_weights_weight_each_views_mean_loss():
+@pytest.mark.parametrize("width", [32, 256])  # the chunked head and the plain one
+def test_tokenizer_view_weights_weight_each_views_mean_loss(width):
     torch.manual_seed(0)
     arrays, _ = tiny_data(episodes=1, img=32, grid=5)
     tracks = torch.as_tensor(arrays["tracks"][:3]).double()
-    cfg = A.TokenizerConfig(d_model=32, n_head=4, codebook_size=256, views=2, img_size=(32, 32), grid=5)
+    cfg = A.TokenizerConfig(d_model=width, n_head=4, codebook_size=256, views=2, img_size=(32, 32), grid=5)
     model = A.MotionTokenizer(cfg).double()
     logits, _ = model(tracks)  # (B, V, L, N, Cw)
     target = A.tracks_to_classes(tracks, 32)
