@@ -1252,8 +1252,8 @@ def build_parser():
                    help="everything but motion: robot opened read-only, no servoL, no gripper commands")
     p.add_argument("--device", default="auto", help="torch device for the policy: auto, cpu, cuda, cuda:1")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="policy arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
-                        "(about 2x faster code sampling there), else fp32")
+                   help="policy arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 for "
+                        "models at least 256 wide (1.6x per paper-preset step there), else fp32")
     p.add_argument("--log", help="append one JSON line per step (latency, action, target, measured "
                                  "pose, safety events)")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per episode (bring-up)")
