@@ -2551,7 +2551,7 @@ def write_policy(out_dir):
 def policy_uses_bf16(precision, device, width):
     """Whether a policy acts under bf16 autocast. "auto": where training would (CUDA, CPUs with native
     bf16) and the models are wide enough for their matmuls to dominate. Sampling 15 codes at batch 1
-    reads every forward-model weight 15 times and bf16 halves those reads: 1.65x per policy step at
+    reads every forward-model weight 15 times and bf16 halves those reads: 1.6x per policy step at
     the paper preset's width 768; at the cpu preset's 64 the casts cost more than they save (0.71x)."""
     return use_bf16(precision, device) and (precision != "auto" or width >= 256)
 
@@ -2560,8 +2560,9 @@ class Policy:
     """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data.
 
     precision: "auto" runs the models under bf16 autocast on CUDA and on CPUs that multiply bf16
-    natively when they are wide enough to gain (policy_uses_bf16), "fp32" turns that off, "bf16" forces it. temperature / top_k:
-    how codes are sampled (0: greedy). seed: sampled heads and codes restart from it at reset().
+    natively when they are wide enough to gain (policy_uses_bf16), "fp32" turns that off, "bf16"
+    forces it. temperature / top_k: how codes are sampled (0: greedy). seed: sampled heads and codes
+    restart from it at reset().
     """
 
     def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,

@@ -8,8 +8,8 @@ Every speed-up is a ratio of two variants timed alternately in the same run (chu
 tokenizer loss, bf16 vs fp32, frozen cached encoder vs full step, prefetched vs inline data, one
 shared vision pass vs two, cached vs uncached sampling, the policy step in bf16 vs fp32), so it
 holds on a busy machine; absolute figures are only comparable on the same machine under the same
-load. Peak memory of a training
-variant is measured alone: in a fresh process on CPU (peak resident set), after a reset on CUDA.
+load. Peak memory of a training variant is measured alone: in a fresh process on CPU (peak
+resident set), after a reset on CUDA.
 Then the inverse model with each action head (gaussian, diffusion, flow), timed alternately, as
 ratios to the Gaussian head.
 """
@@ -317,10 +317,16 @@ def bench(args):
     parts = {"": (ckpt("inverse", built["inverse"][0]), tok, ckpt("forward", forward)),
              "_frozen_shared": (ckpt("inverse", frozen["inverse"]), tok, ckpt("forward", frozen["forward"]))}
     policies = {k: A.Policy(*p, device=str(device), precision=args.precision) for k, p in parts.items()}
-    for k in (["_bf16", "_fp32"] if S.bf16 else []):  # what bf16 gains at this width ("auto" uses it from width 256)
-        policies[k] = A.Policy(*parts[""], device=str(device), precision=k[1:])
+    # What bf16 gains at this width ("auto" uses it from width 256): the "" policy is one of the two
+    # arithmetics, the other is timed beside it.
+    same = "_bf16" if policies[""].bf16 else "_fp32"
+    other = "_fp32" if same == "_bf16" else "_bf16"
+    if S.bf16:
+        policies[other] = A.Policy(*parts[""], device=str(device), precision=other[1:])
     obs, prop = S.images[0].cpu().numpy(), np.zeros(S.P, dtype=np.float32)
     t = timed({k: (lambda p=p: p.act(obs, prop, "task 0")) for k, p in policies.items()}, device, reps)
+    if S.bf16:
+        t[same] = t[""]
     print(f"policy_shared_vision: {policies['_frozen_shared'].shared_vision}")
     for k, s in t.items():
         print(f"policy_step_ms{k}: {1000 * s:.1f}")
