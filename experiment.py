@@ -172,26 +172,27 @@ def strip_actions(src, dst):
     """dst = dataset src without 'actions' and 'proprio' (files hard-linked where possible).
 
     amplify.py treats an episode without actions as video only: the tokenizer and the forward
-    model train on it, the inverse model never sees it. Written under a temporary name, then renamed.
+    model train on it, the inverse model never sees it. Written with amplify.atomic_write: a crash
+    leaves no half dataset, and a leftover of one is replaced.
     """
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted(src.glob("*.npy")):
-        if f.stem in ("actions", "proprio"):
-            continue
-        try:
-            os.link(f, tmp / f.name)
-        except OSError:  # another file system: copy
-            shutil.copyfile(f, tmp / f.name)
-    meta = json.loads((src / "meta.json").read_text())
-    meta = {k: v for k, v in meta.items() if k not in ("action_stats", "proprio_stats")}
-    meta["actions"] = "removed by experiment.py: action-free video, as human video would be"
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if dst.exists():  # a finished strip is recorded in steps.json; this is a leftover of a crash
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    import amplify
+
+    src = Path(src)
+
+    def write(tmp):
+        for f in sorted(src.glob("*.npy")):
+            if f.stem in ("actions", "proprio"):
+                continue
+            try:
+                os.link(f, Path(tmp) / f.name)
+            except OSError:  # another file system: copy
+                shutil.copyfile(f, Path(tmp) / f.name)
+        meta = json.loads((src / "meta.json").read_text())
+        meta = {k: v for k, v in meta.items() if k not in ("action_stats", "proprio_stats")}
+        meta["actions"] = "removed by experiment.py: action-free video, as human video would be"
+        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    amplify.atomic_write(dst, write, directory=True)
 
 
 def data_steps(steps, args, variant):
@@ -358,9 +359,9 @@ def task_text(name):
 
 
 def atomic_copy(src, dst):
-    tmp = Path(str(dst) + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    import amplify
+
+    amplify.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 TRACKS = {"sim": "exact", "flow": "dense flow", "lk": "Lucas-Kanade"}  # track variant -> table label
@@ -679,53 +680,19 @@ def plateau_line(args, out):
 
 
 # -----------------------------------------------------------------------------
-# Curves: every stage's held-out metrics against steps, as PNG (Pillow, lazily)
+# Curves: every stage's curves picture (amplify.py draws one when a stage ends), gathered in one folder
 
 
 def plot_curves(out):
-    """OUT/curves/<dir>-<label>.png for every <label>_metrics.jsonl under OUT/motion* and OUT/policies."""
+    """OUT/curves/<dir>-<label>.png: a copy of every <label>_curves.png under OUT/motion* and OUT/policies."""
     out = Path(out)
     (out / "curves").mkdir(exist_ok=True)
     written = []
-    for path in sorted(out.glob("motion*/*_metrics.jsonl")) + sorted(out.glob("policies/*/*_metrics.jsonl")):
-        rec = read_jsonl(path)
-        keys = [k for k in ("val_loss", "val_nll", "action_mse", "delta_auc", "code_acc") if rec and k in rec[0]]
-        if not keys:
-            continue
-        target = out / "curves" / f"{path.parent.name}-{path.name[:-len('_metrics.jsonl')]}.png"
-        draw_curves(target, f"{path.parent.name}/{path.name}", rec, keys)
+    for path in sorted(out.glob("motion*/*_curves.png")) + sorted(out.glob("policies/*/*_curves.png")):
+        target = out / "curves" / f"{path.parent.name}-{path.name[:-len('_curves.png')]}.png"
+        atomic_copy(path, target)
         written.append(target)
     return written
-
-
-def draw_curves(path, title, records, keys, w=320, h=180):
-    """One panel per metric, side by side; held-out value against step."""
-    from PIL import Image, ImageDraw  # lazily: only the curves need it
-
-    img = Image.new("RGB", (w * len(keys), h + 20), "white")
-    d = ImageDraw.Draw(img)
-    d.text((4, 2), title, fill="black")
-    steps = [r["step"] for r in records]
-    for i, k in enumerate(keys):
-        ys = [r[k] for r in records]
-        x0, y0, pw, ph = i * w + 40, 34, w - 60, h - 40
-        lo, hi = min(ys), max(ys)
-        span = (hi - lo) or 1.0
-        sx = lambda s: x0 + pw * (s - steps[0]) / max(1, steps[-1] - steps[0])  # noqa: E731
-        sy = lambda y: y0 + ph * (1 - (y - lo) / span)  # noqa: E731
-        d.rectangle([x0, y0, x0 + pw, y0 + ph], outline="gray")
-        pts = [(sx(s), sy(y)) for s, y in zip(steps, ys)]
-        if len(pts) > 1:
-            d.line(pts, fill="blue", width=2)
-        for p in pts:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill="blue")
-        d.text((x0, y0 - 12), f"{k}: last {ys[-1]:.4g}", fill="black")
-        d.text((x0 - 36, y0), f"{hi:.3g}", fill="gray")
-        d.text((x0 - 36, y0 + ph - 10), f"{lo:.3g}", fill="gray")
-        d.text((x0 + pw - 40, y0 + ph + 4), f"step {steps[-1]}", fill="gray")
-    tmp = path.with_name(path.stem + ".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

@@ -1137,17 +1137,17 @@ def record_episode(hw: Hardware, cfg: Config, *, with_actions=True, clock=None, 
 
 
 def _save_episode(path, episode):
-    """One episode as .npz, atomically: a crash leaves the previous episodes and no half file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    """One episode as .npz, atomically (amplify.atomic_write) and synced to disk before the rename:
+    a crash or power cut leaves the previous episodes and no half file."""
+    import amplify
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in episode.items()})
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    amplify.atomic_write(path, write)
 
 
 def _load_episodes(paths):
