@@ -103,8 +103,8 @@ def ensure_libero_config():
     root = Path(spec.origin).parent
     paths = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
              "datasets": root.parent / "datasets", "assets": root / "assets"}
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("".join(f"{k}: {json.dumps(str(v))}\n" for k, v in paths.items()))  # JSON strings are YAML
+    text = "".join(f"{k}: {json.dumps(str(v))}\n" for k, v in paths.items())  # JSON strings are YAML
+    amplify.atomic_write(config, lambda tmp: Path(tmp).write_text(text))  # never a half config LIBERO would keep
     return config
 
 

@@ -758,7 +758,7 @@ def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=
             shutil.rmtree(work)
             created = True
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(config))
+    amplify.atomic_write(work / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config)))
 
     try:
         names, shape, resumed, dims = [], None, 0, {}
