@@ -1772,7 +1772,7 @@ def init_distributed(device):
 def leave_distributed():
     """Close the torchrun job's process group before the interpreter exits. Left to the exit handlers,
     gloo's threads can be torn down while still running, and a rank dies with SIGABRT ("terminate called
-    without an active exception") after its work is done (CI saw it once; 30 runs here did not)."""
+    without an active exception") after its work is done (CI saw it once; 25 runs here did not)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
