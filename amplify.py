@@ -1769,13 +1769,17 @@ def init_distributed(device):
     return Distributed(dist.get_rank(), world, local_rank), device
 
 
+def in_distributed_group():
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
 def leave_distributed():
     """Close the torchrun job's process group before the interpreter exits. Left to the exit handlers,
     gloo's threads can be torn down while still running, and a rank dies with SIGABRT ("terminate called
     without an active exception") after its work is done (CI saw it once; 25 runs here did not)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if in_distributed_group():
+        torch.distributed.destroy_process_group()
 
 
 @dataclass
@@ -2915,6 +2919,7 @@ def check_args(p, args):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    callers_group = in_distributed_group()  # a program that calls main() in its own job keeps its group
     try:
         check_args(p, args)
         run(args)
@@ -2925,7 +2930,8 @@ def main(argv=None):
         print("interrupted: checkpoints on disk are whole; continue with --resume", file=sys.stderr)
         sys.exit(130)
     finally:
-        leave_distributed()
+        if not callers_group:
+            leave_distributed()
 
 
 if __name__ == "__main__":

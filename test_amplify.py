@@ -1300,6 +1300,18 @@ def test_torchrun_two_cpu_ranks_match_a_single_process(trained, tmp_path):
         assert_close(a["model"][k], b["model"][k], 1e-4, k)  # all-reduce sums in another order
 
 
+def test_main_closes_only_the_process_group_it_did_not_find(tmp_path):
+    """amplify.main leaves torchrun's group closed at exit, but a caller's own group stays open."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        A.main(["--stage", "tokenizer", "--count-params"])
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
+
+
 BIG_DATA_SCRIPT = r"""
 import json, os, resource, sys
 import numpy as np
