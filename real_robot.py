@@ -12,7 +12,9 @@ Notable features:
   caught up in a burst. Per-step latency goes to a JSON-lines log.
 - Safety filter: a workspace box, an orientation cone around the home orientation and a maximum
   motion per tick, with targets clamped or refused (`safety.on_violation`); every command also
-  has a bounded acceleration, a soft start (`ramp_s`) and brakes in time to stop at its goal.
+  has a bounded acceleration, a soft start (`ramp_s`) and brakes in time to stop at its goal and
+  short of the box's walls and the cone's edge; a stop (servoStop at `robot.stop_decel` >=
+  `safety.max_accel`) ends inside the box.
   Rotation vectors are kept continuous (UR's flip near a half turn never reaches the data or the
   policy). The policy is refused when its checkpoint's action statistics cannot be metres in this
   workspace.
@@ -119,7 +121,7 @@ class RobotConfig(_Section):
     host: str
     servo_lookahead_s: _num(0.03, 0.2) = 0.1  # servoL smoothing (UR range); more = smoother, laggier
     servo_gain: _num(100, 2000) = 300.0  # servoL proportional gain (UR range)
-    stop_decel: _num(0.5, 10) = 1.0  # m/s^2 for servoStop/stopL; 0.5 still stops 0.4 m/s in 0.16 m
+    stop_decel: _num(0.5, 10) = 2.0  # m/s^2 for servoStop/stopL; at least safety.max_accel (checked)
     home: Optional[_numbers(6, -2 * math.pi, 2 * math.pi)] = None  # [x, y, z, rx, ry, rz], reached with
     # moveL before each episode; its orientation is the reference of safety.max_rot_from_home_rad
     home_speed: _num(gt=0, hi=0.25) = 0.1  # m/s of the homing moveL
@@ -240,6 +242,10 @@ def parse_config(raw):
     if not np.all(lo < hi):
         raise ConfigError(f"config error: safety: expected workspace_min < workspace_max in every "
                           f"axis, found {safety.workspace_min} and {safety.workspace_max}")
+    if robot.stop_decel < safety.max_accel:  # the filter keeps the stop at max_accel inside the box
+        raise ConfigError(f"config error: robot.stop_decel: expected at least safety.max_accel "
+                          f"{safety.max_accel:g} m/s^2 (the safety filter brakes for the walls at "
+                          f"max_accel; a gentler stop ends beyond them), found {robot.stop_decel:g}")
     speed, ang_speed = safety.max_step_m * control.rate_hz, safety.max_step_rad * control.rate_hz
     if speed > MAX_TCP_SPEED:
         raise ConfigError(f"config error: safety.max_step_m: expected at most {MAX_TCP_SPEED} m/s at "
@@ -388,19 +394,51 @@ def rotation_angle(a, b):
 
 
 # -----------------------------------------------------------------------------
-# Safety filter
+# Safety filter. Limits are kinematic facts: at every tick the commanded velocity (per tick,
+# measured between commands) is within the speed limit, its change within the acceleration
+# limit, and the motion can still stop inside the limits. The last one is what lets the box and
+# the cone hold at their walls: a command that reaches a wall at speed would have to stop there
+# in one tick (the review measured 6 m/s^2 against 1.5 at the box, 24 rad/s^2 against 4 at the
+# cone). So every tick asks where the arm would stop if it braked from here along its current
+# direction at the acceleration limit, and keeps that stop point inside the box and the cone.
+# Braking along a straight line (a fixed rotation axis) stays on the segment (the geodesic) from
+# here to the stop point, inside a convex set when both ends are; and braking is always possible,
+# since slowing the previous velocity by one tick's worth keeps its stop point. A stop by the
+# controller (servoStop at robot.stop_decel >= safety.max_accel, checked in the config) ends
+# before that stop point: the arm stops inside.
+
+
+def _stop_distance(v, a):
+    """Distance covered from per-tick speed v when the speed then drops by a every tick to zero:
+    v + (v - a) + (v - 2a) + ... (never less than the continuous v^2 / 2a)."""
+    if v <= 0:
+        return 0.0
+    k = math.floor(v / a)  # ticks after this one with some speed left
+    return (k + 1) * v - a * k * (k + 1) / 2
+
+
+def _brake_speed(d, a):
+    """The largest per-tick speed from which braking by a per tick covers at most d: the inverse
+    of _stop_distance (piecewise linear between the multiples of a)."""
+    if d <= 0:
+        return 0.0
+    k = math.floor((math.sqrt(1 + 8 * d / a) - 1) / 2)  # a k (k + 1) / 2 <= d
+    return d / (k + 1) + a * k / 2
+
+
+def _cap(v, vmax):
+    n = float(np.linalg.norm(v))
+    return v * (vmax / n) if n > vmax else v
 
 
 def _shape_motion(desired, vel, vmax, dmax, goal_vel):
     """One tick's motion towards `desired` (the displacement to the goal) given last tick's `vel`
     and the goal's own motion per tick `goal_vel`: at most `vmax` per tick, changing by at most
     `dmax` per tick (acceleration), and closing in on the goal no faster than it can still match
-    the goal's motion at that deceleration (closing speed <= sqrt(2 a d)), so it neither overshoots
-    a goal that stands still nor lags behind one that moves smoothly."""
-    dist = float(np.linalg.norm(desired))
+    the goal's motion at that deceleration, so it neither overshoots a goal that stands still nor
+    lags behind one that moves smoothly."""
     closing = desired - goal_vel  # reaching the goal this tick, beyond following its motion
-    # the largest v with v + (v - a) + (v - 2a) + ... <= d: discrete braking, a = dmax per tick
-    n, cap = float(np.linalg.norm(closing)), math.sqrt(dmax ** 2 / 4 + 2 * dmax * dist) - dmax / 2
+    n, cap = float(np.linalg.norm(closing)), _brake_speed(float(np.linalg.norm(desired)), dmax)
     want = desired if n <= cap else goal_vel + closing * (cap / n)
     change = want - vel
     n = float(np.linalg.norm(change))
@@ -409,9 +447,23 @@ def _shape_motion(desired, vel, vmax, dmax, goal_vel):
     return _cap(vel + change, vmax)
 
 
-def _cap(v, vmax):
-    n = float(np.linalg.norm(v))
-    return v * (vmax / n) if n > vmax else v
+def _stoppable(v, vel, dmax, stops_inside, iterations=24):
+    """`v` if the motion can still stop inside the limits after it (`stops_inside(v)`), else the
+    velocity nearest to it on the segment from braking (`vel` slowed by `dmax` along its own
+    direction, which stops where `vel` would have: inside) to `v` that still can. Both ends are
+    within `dmax` of `vel` and within the speed limit, so every point between them is too."""
+    if stops_inside(v):
+        return v
+    n = float(np.linalg.norm(vel))
+    brake = vel * max(0.0, 1.0 - dmax / n) if n > 0 else np.zeros(3)
+    lo, hi = 0.0, 1.0  # bisection: lo always feasible (brake), hi not (v)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if stops_inside(brake + mid * (v - brake)):
+            lo = mid
+        else:
+            hi = mid
+    return brake + lo * (v - brake)
 
 
 class SafetyFilter:
@@ -429,9 +481,10 @@ class SafetyFilter:
     How it gets there, for every target: the velocity (per tick, measured between commands, not
     from the measured pose, which lags behind servoL targets) changes by at most `max_accel` /
     `max_ang_accel`, the speed limits rise from zero over the first `ramp_s` of the episode (soft
-    start), and the arm slows down in time to stop at the target rather than overshoot it. A policy
-    that alternates directions every tick gets a gentle wobble, not full-speed reversals.
-    A non-finite target stops the arm (SafetyStop).
+    start), the arm slows down in time to stop at the target rather than overshoot it, and in time
+    to stop at a wall of the box or the edge of the cone rather than hit it (see the section
+    comment). A policy that alternates directions every tick gets a gentle wobble, not full-speed
+    reversals. A non-finite target stops the arm (SafetyStop); so does a start outside the limits.
     """
 
     def __init__(self, cfg: SafetyConfig, period, start, reference_rotvec=None):
@@ -451,9 +504,18 @@ class SafetyFilter:
         self.vel, self.ang_vel = np.zeros(3), np.zeros(3)  # per tick: m, rotation vector
         self.goal = None  # the previous goal (position, Rotation): how fast the goal itself moves
         self.ticks = 0
+        cone = self.cone_angle(Rotation.from_rotvec(self.prev[3:]))
+        if not self.inside(self.prev[:3]) or cone > self.max_cone + 1e-9:
+            raise SafetyStop(f"start pose {np.round(self.prev, 4).tolist()} is outside the limits "
+                             f"(workspace {self.lo.tolist()}..{self.hi.tolist()}, {cone:.3f} rad from the "
+                             f"reference orientation, max {self.max_cone:g})")
 
-    def inside(self, pos):
-        return bool(np.all(self.lo <= pos) and np.all(pos <= self.hi))
+    def inside(self, pos, eps=0.0):
+        return bool(np.all(self.lo - eps <= pos) and np.all(pos <= self.hi + eps))
+
+    def cone_angle(self, rot):
+        """Angle (rad) between the orientation `rot` (a Rotation) and the reference."""
+        return float((rot * self.ref.inv()).magnitude())
 
     def _into_cone(self, rot):
         """rot (a Rotation) limited to the cone around the reference; (rotation, was it limited)."""
@@ -464,6 +526,20 @@ class SafetyFilter:
         if angle <= self.max_cone + 1e-9:
             return rot, False
         return Rotation.from_rotvec(delta * (self.max_cone / angle)) * self.ref, True
+
+    def stop_point(self, pos, vel):
+        """Where braking at max_accel from `pos` at per-tick velocity `vel` ends."""
+        n = float(np.linalg.norm(vel))
+        return pos if n == 0 else pos + vel * (_stop_distance(n, self.max_dstep) / n)
+
+    def stop_rotation(self, rot, ang_vel):
+        """Where braking at max_ang_accel about the fixed axis of `ang_vel` ends (a Rotation), and
+        the angle turned on the way."""
+        from scipy.spatial.transform import Rotation
+
+        n = float(np.linalg.norm(ang_vel))
+        turn = _stop_distance(n, self.max_drad)
+        return (rot if n == 0 else Rotation.from_rotvec(ang_vel * (turn / n)) * rot), turn
 
     def apply(self, target):
         """target: pose (6,) [x, y, z, rx, ry, rz]. Returns (command pose (6,), event or None)."""
@@ -488,7 +564,7 @@ class SafetyFilter:
         elif violation:
             event = "clamped"
 
-        # how: speed (ramped in), acceleration, braking
+        # how: speed (ramped in), acceleration, braking for the goal, then for the walls
         self.ticks += 1
         ramp = min(1.0, self.ticks / self.ramp_ticks) if self.ramp_ticks > 0 else 1.0
         vmax, wmax = self.max_step * ramp, self.max_rad * ramp
@@ -498,9 +574,18 @@ class SafetyFilter:
             goal_ang = _cap((rot * self.goal[1].inv()).as_rotvec(), wmax)
         self.goal = None if event == "refused" else (pos, rot)  # a hold is no motion of the goal
         step = _shape_motion(pos - prev[:3], self.vel, vmax, self.max_dstep, goal_vel)
-        new_pos = np.clip(prev[:3] + step, self.lo, self.hi)  # momentum must not leave the box
+        step = _stoppable(step, self.vel, self.max_dstep,
+                          lambda v: self.inside(self.stop_point(prev[:3] + v, v), eps))
         turn = _shape_motion((rot * r_prev.inv()).as_rotvec(), self.ang_vel, wmax, self.max_drad,
                              goal_ang)
+
+        def turn_stops_in_cone(w):
+            stop, angle = self.stop_rotation(Rotation.from_rotvec(w) * r_prev, w)
+            # a turn of pi or more is not the shortest way between its ends: no convexity argument
+            return angle + float(np.linalg.norm(w)) < math.pi and self.cone_angle(stop) <= self.max_cone + eps
+        turn = _stoppable(turn, self.ang_vel, self.max_drad, turn_stops_in_cone)
+        # the clip and the cone only undo rounding now: the stop points are inside
+        new_pos = np.clip(prev[:3] + step, self.lo, self.hi)
         new_rot, _ = self._into_cone(Rotation.from_rotvec(turn) * r_prev)
         self.vel = new_pos - prev[:3]
         self.ang_vel = (new_rot * r_prev.inv()).as_rotvec()

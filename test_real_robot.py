@@ -939,7 +939,7 @@ def test_homing_checked_asynchronous_and_interruptible():
     with pytest.raises(KeyboardInterrupt):
         rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
     timer.cancel()
-    assert time.monotonic() - t0 < 5.0 and rtde.calls == [("moveL", True), ("stopL", 1.0)]
+    assert time.monotonic() - t0 < 5.0 and rtde.calls == [("moveL", True), ("stopL", 2.0)]
     assert rtde.kicks > kicks  # fed while the move ran
 
 
@@ -1194,3 +1194,106 @@ def test_robotiq_gripper_protocol():
     thread.join(timeout=5)
     server.close()
     assert received == ["GET POS"]
+
+
+# -----------------------------------------------------------------------------
+# The second safety review (issue 26): one test per finding, named after it, in its order
+
+
+def kinematics(start, commands, period):
+    """Commanded velocity (m/s or rad/s, base frame) and its change (m/s^2, rad/s^2) at every tick
+    of a command stream that starts at rest at `start`: what the limits are stated in."""
+    from scipy.spatial.transform import Rotation
+
+    poses = np.vstack([start, commands])
+    v = np.diff(poses[:, :3], axis=0) / period
+    rots = Rotation.from_rotvec(poses[:, 3:])
+    w = np.array([(b * a.inv()).as_rotvec() for a, b in zip(rots[:-1], rots[1:])]) / period
+    accel = np.diff(np.vstack([np.zeros(3), v]), axis=0) / period
+    ang_accel = np.diff(np.vstack([np.zeros(3), w]), axis=0) / period
+    return v, accel, w, ang_accel
+
+
+def test_finding1_acceleration_limit_holds_at_the_box_wall_and_the_cone_edge():
+    # a policy descending at 0.3 m/s towards a target below z_min (0.05): it went from -0.3 m/s to
+    # 0 in one tick (6.0 m/s^2 against 1.5)
+    f = safety("clamp")
+    outs = np.array([f.apply(PREV - [0, 0, 0.015 * k, 0, 0, 0])[0] for k in range(1, 80)])
+    v, accel, _, _ = kinematics(PREV, outs, 0.05)
+    assert v[:, 2].min() < -0.25  # it did descend at speed
+    assert np.linalg.norm(accel, axis=1).max() <= 1.5 + 1e-6
+    assert outs[:, 2].min() >= 0.05 - 1e-12 and outs[-1, 2] == pytest.approx(0.05, abs=1e-6)
+    # turning through the cone's edge (0.8 rad) at 1.5 rad/s: it stopped in one tick (24 rad/s^2)
+    f = safety("clamp", ramp_s=0.25)
+    outs = np.array([f.apply(np.r_[PREV[:3], rotate(PREV[3:], [0, 0, 0.075 * min(k, 30)])])[0]
+                     for k in range(1, 60)])  # on to 2.25 rad, then held
+    _, _, w, ang_accel = kinematics(PREV, outs, 0.05)
+    assert np.linalg.norm(w, axis=1).max() > 1.2  # it did turn at speed
+    assert np.linalg.norm(ang_accel, axis=1).max() <= 4.0 + 1e-6
+    cone = [rr.rotation_angle(o[3:], PREV[3:]) for o in outs]
+    assert max(cone) <= 0.8 + 1e-9 and cone[-1] == pytest.approx(0.8, abs=1e-4)
+
+
+def sweeps(lo, hi, rng):
+    """Target streams across the walls: along each axis both ways at 0.1-0.4 m/s, diagonally into
+    every corner at 0.4 m/s (start, per-tick target motion), and random far targets."""
+    streams = []
+    for axis in range(3):
+        for sign in (-1, 1):
+            for speed in (0.1, 0.25, 0.4):
+                streams.append(np.eye(3)[axis] * sign * speed * 0.05)
+    for corner in np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).T.reshape(-1, 3):
+        streams.append(corner / np.sqrt(3) * 0.4 * 0.05)
+    out = [[PREV[:3] + d * k for k in range(1, 70)] for d in streams]
+    span = hi - lo
+    for _ in range(4):  # a new target beyond the walls every 5 ticks
+        out.append([rng.uniform(lo - 0.3 * span, hi + 0.3 * span) for _ in range(14) for _ in range(5)])
+    return out
+
+
+def test_finding1_2_sweep_across_the_walls_every_tick_within_limits_and_every_stop_inside():
+    """Every tick of targets swept across the box walls and the cone's edge: speed and acceleration
+    within their limits, the command inside, and a stop begun at that tick (servoStop at
+    robot.stop_decel, continuous braking) ending inside the box. Rotations likewise, braking at
+    max_ang_accel."""
+    from scipy.spatial.transform import Rotation
+
+    cfg = rr.parse_config(config_dict())
+    s, period, stop_decel = cfg.safety, cfg.period, cfg.robot.stop_decel
+    lo, hi = np.array(s.workspace_min), np.array(s.workspace_max)
+    rng = np.random.default_rng(0)
+    for stream in sweeps(lo, hi, rng):
+        f = rr.SafetyFilter(s, period, PREV)
+        outs = np.array([f.apply(np.r_[t, PREV[3:]])[0] for t in stream])
+        v, accel, _, _ = kinematics(PREV, outs, period)
+        assert np.linalg.norm(v, axis=1).max() <= s.max_step_m / period + 1e-6
+        assert np.linalg.norm(accel, axis=1).max() <= s.max_accel + 1e-6
+        speed = np.linalg.norm(v, axis=1, keepdims=True)
+        stops = outs[:, :3] + np.divide(v, speed, out=np.zeros_like(v), where=speed > 0) * speed ** 2 / (
+            2 * stop_decel)
+        assert np.all(stops >= lo - 1e-9) and np.all(stops <= hi + 1e-9)
+        assert np.all(outs[:, :3] >= lo - 1e-12) and np.all(outs[:, :3] <= hi + 1e-12)
+    # orientations: turning about each axis, both ways, at 0.5-2 rad/s through the cone's edge
+    ref = Rotation.from_rotvec(PREV[3:])
+    for axis in range(3):
+        for sign in (-1, 1):
+            for rate in (0.5, 1.5, 2.0):
+                f = rr.SafetyFilter(s, period, PREV)
+                extra = np.eye(3)[axis] * sign * rate * period
+                outs = np.array([f.apply(np.r_[PREV[:3], rotate(PREV[3:], extra * min(k, 2.5 / rate / period))])[0]
+                                 for k in range(1, 60)])  # on to 2.5 rad, then held
+                _, _, w, ang_accel = kinematics(PREV, outs, period)
+                assert np.linalg.norm(w, axis=1).max() <= s.max_step_rad / period + 1e-6
+                assert np.linalg.norm(ang_accel, axis=1).max() <= s.max_ang_accel + 1e-6
+                for out, wk in zip(outs, w):
+                    n = np.linalg.norm(wk)
+                    stop = Rotation.from_rotvec(wk / max(n, 1e-12) * n ** 2 / (2 * s.max_ang_accel))
+                    angle = ((stop * Rotation.from_rotvec(out[3:])) * ref.inv()).magnitude()
+                    assert angle <= s.max_rot_from_home_rad + 1e-9
+
+
+def test_finding2_stop_decel_below_max_accel_is_refused():
+    # stop_decel 0.5 and max_accel 5 were both accepted: a stop would have ended ~140 mm outside
+    with pytest.raises(rr.ConfigError, match="robot.stop_decel: expected at least safety.max_accel 1.5"):
+        rr.parse_config(config_dict(**{"robot.stop_decel": 1.0}))  # the old default, max_accel 1.5
+    assert rr.parse_config(config_dict()).robot.stop_decel >= rr.parse_config(config_dict()).safety.max_accel
