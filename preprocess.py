@@ -1,12 +1,13 @@
 """preprocess.py: videos and robot demonstrations -> AMPLIFY datasets (SPEC sections 3 and 6).
 
 AMPLIFY's tokenizer and forward model learn from point tracks: for every frame, a 20x20 grid
-re-initialised on that frame and followed through the next T = 16 frames. This file turns three
+re-initialised on that frame and followed through the next T = 16 frames. This file turns four
 kinds of source into the dataset format that `amplify.py --data` reads:
 
   python preprocess.py metaworld reach-v3,push-v3 --episodes 10 --out data/mw      # scripted experts
   python preprocess.py libero libero_object/*.hdf5 --out data/libero_object        # demonstrations
   python preprocess.py videos clips/*.mp4 --task "pick up the cup" --out data/human  # action-free
+  python preprocess.py lerobot datasets/aloha_sim --views top --out data/aloha       # LeRobot v3.0/v2.x
   python preprocess.py bench-tracker                                               # tracker accuracy
   python preprocess.py bench-tracker --truth metaworld --tracker lk,flow   # on real frames vs exact tracks
   python preprocess.py check-sim reach-v3                                  # self-check of exact tracks
@@ -27,6 +28,9 @@ Notable features
 - Conventions pinned by tests: grid exact at t = 0, windows past the episode end repeat the last
   frame (zero motion), (x, y) = (column, row) normalised with u = 2 * pixel / size - 1, where pixel
   (row i, column j) has its centre at (j, i) (OpenCV's and CoTracker's convention).
+- LeRobot datasets (v3.0, v2.x) read from disk without the lerobot package: pyarrow for the
+  parquet files, PyAV for the AV1/h264 videos; each frame is the video frame presented at the
+  episode's span start + the frame's timestamp (docs/LEROBOT.md).
 - Sharding: `--shard i/n` processes episodes k with k % n == i (source order) as a dataset of its
   own; `merge` checks the shards belong together and restores the original order, streaming one
   episode at a time into memory-mapped .npy files.
@@ -1029,6 +1033,405 @@ def read_video(path):
 
 
 # -----------------------------------------------------------------------------
+# Source: LeRobot datasets on disk (format v3.0, and v2.0/v2.1), read with pyarrow and PyAV
+#
+# The `lerobot` package cannot be installed beside our torch, so the files are read directly:
+#   meta/info.json        codebase_version, fps, features (dtype "video" | "image" | numeric, shape),
+#                         chunks_size, data_path and video_path templates
+#   v3.0: meta/episodes/chunk-XXX/file-XXX.parquet  one row per episode: length, dataset_from_index,
+#                         data/chunk_index, data/file_index, videos/<key>/{chunk_index, file_index,
+#                         from_timestamp, to_timestamp}: several episodes share one parquet and one mp4
+#         meta/tasks.parquet    task_index -> task (the task string is the pandas index)
+#   v2.x: meta/episodes.jsonl, meta/tasks.jsonl; one parquet and one mp4 per episode
+#   data parquet: one row per frame: episode_index, frame_index, timestamp, task_index,
+#                 observation.state, action, and image features stored inline (PNG bytes)
+# Frame t of an episode is the video frame presented at from_timestamp + timestamp[t] (LeRobot
+# matches within tolerance_s = 1e-4 s); a query with no frame that close is refused, never rounded.
+
+LEROBOT_VERSIONS = ("v2.0", "v2.1", "v3.0")
+LEROBOT_STATE, LEROBOT_ACTION = "observation.state", "action"
+LEROBOT_TOLERANCE_S = 1e-4
+
+
+def _read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected {what}, found no such file") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: expected {what} (JSON), found unreadable JSON ({e})") from None
+
+
+def _read_jsonl(path, what):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: expected {what}, found no such file") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise DataError(f"{path}:{n}: expected one JSON object per line, found {line[:60]!r}") from None
+    return rows
+
+
+def _read_parquet(path, columns=None, what="a parquet file", filters=None):
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: expected {what}, found no such file")
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in (columns or []) if c not in names]
+        if missing:
+            raise DataError(f"{path}: expected columns {missing} in {what}, found {names[:12]}")
+        return pq.read_table(path, columns=columns, filters=filters)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: expected {what}, found an unreadable file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _fill_template(template, key, **fields):
+    """info.json's data_path / video_path with its fields filled; only plain named fields allowed
+    (a template from an untrusted file must not reach attributes through str.format)."""
+    import string
+
+    if not isinstance(template, str):
+        raise DataError(f"meta/info.json: {key}: expected a path template, found {template!r}")
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in fields:
+            raise DataError(f"meta/info.json: {key}: expected fields from {sorted(fields)}, "
+                            f"found {{{name}}} in {template!r}")
+    return template.format(**fields)
+
+
+def _column_matrix(table, key, width, where):
+    """A numeric feature column (scalars, or lists nested to any depth) -> float32 (rows, width)."""
+    import pyarrow as pa
+
+    col = table.column(key).combine_chunks()
+    while pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
+        col = col.flatten()
+    if col.null_count:
+        raise DataError(f"{where}: {key}: expected numbers, found {col.null_count} nulls")
+    values = col.to_numpy(zero_copy_only=False)
+    if values.size != table.num_rows * width:
+        raise DataError(f"{where}: {key}: expected {width} values per frame (meta/info.json shape), "
+                        f"found {values.size} for {table.num_rows} frames")
+    values = values.reshape(table.num_rows, width).astype(np.float32)
+    if not np.isfinite(values).all():
+        raise DataError(f"{where}: {key}: expected finite values, found NaN or inf")
+    return values
+
+
+def decode_video_at(path, times, tolerance_s, img_size=None, label=None):
+    """The frames of a video file presented at `times` (seconds) -> uint8 (len(times), H, W, 3).
+
+    Seeks to the keyframe before times[0] and decodes forward, keeping the frame whose presentation
+    time (pts * time_base) is within tolerance_s of each query. img_size: each kept frame goes
+    through fit_square at once, so memory holds only small frames. label: prefixes errors.
+    """
+    import av
+
+    where = f"{label}: {path}" if label else str(path)
+    times = np.asarray(times, np.float64)
+    if len(times) and np.any(np.diff(times) <= 0):
+        raise DataError(f"{where}: expected increasing frame timestamps, found {times[:6].tolist()}...")
+    if not Path(path).is_file():
+        raise DataError(f"{where}: expected a video file, found no such file")
+    out, seen = [None] * len(times), []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{where}: expected a video stream, found none")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb = stream.time_base
+            # offset in the stream's time base; backward: land on the keyframe at or before it. A
+            # second early: mp4 indexes by decode time, which B-frames put ahead of presentation.
+            container.seek(max(0, int((times[0] - 1.0) / tb)), stream=stream, backward=True)
+            j = 0
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = float(frame.pts * tb)
+                if t > times[-1] + tolerance_s:
+                    break
+                while j < len(times) and times[j] < t - tolerance_s:
+                    j += 1  # passed without a match: reported below
+                if j < len(times) and abs(times[j] - t) <= tolerance_s:
+                    rgb = frame.to_ndarray(format="rgb24")
+                    out[j] = fit_square(rgb[None], img_size)[0] if img_size else rgb
+                    j += 1
+                seen.append(t)
+    except DataError:
+        raise
+    except Exception as e:  # av.error.* for unreadable or undecodable files
+        raise DataError(f"{where}: cannot decode video ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    missing = [k for k, f in enumerate(out) if f is None]
+    if missing:
+        k = missing[0]
+        near = min(seen, key=lambda s: abs(s - times[k])) if seen else None
+        raise DataError(f"{where}: expected a frame at {times[k]:.6f} s (+-{tolerance_s:g}), found "
+                        + (f"the nearest at {near:.6f} s" if near is not None else "no frames there")
+                        + f" ({len(missing)} of {len(times)} frames missing)")
+    sizes = {f.shape for f in out}
+    if len(sizes) > 1:
+        raise DataError(f"{where}: expected frames of one size, found {sorted(sizes)}")
+    return np.stack(out)
+
+
+class LeRobotSource:
+    """A LeRobot dataset folder: checks its layout on open, then reads episodes as AMPLIFY episodes.
+
+    views: camera keys to read (full "observation.images.top" or short "top"); None: every camera
+    (RGB video and image features, in info.json's order; depth-map videos are left out).
+    """
+
+    def __init__(self, root, views=None, tolerance_s=LEROBOT_TOLERANCE_S):
+        self.root = Path(root)
+        self.tolerance_s = float(tolerance_s)
+        info_path = self.root / "meta" / "info.json"
+        if not info_path.is_file():
+            raise DataError(f"{self.root}: expected a LeRobot dataset (meta/info.json), found "
+                            + ("no such folder" if not self.root.is_dir() else "no meta/info.json"))
+        info = _read_json(info_path, "LeRobot's meta/info.json")
+        self.version = info.get("codebase_version")
+        if self.version not in LEROBOT_VERSIONS:
+            raise DataError(f"{info_path}: codebase_version: expected one of {list(LEROBOT_VERSIONS)}, "
+                            f"found {self.version!r}")
+        self.fps = info.get("fps")
+        if not isinstance(self.fps, (int, float)) or self.fps <= 0:
+            raise DataError(f"{info_path}: fps: expected a positive number, found {self.fps!r}")
+        self.fps = float(self.fps)
+        self.features = info.get("features")
+        if not isinstance(self.features, dict):
+            raise DataError(f"{info_path}: features: expected a dict, found {type(self.features).__name__}")
+        self.info = info
+
+        cameras = [k for k, ft in self.features.items() if ft.get("dtype") in ("video", "image")]
+        depth = {k for k in cameras if (self.features[k].get("info") or {}).get("is_depth_map")
+                 or (self.features[k].get("info") or {}).get("video.is_depth_map")}
+        short = {k.removeprefix("observation.images."): k for k in cameras}
+        if views is None:
+            self.camera_keys = [k for k in cameras if k not in depth]
+        else:
+            self.camera_keys = []
+            for v in views:
+                key = v if v in cameras else short.get(v)
+                if key is None:
+                    raise DataError(f"--views: expected camera keys of {self.root} from {cameras}, found {v!r}")
+                if key in depth:
+                    raise DataError(f"--views: expected an RGB camera, found the depth map {key!r}")
+                self.camera_keys.append(key)
+        if not self.camera_keys:
+            raise DataError(f"{info_path}: features: expected at least one RGB camera (dtype video or "
+                            f"image), found {sorted(self.features)}")
+        self.views = [k.removeprefix("observation.images.") for k in self.camera_keys]
+        if len(set(self.views)) != len(self.views):
+            raise DataError(f"--views: expected distinct cameras, found {self.camera_keys}")
+        self.numeric = {}  # feature -> values per frame
+        for key in (LEROBOT_STATE, LEROBOT_ACTION):
+            if key in self.features:
+                shape = self.features[key].get("shape")
+                if not isinstance(shape, list) or not all(isinstance(s, int) and s > 0 for s in shape):
+                    raise DataError(f"{info_path}: features.{key}.shape: expected a list of positive "
+                                    f"ints, found {shape!r}")
+                self.numeric[key] = int(np.prod(shape))
+        self.episodes = self._read_episodes()  # episode_index -> dict (length, files, video spans)
+        self.tasks = self._read_tasks()  # task_index -> str
+        self._table = (None, None)  # the last data parquet read: (path, table)
+
+    # meta/ -------------------------------------------------------------------
+
+    def _read_episodes(self):
+        v3 = self.version == "v3.0"
+        videos = [k for k in self.camera_keys if self.features[k]["dtype"] == "video"]
+        if videos and not self.info.get("video_path"):
+            raise DataError(f"{self.root}/meta/info.json: video_path: expected a template for the "
+                            f"video features {videos}, found {self.info.get('video_path')!r}")
+        episodes = {}
+        if v3:
+            files = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+            if not files:
+                raise DataError(f"{self.root}: expected meta/episodes/chunk-XXX/file-XXX.parquet "
+                                f"(LeRobot v3.0), found none")
+            cols = ["episode_index", "length", "dataset_from_index", "dataset_to_index",
+                    "data/chunk_index", "data/file_index"]
+            cols += [f"videos/{k}/{c}" for k in videos
+                     for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")]
+            for f in files:
+                table = _read_parquet(f, cols, "LeRobot v3.0 episodes metadata").to_pydict()
+                for row in zip(*(table[c] for c in cols)):
+                    r = dict(zip(cols, row))
+                    e = int(r["episode_index"])
+                    if r["dataset_to_index"] - r["dataset_from_index"] != r["length"]:
+                        raise DataError(f"{f}: episode {e}: expected length = dataset_to_index - "
+                                        f"dataset_from_index = {r['dataset_to_index'] - r['dataset_from_index']}, "
+                                        f"found {r['length']}")
+                    data = _fill_template(self.info.get("data_path"), "data_path",
+                                          chunk_index=r["data/chunk_index"], file_index=r["data/file_index"])
+                    episodes[e] = {"length": int(r["length"]), "data": self.root / data, "video": {}}
+                    for k in videos:
+                        path = _fill_template(self.info["video_path"], "video_path", video_key=k,
+                                              chunk_index=r[f"videos/{k}/chunk_index"],
+                                              file_index=r[f"videos/{k}/file_index"])
+                        episodes[e]["video"][k] = (self.root / path, float(r[f"videos/{k}/from_timestamp"]),
+                                                   float(r[f"videos/{k}/to_timestamp"]))
+        else:
+            path = self.root / "meta" / "episodes.jsonl"
+            chunks = self.info.get("chunks_size")
+            if not isinstance(chunks, int) or chunks < 1:
+                raise DataError(f"{self.root}/meta/info.json: chunks_size: expected a positive int "
+                                f"(LeRobot {self.version}), found {chunks!r}")
+            for n, r in enumerate(_read_jsonl(path, f"LeRobot {self.version} episodes metadata"), 1):
+                if not isinstance(r.get("episode_index"), int) or not isinstance(r.get("length"), int):
+                    raise DataError(f"{path}:{n}: expected integer episode_index and length, found {r}")
+                e = r["episode_index"]
+                fields = dict(episode_chunk=e // chunks, episode_index=e)
+                data = _fill_template(self.info.get("data_path"), "data_path", **fields)
+                episodes[e] = {"length": r["length"], "data": self.root / data, "video": {}}
+                for k in videos:
+                    video = _fill_template(self.info["video_path"], "video_path", video_key=k, **fields)
+                    episodes[e]["video"][k] = (self.root / video, 0.0, None)
+        if not episodes:
+            raise DataError(f"{self.root}: expected at least one episode in its metadata, found none")
+        return dict(sorted(episodes.items()))
+
+    def _read_tasks(self):
+        if self.version == "v3.0":
+            path = self.root / "meta" / "tasks.parquet"
+            table = _read_parquet(path, None, "LeRobot v3.0 tasks (task_index, task)")
+            names = table.column_names  # the task is pandas' index: named "task", or left unnamed
+            text = next((c for c in ("task", "__index_level_0__") if c in names), None)
+            if "task_index" not in names or text is None:
+                raise DataError(f"{path}: expected columns task_index and task, found {names}")
+            pairs = zip(table.column("task_index").to_pylist(), table.column(text).to_pylist())
+        else:
+            path = self.root / "meta" / "tasks.jsonl"
+            rows = _read_jsonl(path, f"LeRobot {self.version} tasks (task_index, task)")
+            if not all("task_index" in r and "task" in r for r in rows):
+                raise DataError(f"{path}: expected task_index and task on every line, found {rows[:2]}")
+            pairs = ((r["task_index"], r["task"]) for r in rows)
+        return {int(i): str(t) for i, t in pairs}
+
+    # episodes ------------------------------------------------------------------
+
+    def select(self, text=None):
+        """"0-9,12" -> those episode indices, each checked to exist; None: every episode."""
+        if text is None:
+            return list(self.episodes)
+        picked = []
+        for part in str(text).split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not m or (m[2] is not None and int(m[2]) < int(m[1])):
+                raise DataError(f"--episodes: expected indices and ranges like 0-9,12, found {part!r}")
+            for e in range(int(m[1]), int(m[2] or m[1]) + 1):
+                if e not in self.episodes:
+                    raise DataError(f"--episodes: expected episode indices of {self.root} "
+                                    f"({min(self.episodes)}..{max(self.episodes)}, {len(self.episodes)} "
+                                    f"episodes), found {e}")
+                if e not in picked:
+                    picked.append(e)
+        return picked
+
+    def frames(self, e):
+        """Episode e's rows of the data parquet, checked: a pyarrow table sorted by frame_index."""
+        import pyarrow.compute as pc
+
+        ep = self.episodes[e]
+        where = f"{ep['data']}: episode {e}"
+        images = [k for k in self.camera_keys if self.features[k]["dtype"] == "image"]
+        cols = ["episode_index", "frame_index", "timestamp", "task_index", *self.numeric]
+        if images:  # inline PNG bytes: read this episode's rows only, with them
+            rows = _read_parquet(ep["data"], cols + images, f"LeRobot {self.version} frames",
+                                 filters=[("episode_index", "=", e)])
+        else:  # v3.0: one file holds many episodes, read in order: keep the last file's numbers
+            if self._table[0] != ep["data"]:
+                self._table = (ep["data"], _read_parquet(ep["data"], cols, f"LeRobot {self.version} frames"))
+            table = self._table[1]
+            rows = table.filter(pc.equal(table.column("episode_index"), e))
+        order = np.argsort(rows.column("frame_index").to_numpy(zero_copy_only=False), kind="stable")
+        rows = rows.take(order)
+        if rows.num_rows != ep["length"]:
+            raise DataError(f"{where}: expected {ep['length']} frames (its length in meta/episodes), "
+                            f"found {rows.num_rows} rows")
+        index = rows.column("frame_index").to_numpy(zero_copy_only=False)
+        if not np.array_equal(index, np.arange(len(index))):
+            raise DataError(f"{where}: frame_index: expected 0..{len(index) - 1}, found {index[:8].tolist()}...")
+        return rows
+
+    def check(self, episodes):
+        """Everything that can fail without decoding video, for every episode: run before tracking."""
+        for e in episodes:
+            rows = self.frames(e)
+            where = f"{self.episodes[e]['data']}: episode {e}"
+            for key, width in self.numeric.items():
+                _column_matrix(rows, key, width, where)
+            unknown = sorted(set(rows.column("task_index").to_pylist()) - set(self.tasks))
+            if unknown:
+                raise DataError(f"{where}: task_index: expected indices listed in meta/tasks, found {unknown}")
+            for key, (path, start, end) in self.episodes[e]["video"].items():
+                if not path.is_file():
+                    raise DataError(f"episode {e}: {key}: expected the video file {path}, found no such file")
+                last = start + float(rows.column("timestamp")[-1].as_py())
+                if end is not None and last > end + self.tolerance_s:
+                    raise DataError(f"episode {e}: {key}: expected its frames within the span "
+                                    f"{start:.4f}..{end:.4f} s of {path.name}, found the last at {last:.4f} s")
+
+    def task(self, rows):
+        """The episode's task string; an episode with several tasks gets them joined with '; '."""
+        ids = list(dict.fromkeys(rows.column("task_index").to_pylist()))  # order of first appearance
+        return "; ".join(self.tasks[i] for i in ids)
+
+    def episode(self, e, img_size):
+        """Episode e as preprocess episodes: images uint8 (F, V, S, S, 3), task, actions, proprio."""
+        rows = self.frames(e)
+        where = f"{self.episodes[e]['data']}: episode {e}"
+        times = rows.column("timestamp").to_numpy(zero_copy_only=False).astype(np.float64)
+        views = []
+        for key in self.camera_keys:
+            if self.features[key]["dtype"] == "video":
+                path, start, _ = self.episodes[e]["video"][key]
+                views.append(decode_video_at(path, start + times, self.tolerance_s, img_size,
+                                             label=f"episode {e}: {key}"))
+            else:
+                views.append(self._images(rows, key, where, img_size))
+        shapes = {v.shape for v in views}
+        if len(shapes) > 1:  # only without --img-size, which the CLI always sets
+            raise DataError(f"{where}: expected cameras of one size, found {sorted(shapes)}")
+        ep = {"images": np.stack(views, axis=1), "task": self.task(rows)}  # (F, V, H, W, 3)
+        for key, name in ((LEROBOT_STATE, "proprio"), (LEROBOT_ACTION, "actions")):
+            if key in self.numeric:
+                ep[name] = _column_matrix(rows, key, self.numeric[key], where)  # (F, dim)
+        return ep
+
+    def _images(self, rows, key, where, img_size):
+        """An image feature stored in the parquet ({bytes, path} structs of PNG/JPEG) -> uint8 frames."""
+        import io
+
+        from PIL import Image
+
+        out = []
+        for t, cell in enumerate(rows.column(key).to_pylist()):
+            data = cell.get("bytes") if isinstance(cell, dict) else None
+            if not data:
+                raise DataError(f"{where}: {key} frame {t}: expected embedded image bytes, found {cell!r:.80}")
+            try:
+                rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.uint8)  # (H, W, 3)
+            except Exception as e:
+                raise DataError(f"{where}: {key} frame {t}: cannot decode image ({type(e).__name__})") from None
+            out.append(fit_square(rgb[None], img_size)[0] if img_size else rgb)
+        return np.stack(out)
+
+
+# -----------------------------------------------------------------------------
 # Source: Meta-World scripted experts
 
 DEFAULT_CAMERAS = ("corner", "gripperPOV")
@@ -1856,6 +2259,22 @@ def build_parser():
     p.add_argument("--view", default="camera", help="name of the (single) view in meta.json")
     _common(p)
 
+    p = sub.add_parser("lerobot", help="a LeRobot dataset on disk (format v3.0 or v2.x): cameras, "
+                                       "observation.state, action, tasks")
+    p.add_argument("root", help="the dataset folder (the one holding meta/info.json)")
+    p.add_argument("--views", default=None,
+                   help="comma-separated camera keys, full (observation.images.top) or short (top); "
+                        "default: every RGB camera")
+    p.add_argument("--episodes", dest="select", default=None, metavar="LIST",
+                   help="LeRobot episode indices to convert, e.g. 0-9,12 (default: all)")
+    p.add_argument("--target-fps", type=float, default=TRAINING_FPS,
+                   help="rate of the T track steps (the dataset's fps is the source rate, as for videos)")
+    p.add_argument("--img-size", type=int, default=128, help="centre-crop to a square and resize")
+    p.add_argument("--tolerance-s", type=float, default=LEROBOT_TOLERANCE_S,
+                   help="largest gap between a frame's timestamp and the video frame used for it "
+                        "(LeRobot's tolerance_s)")
+    _common(p)
+
     p = sub.add_parser("metaworld", help="Meta-World scripted-expert demonstrations")
     p.add_argument("tasks", help="comma-separated task names, e.g. reach-v3,push-v3")
     p.add_argument("--episodes", type=int, default=10, help="successful episodes to keep per task")
@@ -1989,7 +2408,9 @@ def main(argv=None):
             print(f"{task} episode {k}: " + _summary_line(check))
             failed += not check["ok"]
         return 1 if failed else 0
-    if args.command == "videos" and args.tracker == "sim":
+    if getattr(args, "tolerance_s", 1.0) <= 0:
+        raise DataError(f"--tolerance-s: expected a positive number of seconds, found {args.tolerance_s}")
+    if args.command in ("videos", "lerobot") and args.tracker == "sim":
         raise DataError(f"--tracker sim: expected a simulator source (metaworld, libero), found {args.command}; "
                         f"use lk or cotracker")
     if args.command != "bench-tracker":
@@ -2039,6 +2460,26 @@ def main(argv=None):
         run = dict(views=[args.view], fps=args.target_fps, source_fps=rates[0],
                    source="videos: " + args.task)
         extra["source_fps"] = rates[0]
+
+    elif args.command == "lerobot":
+        views = None if args.views is None else [v.strip() for v in args.views.split(",") if v.strip()]
+        src = LeRobotSource(args.root, views=views, tolerance_s=args.tolerance_s)
+        chosen = src.select(args.select)
+        keep = shard_indices(len(chosen), shard)  # positions in `chosen`: the unsharded run's order
+        picked = [chosen[k] for k in keep]
+        src.check(picked)  # lengths, widths, tasks, video files: before any decoding or tracking
+        episodes = (src.episode(e, args.img_size) for e in picked)
+        described = lambda key: (f"LeRobot '{key}'" + (f": {src.features[key].get('names')}"  # noqa: E731
+                                                       if src.features[key].get("names") else ""))
+        run = dict(views=src.views, fps=args.target_fps, source_fps=src.fps,
+                   source=f"lerobot {src.version}: {Path(args.root).absolute().name}",
+                   extra_meta={"lerobot": {"root": str(Path(args.root).absolute()), "version": src.version,
+                                           "fps": src.fps, "camera_keys": src.camera_keys,
+                                           "episode_index": chosen}})  # a shard's: meta shard.episodes
+        for key, name in ((LEROBOT_STATE, "proprio"), (LEROBOT_ACTION, "actions")):
+            if key in src.numeric:
+                run["extra_meta"][name] = described(key) + f", one row per frame at {src.fps:g} fps"
+        extra["source_fps"] = src.fps
 
     elif args.command == "metaworld":
         tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
