@@ -96,8 +96,15 @@ class OverrunBudget(SafetyStop):
 # "max_stp_m") must not silently fall back to a default, and a gain of 5000 must not reach servoL.
 
 ACTION_LAYOUTS = {"xyz_gripper": 4, "xyz_rotvec_gripper": 7}
+# What a UR5 can do (its data sheet), used to bound the config. Conservative on purpose: a number
+# beyond these is a typo or another robot, and the controller's own check (check_workspace) only
+# runs with the arm connected.
 MAX_TCP_SPEED = 1.0  # m/s: the UR5's rated tool speed; max_step_m * rate_hz above it is a typo
 MAX_TCP_ANG_SPEED = math.pi  # rad/s (180 deg/s, the UR5's wrist joint limit)
+UR5_REACH_M = 0.85  # from the shoulder axis; the box's corners must be within it
+UR5_SHOULDER = (0.0, 0.0, 0.089)  # base frame: the shoulder joint, 89 mm above the mounting plane
+BASE_KEEPOUT_M = 0.2  # the box stays this far from the base's vertical axis: the base and shoulder
+# are there, and a wrist above the base axis is the shoulder singularity (joint speeds blow up)
 
 
 def _num(lo=None, hi=None, *, gt=None):
@@ -160,22 +167,25 @@ class ControlConfig(_Section):
     max_consecutive_overruns: _int(1, 100) = 5  # this many late ticks in a row -> stop
     max_late_periods: _num(0.5, 10) = 2.0  # one tick later than this many periods -> stop (a stall)
     overrun_window: _int(2, 10000) = 20  # ticks over which the overrun rate is measured
-    max_overrun_fraction: _num(gt=0, hi=1) = 0.25  # more late ticks than this in the window -> stop
-    min_speed_scaling: _num(0, 1) = 0.9  # pendant speed slider below this -> stop (the arm lags)
+    max_overrun_fraction: _num(gt=0, hi=0.5) = 0.25  # more late ticks than this in the window -> stop
+    # (1 would turn the check off)
+    min_speed_scaling: _num(0.5, 1) = 0.9  # pendant speed slider below this -> stop (the arm lags;
+    # 0 would turn the check off)
     camera_timeout_s: _num(gt=0, hi=120) = 5.0  # wait for the first frame of every camera at start-up
 
 
 class SafetyConfig(_Section):
-    workspace_min: _numbers(3, -2, 2)  # [x, y, z] metres, robot base frame
-    workspace_max: _numbers(3, -2, 2)
+    workspace_min: _numbers(3, -UR5_REACH_M, UR5_REACH_M + UR5_SHOULDER[2])  # [x, y, z] metres,
+    # robot base frame, z >= 0; within the UR5's reach and clear of its base (checked in parse_config)
+    workspace_max: _numbers(3, -UR5_REACH_M, UR5_REACH_M + UR5_SHOULDER[2])
     max_step_m: _num(gt=0, hi=0.5) = 0.02  # per tick: 0.02 m at 20 Hz = 0.4 m/s
     max_step_rad: _num(gt=0, hi=1) = 0.1  # per tick, orientation (2 rad/s at 20 Hz)
-    max_accel: _num(gt=0, hi=5) = 1.5  # m/s^2: limit on the change of the commanded velocity
-    max_ang_accel: _num(gt=0, hi=20) = 4.0  # rad/s^2
-    ramp_s: _num(0, 10) = 1.0  # speed limits rise linearly from 0 over the first ramp_s of an episode
-    max_rot_from_home_rad: _num(gt=0, hi=math.pi) = 0.8  # orientation cone around the reference
-    # (robot.home's orientation, else the episode's start orientation)
-    max_tracking_error_m: _num(gt=0, hi=0.5) = 0.08  # measured vs commanded position -> stop
+    max_accel: _num(gt=0, hi=3) = 1.5  # m/s^2: limit on the change of the commanded velocity
+    max_ang_accel: _num(gt=0, hi=10) = 4.0  # rad/s^2
+    ramp_s: _num(0.25, 10) = 1.0  # speed limits rise linearly from 0 over the first ramp_s of an episode
+    max_rot_from_home_rad: _num(gt=0, hi=math.pi / 2) = 0.8  # orientation cone around the reference
+    # (robot.home's orientation, else the episode's start orientation); a quarter turn at most
+    max_tracking_error_m: _num(gt=0, hi=0.15) = 0.08  # measured vs commanded position -> stop
     on_violation: Literal["clamp", "refuse"] = "clamp"  # see SafetyFilter
 
 
@@ -242,6 +252,12 @@ def parse_config(raw):
     if not np.all(lo < hi):
         raise ConfigError(f"config error: safety: expected workspace_min < workspace_max in every "
                           f"axis, found {safety.workspace_min} and {safety.workspace_max}")
+    check_workspace_geometry(lo, hi)
+    if control.action == "xyz_rotvec_gripper" and robot.home is None:
+        raise ConfigError("config error: robot.home: expected a home pose with control.action "
+                          "'xyz_rotvec_gripper' (its orientation is the one reference of the rotation "
+                          "vectors in recordings, proprio and the orientation cone; per-episode "
+                          "references came out at +pi and -pi), found none")
     if robot.stop_decel < safety.max_accel:  # the filter keeps the stop at max_accel inside the box
         raise ConfigError(f"config error: robot.stop_decel: expected at least safety.max_accel "
                           f"{safety.max_accel:g} m/s^2 (the safety filter brakes for the walls at "
@@ -265,6 +281,25 @@ def parse_config(raw):
             raise ConfigError(f"config error: cameras '{c.name}'.crop: expected positive w, h, "
                               f"found {c.crop}")
     return cfg
+
+
+def check_workspace_geometry(lo, hi):
+    """The box must be one a UR5 can work in: above its mounting plane, every corner within reach
+    of the shoulder, and clear of the column above the base (see BASE_KEEPOUT_M). Raises ConfigError."""
+    box = f"{np.round(lo, 4).tolist()}..{np.round(hi, 4).tolist()}"
+    if lo[2] < 0:
+        raise ConfigError(f"config error: safety.workspace_min: expected z >= 0 (above the robot's "
+                          f"mounting plane), found {lo[2]:g} (box {box})")
+    corners = np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3)  # (8, 3)
+    far = float(np.linalg.norm(corners - np.array(UR5_SHOULDER), axis=1).max())
+    if far > UR5_REACH_M:
+        raise ConfigError(f"config error: safety: expected every workspace corner within the UR5's "
+                          f"reach {UR5_REACH_M} m of the shoulder, found one at {far:.3f} m (box {box})")
+    near = float(np.linalg.norm(np.clip([0.0, 0.0], lo[:2], hi[:2])))  # box to the base axis
+    if near < BASE_KEEPOUT_M:
+        raise ConfigError(f"config error: safety: expected the workspace at least {BASE_KEEPOUT_M} m "
+                          f"from the robot base's vertical axis (base, shoulder singularity), found "
+                          f"{near:.3f} m (box {box})")
 
 
 def _no_duplicate_keys(pairs):

@@ -1109,7 +1109,7 @@ def test_recording_refuses_an_existing_recording_unless_append_or_overwrite(tmp_
     ({"robot.servo_lookahead_s": 2.0}, "robot.servo_lookahead_s: expected a number <= 0.2"),
     ({"control.rate_hz": 500, "safety.max_step_m": 0.5}, "safety.max_step_m: expected at most 1.0 m/s"),
     ({"safety.max_step_rad": 0.5}, "safety.max_step_rad: expected at most 3.14 rad/s"),
-    ({"safety.max_accel": 50}, "safety.max_accel: expected a number <= 5"),
+    ({"safety.max_accel": 50}, "safety.max_accel: expected a number <= 3"),
     ({"control.rate_hz": float("nan")}, "control.rate_hz: expected a finite number"),
     ({"control.max_overrun_fraction": 0}, "control.max_overrun_fraction: expected a number > 0"),
     ({"control.max_consecutive_overruns": 2.0}, "expected a valid integer"),
@@ -1297,3 +1297,35 @@ def test_finding2_stop_decel_below_max_accel_is_refused():
     with pytest.raises(rr.ConfigError, match="robot.stop_decel: expected at least safety.max_accel 1.5"):
         rr.parse_config(config_dict(**{"robot.stop_decel": 1.0}))  # the old default, max_accel 1.5
     assert rr.parse_config(config_dict()).robot.stop_decel >= rr.parse_config(config_dict()).safety.max_accel
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"safety.workspace_min": [-2, -2, -2], "safety.workspace_max": [2, 2, 2]},
+     "safety.workspace_min[0]: expected a number >= -0.85"),  # a 4 m box
+    ({"safety.workspace_min": [-0.3, -0.7, -0.1]}, "expected z >= 0 (above the robot's mounting plane)"),
+    ({"safety.workspace_min": [-0.6, -0.7, 0.05]}, "within the UR5's reach 0.85 m of the shoulder"),
+    ({"safety.workspace_min": [-0.3, -0.5, 0.05], "safety.workspace_max": [0.3, 0.1, 0.4]},
+     "at least 0.2 m from the robot base's vertical axis"),  # the box holds the base
+    ({"safety.max_rot_from_home_rad": 3.14}, "max_rot_from_home_rad: expected a number <= 1.57"),
+    ({"safety.ramp_s": 0}, "safety.ramp_s: expected a number >= 0.25"),
+    ({"control.min_speed_scaling": 0}, "control.min_speed_scaling: expected a number >= 0.5"),
+    ({"control.max_overrun_fraction": 1}, "control.max_overrun_fraction: expected a number <= 0.5"),
+])
+def test_extra_config_ranges_are_what_a_ur5_can_do(override, needle):
+    import re
+    with pytest.raises(rr.ConfigError, match=re.escape(needle)):
+        rr.parse_config(config_dict(**override))
+
+
+def test_finding4_rotation_layout_needs_robot_home_as_the_one_reference():
+    # without robot.home each episode took its first reading as the reference: two episodes came
+    # out at ry +3.1416 and -3.1416 (and a policy trained on them averaged to the identity)
+    with pytest.raises(rr.ConfigError, match="robot.home: expected a home pose with control.action"):
+        rr.parse_config(config_dict(**{"control.action": "xyz_rotvec_gripper"}))
+    cfg = rr.parse_config(config_dict(**{"control.action": "xyz_rotvec_gripper", "robot.home": HOME_DOWN}))
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    for reported in (3.1416, -3.1416):  # the same gripper-down orientation, as UR may report it
+        robot = FakeRobot(pose=(0.0, -0.5, 0.2, 0.0, reported, 0.0))
+        ep = rr.record_episode(rr.Hardware(robot, FakeGripper(), cams), cfg, clock=clock)
+        np.testing.assert_allclose(ep["proprio"][:, 4], 3.1416, atol=1e-4)
