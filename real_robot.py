@@ -1047,7 +1047,8 @@ def target_from(action, hold_rotvec, layout):
 
 def check_policy(policy, cfg: Config):
     """The checkpoint must match the config: views, action and proprio layouts, and an action range
-    that can be absolute positions (metres) in this workspace and a gripper in [0, 1].
+    that can be absolute positions (metres) in this workspace, rotation vectors near robot.home's
+    and a gripper in [0, 1].
 
     The range comes from the normalization statistics in the checkpoint (`policy.act_norm`: mean
     and std per action dimension of the training data). A policy trained on normalized actions,
@@ -1081,6 +1082,22 @@ def check_policy(policy, cfg: Config):
                           f"{cfg.safety.workspace_min}..{cfg.safety.workspace_max} (mean inside, "
                           f"spread within the box), found {'; '.join(bad)}: trained on other units "
                           f"(normalized, deltas, joint angles) or another workspace")
+    if layout == "xyz_rotvec_gripper":
+        # recordings of this file hold rotation vectors continuous from robot.home's (required for
+        # this layout): their mean is near home's as a vector, not only as a rotation, and they
+        # spread no wider than the cone. Twice the cone is loose (near a half turn a rotation vector
+        # moves up to pi/2 times as far as the rotation) and still refuses degrees, Euler angles and
+        # data mixing the two forms of a half turn (mean 0, std 3.1)
+        home, cone = np.asarray(cfg.robot.home[3:], np.float64), cfg.safety.max_rot_from_home_rad
+        rmean, rstd = mean[3:6], std[3:6]
+        off = float(np.linalg.norm(rmean - home))
+        angle = rotation_angle(rmean, home) if off < 100 else math.inf
+        if off > 2 * cone or angle > cone or np.any(rstd > 2 * cone):
+            raise ConfigError(f"policy: expected rotation vectors (rad) continuous from robot.home's "
+                              f"{np.round(home, 4).tolist()}: mean within {cone:g} rad of it, std at most "
+                              f"{2 * cone:g}; found mean {np.round(rmean, 3).tolist()} ({angle:.2f} rad "
+                              f"away) std {np.round(rstd, 3).tolist()}: degrees, Euler angles, or rotation "
+                              f"vectors that flip near a half turn")
     if not (0 <= mean[-1] <= 1) or std[-1] > 1:
         raise ConfigError(f"policy: expected a gripper action in [0, 1], found mean {mean[-1]:.3g} "
                           f"std {std[-1]:.3g}")

@@ -1329,3 +1329,37 @@ def test_finding4_rotation_layout_needs_robot_home_as_the_one_reference():
         robot = FakeRobot(pose=(0.0, -0.5, 0.2, 0.0, reported, 0.0))
         ep = rr.record_episode(rr.Hardware(robot, FakeGripper(), cams), cfg, clock=clock)
         np.testing.assert_allclose(ep["proprio"][:, 4], 3.1416, atol=1e-4)
+
+
+def euler_of(rotvec):
+    from scipy.spatial.transform import Rotation
+    return Rotation.from_rotvec(rotvec).as_euler("xyz").tolist()
+
+
+@pytest.mark.parametrize("rot_mean, rot_std", [
+    ([0.0, 180.0, 0.0], [5.0, 5.0, 5.0]),  # degrees
+    (euler_of([0.2, 3.0, 0.1]), [0.1, 0.1, 0.1]),  # Euler angles of a gripper-down pose
+    ([0.0, 0.0, 0.0], [0.05, 3.1, 0.05]),  # rotation vectors flipping between +pi and -pi
+])
+def test_finding3_rotations_in_other_units_and_delta_policies_are_refused(tmp_path, capsys, rot_mean,
+                                                                           rot_std):
+    cfg_path = write_cfg(tmp_path, **{"control.action": "xyz_rotvec_gripper", "robot.home": HOME_DOWN})
+    _, clock, hw = rig(rr.parse_config(config_dict(**{"control.action": "xyz_rotvec_gripper",
+                                                      "robot.home": HOME_DOWN})))
+    ok = FakePolicy(hold, action_dim=7)  # rotation vectors near home's: runs
+    assert rr.main(["--config", cfg_path, "--yes", "--max-steps", "2"], hardware=hw, clock=clock,
+                   policy=ok) == 0
+    calls = len(hw.robot.servo_calls)
+    policy = FakePolicy(hold, action_dim=7, act_mean=[0.0, -0.5, 0.2] + rot_mean + [0.5],
+                        act_std=[0.05] * 3 + rot_std + [0.5])
+    assert rr.main(["--config", cfg_path, "--yes"], hardware=hw, clock=clock, policy=policy) == 1
+    assert "expected rotation vectors (rad) continuous from robot.home's" in capsys.readouterr().err
+    assert len(hw.robot.servo_calls) == calls
+    # a delta policy (mean 0) passed when the box held the origin; such a box is refused now, and in
+    # any other box the position means are outside
+    with pytest.raises(rr.ConfigError, match="from the robot base's vertical axis"):
+        rr.parse_config(config_dict(**{"safety.workspace_min": [-0.3, -0.3, 0.0],
+                                       "safety.workspace_max": [0.3, 0.3, 0.4]}))
+    delta = FakePolicy(hold, act_mean=[0.0, 0.0, 0.0, 0.5], act_std=[0.004, 0.004, 0.004, 0.5])
+    with pytest.raises(rr.ConfigError, match="expected actions in metres inside the workspace"):
+        rr.check_policy(delta, rr.parse_config(config_dict()))
