@@ -729,19 +729,37 @@ def prepare_image(image, cam: CameraConfig, size):
     return resize(np.ascontiguousarray(image), size)
 
 
-def read_views(cameras, cam_cfgs, size, now, max_age):
-    """Newest frame of every camera, checked for age, as uint8 (V, H, W, 3) in `cam_cfgs` order."""
-    views = []
-    for cam_cfg in cam_cfgs:
-        frame = cameras[cam_cfg.name].read()
-        if frame is None:
-            raise CameraLost(f"camera '{cam_cfg.name}' returned no frame")
-        age = now - frame.stamp
-        if age > max_age:
-            raise StaleFrame(f"stale frame from camera '{cam_cfg.name}': age {age:.3f} s > "
-                             f"max {max_age:.3f} s (control.max_frame_age_s)")
-        views.append(prepare_image(frame.image, cam_cfg, size))
-    return np.stack(views)
+class Views:
+    """The newest frame of every camera as uint8 (V, H, W, 3) in `cam_cfgs` order, checked for age
+    and for frozen pixels: a driver or buffer that is stuck can keep delivering the same image with
+    fresh timestamps (the review ran 100 steps on one picture while the arm moved 0.25 m). A live
+    sensor never gives two bit-identical frames (noise), so the same pixels for longer than
+    `max_age` stop the arm like a stale frame; a black frame (lens cap) is frozen too."""
+
+    def __init__(self, cameras, cam_cfgs, size, max_age):
+        self.cameras, self.cam_cfgs, self.size, self.max_age = cameras, cam_cfgs, size, max_age
+        self.changed = {}  # camera name -> (a copy of its last pixels, when they first arrived)
+
+    def read(self, now):
+        views = []
+        for cam_cfg in self.cam_cfgs:
+            name = cam_cfg.name
+            frame = self.cameras[name].read()
+            if frame is None:
+                raise CameraLost(f"camera '{name}' returned no frame")
+            age = now - frame.stamp
+            if age > self.max_age:
+                raise StaleFrame(f"stale frame from camera '{name}': age {age:.3f} s > max "
+                                 f"{self.max_age:.3f} s (control.max_frame_age_s)")
+            last = self.changed.get(name)
+            if last is None or not np.array_equal(last[0], frame.image):
+                self.changed[name] = (frame.image.copy(), frame.stamp)
+            elif now - last[1] > self.max_age:
+                raise StaleFrame(f"frozen camera '{name}': the same pixels for {now - last[1]:.3f} s > "
+                                 f"max {self.max_age:.3f} s (control.max_frame_age_s) although its "
+                                 f"frames are fresh: a stuck driver or buffer, or a covered lens")
+            views.append(prepare_image(frame.image, cam_cfg, self.size))
+        return np.stack(views)
 
 
 def wait_for_cameras(cameras, timeout, idle=None):
@@ -1165,13 +1183,14 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
         safety = SafetyFilter(cfg.safety, cfg.period, start, reference)
         hold_rot = start[3:6].copy()
 
+        views = Views(hw.cameras, cams, size, ctl.max_frame_age_s)
         rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period)
         for step in range(n_steps):
             t0 = clock.now()
             robot.kick()
             status = robot.status()
             check_status(status, ctl, commanding=not dry_run)
-            images = read_views(hw.cameras, cams, size, t0, ctl.max_frame_age_s)
+            images = views.read(t0)
             pose = measure.pose(robot.tcp_pose())
             tracking = float(np.linalg.norm(pose[:3] - safety.prev[:3]))
             if tracking > cfg.safety.max_tracking_error_m and not dry_run:
@@ -1257,9 +1276,10 @@ def record_episode(hw: Hardware, cfg: Config, *, with_actions=True, clock=None, 
     n_steps = int(round(ctl.episode_s * ctl.rate_hz))
     measure = Proprio(layout, None if cfg.robot.home is None else cfg.robot.home[3:])
     images, proprio = [], []
+    views = Views(hw.cameras, cfg.cameras, size, ctl.max_frame_age_s)
     rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period, "recording")
     for _ in range(n_steps):
-        images.append(read_views(hw.cameras, cfg.cameras, size, clock.now(), ctl.max_frame_age_s))
+        images.append(views.read(clock.now()))
         if with_actions:
             proprio.append(measure(hw.robot.tcp_pose(), hw.gripper.position()))
         overruns.update(rate.sleep())  # the time base of the demonstration must hold

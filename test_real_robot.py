@@ -1363,3 +1363,27 @@ def test_finding3_rotations_in_other_units_and_delta_policies_are_refused(tmp_pa
     delta = FakePolicy(hold, act_mean=[0.0, 0.0, 0.0, 0.5], act_std=[0.004, 0.004, 0.004, 0.5])
     with pytest.raises(rr.ConfigError, match="expected actions in metres inside the workspace"):
         rr.check_policy(delta, rr.parse_config(config_dict()))
+
+
+def test_finding5_a_frozen_camera_stops_the_arm():
+    # identical pixels with fresh timestamps ran 100 steps while the arm moved 0.25 m
+    cfg, clock, hw = rig(rr.parse_config(config_dict(**{"control.episode_s": 5.0})))
+    frozen = {}
+
+    class Stuck(FakeCamera):  # the driver hands out its last buffer again, stamped anew
+        def read(self):
+            frame = super().read()
+            if self.reads > 5:
+                frozen.setdefault("image", frame.image)
+                return rr.Frame(frozen["image"].copy(), frame.stamp)
+            return frame
+    hw.cameras["left"] = Stuck(clock, 150)
+    with pytest.raises(rr.StaleFrame, match="frozen camera 'left': the same pixels for"):
+        rr.run_episode(FakePolicy(lambda s, im, p: p + [0.01, 0, 0, 0]), hw, cfg, "t", clock=clock)
+    assert 5 <= len(hw.robot.servo_calls) <= 5 + 0.2 / cfg.period + 1 and hw.robot.stops == 1
+    # recording stops too: a frozen view is no demonstration
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": Stuck(clock, 150)}
+    frozen.clear()
+    with pytest.raises(rr.StaleFrame, match="frozen camera 'left'"):
+        rr.record_episode(rr.Hardware(TeleopRobot(clock), FakeGripper(), cams), cfg, clock=clock)
