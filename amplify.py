@@ -181,7 +181,7 @@ class TokenizerConfig(ModelConfig):
     grid: int = 20
     # Loss weight of each view, in the data's view order; () = all views alike. The published code
     # weights third-person 0.9 and wrist 0.1: a wrist camera moves with the hand, so nearly all of its
-    # points move and would otherwise dominate the loss (README, "The motion tokenizer's decoder").
+    # points move and would otherwise dominate the loss (docs/MOTION_CODES.md).
     view_weights: tuple = ()
 
 
@@ -220,7 +220,7 @@ class InverseConfig(ModelConfig):
     flow_steps: int = 10  # flow matching: midpoint steps per chunk (the paper's 10)
     # gaussian: a fixed std in normalized action units, so the loss is the mean's squared error,
     # scaled (the published default, 0.1); 0 = a learned std per dimension and step. Measured: the
-    # learned std left the mean 4x worse on held-out actions (README, "Do codes ... help").
+    # learned std left the mean 4x worse on held-out actions (docs/MOTION_CODES.md).
     gaussian_std: float = 0.1
     dit_layers: int = 2  # flow matching: DiT blocks, D wide
     action_dim: int = 7
@@ -525,7 +525,7 @@ class MotionTokenizer(nn.Module):
         # codes, giving one D-wide feature per step; a small MLP per (view, step, point) reads that
         # point's move out of its step's feature, its point embedding and its view embedding, and a
         # head shared by all of them classifies the move. Measured against one query per point that
-        # must hold all L steps in one D-wide vector (README, "The motion tokenizer's decoder").
+        # must hold all L steps in one D-wide vector (docs/MOTION_CODES.md, "The tokenizer's decoder").
         self.code_in = nn.Linear(n_levels, D)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(L, D))
         self.step_queries = nn.Parameter(0.02 * torch.randn(L, D))
@@ -587,7 +587,7 @@ class MotionTokenizer(nn.Module):
         Features narrower than the Cw = 225 classes (the cpu preset, D = 64): the (B V L N, Cw) logits
         would be the biggest tensor of the step, so they are computed in chunks (3x faster there). At
         the paper's D = 768 the features are the bigger tensor and the plain head is faster (1.4x in
-        bf16; README, "Scale"). Both give the same loss and gradients."""
+        bf16; docs/SCALE.md). Both give the same loss and gradients."""
         if features.shape[-1] < self.head.out_features:
             return [chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
                                                  self.head.bias, target[:, v].flatten()) for v in range(features.shape[1])]
@@ -601,7 +601,7 @@ class MotionTokenizer(nn.Module):
         readout "mean": the expected move under the step's window distribution, so sub-pixel motion
         survives; "argmax": the most likely move, as the published code reads it out. A point moving
         0.3 px a step moves by one pixel in about a third of its steps, so "stay" is every step's
-        most likely class and argmax decodes it as still (README, "The motion tokenizer's decoder").
+        most likely class and argmax decodes it as still (docs/MOTION_CODES.md).
         """
         probs = self.decode_logits(self.fsq.indices_to_codes(indices)).float().softmax(-1)  # (B, V, L, N, W*W)
         moves = window_moves(self.cfg.window).to(probs.device)
@@ -1326,6 +1326,15 @@ def load_dataset(path):
 # Training data: datasets seen as one frame axis; batches drawn from (seed, step)
 
 
+def read_rows(array, rows):
+    """array[rows] for an index array in any order, read in file order (cheap on a memory map)."""
+    rows = np.asarray(rows)
+    order = np.argsort(rows)
+    out = np.empty((len(rows),) + array.shape[1:], dtype=array.dtype)
+    out[order] = array[rows[order]]
+    return out
+
+
 class Corpus:
     """One or more datasets (e.g. robot demos + action-free human video) as one list of episodes.
 
@@ -1385,14 +1394,10 @@ class Corpus:
         frames = np.asarray(frames)
         flat = frames.reshape(-1)
         d = np.searchsorted(self.offsets, flat, side="right") - 1
-        out = None
-        for i in np.unique(d):
-            local = flat[d == i] - self.offsets[i]
-            order = np.argsort(local)
-            rows = np.asarray(self.datasets[i].arrays[key][local[order]])  # sorted reads from a memmap are cheap
-            if out is None:
-                out = np.empty((len(flat),) + rows.shape[1:], dtype=rows.dtype)
-            out[np.flatnonzero(d == i)[order]] = rows
+        parts = {i: read_rows(self.datasets[i].arrays[key], flat[d == i] - self.offsets[i]) for i in np.unique(d)}
+        out = np.empty((len(flat),) + parts[d[0]].shape[1:], dtype=parts[d[0]].dtype)
+        for i, rows in parts.items():
+            out[d == i] = rows
         return out.reshape(frames.shape + out.shape[1:])
 
     def action_layout(self, episodes):
@@ -1409,6 +1414,10 @@ class Corpus:
         idx = frames[:, None] + np.arange(T)[None]
         valid = idx < ends[:, None]
         return self.gather("actions", np.minimum(idx, ends[:, None] - 1)), valid
+
+
+def load_corpus(paths):
+    return Corpus([load_dataset(p) for p in paths])
 
 
 def split_episodes(corpus, val_episodes):
@@ -1446,10 +1455,6 @@ class Normalizer:
         self.std = np.maximum(np.asarray(std, dtype=np.float32), 1e-3)  # constant dims stay finite
 
     @classmethod
-    def fit(cls, rows):
-        return cls.from_stats(array_stats(rows))
-
-    @classmethod
     def from_stats(cls, stats):
         """From array_stats (or a checkpoint's stats): mean and std; min and max, when present, are not used."""
         if stats is None:
@@ -1461,9 +1466,6 @@ class Normalizer:
 
     def inverse(self, x):
         return x * self.std + self.mean
-
-    def state(self):
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
 # -----------------------------------------------------------------------------
@@ -1616,7 +1618,6 @@ def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 15
 # -----------------------------------------------------------------------------
 # Checkpoints: weights + config + stats + step, plain types only, written atomically
 
-
 # Bumped when a model's parameters change meaning, so an old file is refused instead of misread.
 CHECKPOINT_FORMAT = 2
 FORMAT_CHANGES = {1: "motion codes read through an nn.Embedding of indices, tokenizer decoder of one query per point"}
@@ -1626,17 +1627,8 @@ def save_checkpoint(path, payload):
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def check_format(ckpt, where):
-    """Refuse a checkpoint written for other model layouts, with one line that says what to do."""
-    found = ckpt.get("format", 1)  # format 1 files predate the key
-    if found != CHECKPOINT_FORMAT:
-        why = f" ({FORMAT_CHANGES[found]})" if found in FORMAT_CHANGES else ""
-        raise DataError(f"checkpoint {where}: expected format {CHECKPOINT_FORMAT}, found format {found}{why}; "
-                        f"retrain the {ckpt.get('stage', 'model')} stage with this amplify.py")
-
-
 def load_checkpoint(path, stage=None):
-    """Load with weights_only=True (a checkpoint never runs code); check it is the expected stage."""
+    """Load with weights_only=True (a checkpoint never runs code); check its stage and format."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint: path does not exist: {path}")
     try:
@@ -1647,20 +1639,26 @@ def load_checkpoint(path, stage=None):
         raise DataError(f"checkpoint: expected an amplify checkpoint dict with a 'stage', found {type(ckpt).__name__} in {path}")
     if stage is not None and ckpt["stage"] != stage:
         raise DataError(f"checkpoint {path}: expected stage '{stage}', found '{ckpt['stage']}'")
-    for name, part in ([(k, ckpt[k]) for k in CONFIG_CLASSES if k in ckpt] if ckpt["stage"] == "policy"
-                       else [(None, ckpt)]):
-        check_format(part, f"{path}" + (f" ({name})" if name else ""))
+    parts = [(f" ({k})", ckpt[k]) for k in CONFIG_CLASSES if k in ckpt] if ckpt["stage"] == "policy" else [("", ckpt)]
+    for where, part in parts:
+        found = part.get("format", 1)  # format 1 files predate the key
+        if found != CHECKPOINT_FORMAT:
+            why = f" ({FORMAT_CHANGES[found]})" if found in FORMAT_CHANGES else ""
+            raise DataError(f"checkpoint {path}{where}: expected format {CHECKPOINT_FORMAT}, found format {found}{why}; "
+                            f"retrain the {part.get('stage', 'model')} stage with this amplify.py")
     return ckpt
+
+
+def data_shape(corpus):
+    return {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
 
 
 def check_data_matches(ckpt, corpus, path):
     """A checkpoint trained on other views / image size / horizon cannot be used on this data."""
-    want = {"views": list(ckpt["data"]["views"]), "img_size": list(ckpt["data"]["img_size"]),
-            "T": ckpt["data"]["T"], "grid": ckpt["data"]["grid"]}
-    found = {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
-    for key in want:
-        if want[key] != found[key]:
-            raise DataError(f"checkpoint {path}: trained with {key}={want[key]}, but the data has {key}={found[key]}")
+    want = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in ckpt["data"].items()}
+    for key, found in data_shape(corpus).items():
+        if want[key] != found:
+            raise DataError(f"checkpoint {path}: trained with {key}={want[key]}, but the data has {key}={found}")
 
 
 def build_model(stage, config, state=None):
@@ -1676,7 +1674,6 @@ def build_model(stage, config, state=None):
 
 
 def model_from_checkpoint(ckpt):
-    check_format(ckpt, f"of stage '{ckpt['stage']}'")
     model = build_model(ckpt["stage"], ckpt["config"], ckpt["model"])
     if ckpt.get("text_cache"):
         model.text.cache = {k: torch.tensor(v) for k, v in ckpt["text_cache"].items()}
@@ -1684,9 +1681,8 @@ def model_from_checkpoint(ckpt):
 
 
 def weights_hash(ckpt):
-    """A short content hash of a checkpoint's weights: which tokenizer / forward model a later stage
-    was trained with. Optimizer state and step are left out, so a policy bundle's stripped copy
-    hashes the same as the training checkpoint."""
+    """A short content hash of a checkpoint's weights (not its optimizer state or step, so a policy
+    bundle's stripped copy hashes the same as the training checkpoint)."""
     h = hashlib.sha256()
     for name in sorted(ckpt["model"]):
         t = ckpt["model"][name].detach().cpu().contiguous().reshape(-1)
@@ -1695,16 +1691,15 @@ def weights_hash(ckpt):
     return h.hexdigest()[:12]
 
 
-def check_trained_with(ckpt, name, other, other_name):
-    """Refuse to combine `ckpt` with `other` (a tokenizer or forward checkpoint) if `ckpt` records
-    that it was trained with different weights: its codes would mean something else. Checkpoints
-    from before the record was kept pass unchecked."""
-    stage = other["stage"]
-    recorded = ckpt.get("trained_with", {}).get(stage)
-    if recorded is not None and recorded != weights_hash(other):
-        raise DataError(f"{name} was trained with {stage} {recorded}, but {other_name} is {stage} "
-                        f"{weights_hash(other)}: retrain it on this {stage} (--overwrite) or use the {stage} "
-                        f"it was trained with")
+def check_trained_with(ckpt, name, others, fix):
+    """Provenance: every checkpoint records the weights hash of each model it learned from
+    (`trained_with`: the tokenizer whose codes it reads, the forward model that predicted them, the
+    checkpoint it fine-tuned). Refuse to combine it with `others` = {stage: (hash, "where it comes from")}
+    that differ: its codes would mean something else. Older checkpoints without the record pass unchecked."""
+    for stage, (found, what) in others.items():
+        recorded = ckpt.get("trained_with", {}).get(stage)
+        if recorded is not None and found is not None and recorded != found:
+            raise DataError(f"{name} was trained with {stage} {recorded}, but {what} {stage} {found}: {fix}")
 
 
 # -----------------------------------------------------------------------------
@@ -1712,7 +1707,7 @@ def check_trained_with(ckpt, name, other, other_name):
 
 
 def pick_device(name="auto"):
-    if name != "auto":
+    if isinstance(name, torch.device) or name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -1747,42 +1742,6 @@ def use_bf16(precision, device):
 
 
 @dataclass
-class Distributed:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run plainly)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-
-def init_distributed(device):
-    """Join the torchrun job if there is one: NCCL on GPUs, gloo on CPU. Returns (Distributed, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Distributed(), device
-    import torch.distributed as dist
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), world, local_rank), device
-
-
-def in_distributed_group():
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
-
-
-def leave_distributed():
-    """Close the torchrun job's process group before the interpreter exits. Left to the exit handlers,
-    gloo's threads can be torn down while still running, and a rank dies with SIGABRT ("terminate called
-    without an active exception") after its work is done (CI saw it once; 25 runs here did not)."""
-    if in_distributed_group():
-        torch.distributed.destroy_process_group()
-
-
-@dataclass
 class RunConfig:
     """How a stage is run, beside its model config and TrainConfig (the CLI builds it from its flags)."""
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps (or a torch.device)
@@ -1797,12 +1756,44 @@ class RunConfig:
     shots: int = 0  # inverse: only the first K action episodes of each task (0: all)
     only_tasks: tuple = ()
     exclude_tasks: tuple = ()
-    ddp: Distributed = field(default_factory=Distributed)  # set by init_distributed under torchrun
+    rank: int = 0  # this process in a torchrun job of `world` processes (set by init_distributed)
+    world: int = 1
+
+
+def init_distributed(run: RunConfig):
+    """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU); the device is decided here."""
+    device, world = pick_device(run.device), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return replace(run, device=device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return replace(run, device=device, rank=torch.distributed.get_rank(), world=world)
+
+
+def in_distributed_group():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def leave_distributed():
+    """Close the process group before the interpreter exits: left to the exit handlers, gloo's threads
+    can be torn down while running, and a rank dies with SIGABRT after its work is done (CI saw it once)."""
+    if in_distributed_group():
+        torch.distributed.destroy_process_group()
 
 
 def resolve(train, run):
     """Defaults for a stage function's optional configs; the device name becomes a torch.device."""
     run = run or RunConfig()
+    if run.vis:
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise UserError("--vis draws PNGs with Pillow: expected it installed (pip install pillow), found none") from None
+    if run.resume and run.overwrite:
+        raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: expected one, found both")
     return train or TrainConfig(), replace(run, device=pick_device(run.device))
 
 
@@ -1821,52 +1812,36 @@ def to_device(batch, device):
 
 
 class Prefetcher:
-    """Prepares the batches for `steps` in a background thread, `depth` steps ahead of training, so
-    the model does not wait on memory-mapped reads (numpy and torch release the GIL while they copy
-    and compute). On CUDA the arrays go into pinned memory there, so the copy to the GPU is
-    asynchronous. `wait` is the seconds the training thread has spent blocked on it."""
+    """make(step) for each of `steps`, prepared up to `depth` steps ahead in a background thread, so
+    the model does not wait on memory-mapped reads (numpy and torch release the GIL while they copy).
+    On CUDA the arrays go into pinned memory there, so the copy to the GPU is asynchronous. `wait` is
+    the seconds the training thread has spent blocked on it."""
 
     def __init__(self, make, steps, device, depth=2):
-        import queue
-        import threading
-        self.queue, self.stop, self.wait = queue.Queue(maxsize=depth), threading.Event(), 0.0
-        self.pin = device.type == "cuda"
-        self.thread = threading.Thread(target=self._work, args=(make, steps), daemon=True)
-        self.thread.start()
-
-    def _work(self, make, steps):
-        import queue
-        for step in steps:
-            try:
-                item = make(step)
-                if self.pin:
-                    item = {k: torch.as_tensor(v).pin_memory() if isinstance(v, np.ndarray) else v
-                            for k, v in item.items()}
-            except BaseException as e:  # handed to the training thread, which raises it
-                item = e
-            while not self.stop.is_set():
-                try:
-                    self.queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
-            if self.stop.is_set() or isinstance(item, BaseException):
-                return
+        from concurrent.futures import ThreadPoolExecutor
+        pin = device.type == "cuda"
+        self.make = lambda step: {k: torch.as_tensor(v).pin_memory() if pin and isinstance(v, np.ndarray) else v
+                                  for k, v in make(step).items()}
+        self.steps, self.depth, self.wait = iter(steps), depth, 0.0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = [self.pool.submit(self.make, s) for _, s in zip(range(depth), self.steps)]
 
     def next(self):
         t0 = time.perf_counter()
-        item = self.queue.get()
-        self.wait += time.perf_counter() - t0
-        if isinstance(item, BaseException):
-            raise item
+        try:
+            item = self.pending.pop(0).result()  # an error of the worker is raised here
+        finally:
+            self.wait += time.perf_counter() - t0
+        self.pending += [self.pool.submit(self.make, s) for _, s in zip(range(1), self.steps)]
         return item
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True)
 
 
 def log(msg):
@@ -1880,59 +1855,42 @@ def clock(seconds):
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-# What each stage writes into --out (`label` is the stage, or inverse_ft for the fine-tuned inverse
-# model), and which stages are trained on its output: replacing a tokenizer makes the forward and
-# inverse models trained on its codes meaningless, so --overwrite removes them too.
+# Which stages are trained on a stage's output (`label`: the stage, or inverse_ft for the fine-tuned
+# inverse model): replacing a tokenizer makes the models trained on its codes meaningless.
 DOWNSTREAM = {"tokenizer": ("forward", "inverse", "inverse_ft"), "forward": ("inverse_ft",),
               "inverse": ("inverse_ft",), "inverse_ft": ()}
-
-
-def stage_files(out, label):
-    """The files of stage `label` in `out` that exist: checkpoint, metrics, progress log, curves, pictures."""
-    names = [f"{label}.pt", f"{label}_metrics.jsonl", f"{label}_log.jsonl", f"{label}_curves.png"]
-    if os.path.isdir(out):
-        names += sorted(n for n in os.listdir(out) if re.fullmatch(rf"vis_{label}_\d+\.png", n))
-    return [os.path.join(out, n) for n in names if os.path.exists(os.path.join(out, n))]
 
 
 def check_outputs(out, labels, run):
     """Refuse, before any work, to train a stage into a directory that holds its checkpoint unless
     the user said what to do with it: --resume continues it, --overwrite replaces it."""
-    if run.resume and run.overwrite:
-        raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: expected one, found both")
-    if run.resume or run.overwrite:
-        return
-    for label in labels:
-        path = os.path.join(out, label + ".pt")
-        if os.path.exists(path):
-            raise UserError(f"{path} exists: expected --resume to continue it or --overwrite to replace it "
-                            f"(and remove what was trained on it); nothing was changed")
+    for label in labels if not (run.resume or run.overwrite) else []:
+        if os.path.exists(os.path.join(out, label + ".pt")):
+            raise UserError(f"{os.path.join(out, label + '.pt')} exists: expected --resume to continue it or "
+                            f"--overwrite to replace it (and remove what was trained on it); nothing was changed")
 
 
 def clear_outputs(out, label, run):
-    """--overwrite: remove stage `label`'s files and those of every stage trained on it, and policy.pt,
-    so nothing trained on the old model stays beside the new one. Says what it removed."""
+    """--overwrite: remove stage `label`'s files (checkpoint, metrics, log, curves, pictures), those of
+    every stage trained on it, and policy.pt, so nothing trained on the old model stays beside the new."""
     check_outputs(out, [label], run)
-    if not run.overwrite or run.ddp.rank != 0 or not os.path.exists(os.path.join(out, label + ".pt")):
+    if not run.overwrite or run.rank != 0 or not os.path.exists(os.path.join(out, label + ".pt")):
         return
-    stale = [p for lab in (label,) + DOWNSTREAM[label] for p in stage_files(out, lab)]
-    stale += [p for p in [os.path.join(out, "policy.pt")] if os.path.exists(p)]
-    for path in stale:
-        os.remove(path)
-    log(f"{label} | --overwrite: removed {', '.join(os.path.basename(p) for p in stale)}")
+    labels = (label,) + DOWNSTREAM[label]
+    stale = sorted(n for n in os.listdir(out) if n == "policy.pt" or any(
+        n in (f"{lab}.pt", f"{lab}_metrics.jsonl", f"{lab}_log.jsonl", f"{lab}_curves.png")
+        or re.fullmatch(rf"vis_{lab}_\d+\.png", n) for lab in labels))
+    for name in stale:
+        os.remove(os.path.join(out, name))
+    log(f"{label} | --overwrite: removed {', '.join(stale)}")
 
 
 def start_jsonl(path, resumed_step):
     """A metrics file holds one run: a fresh run starts it empty; a resumed run keeps the rows up to
     the step it resumed from (rows written after that checkpoint are replaced by the rerun)."""
-    if not os.path.exists(path):
-        return
-    if resumed_step == 0:
-        os.remove(path)
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
-    atomic_write(path, lambda tmp: open(tmp, "w").writelines(rows))
+    rows = [r for r in read_jsonl(path) if 0 < resumed_step and r.get("step", 0) <= resumed_step]
+    if os.path.exists(path):
+        atomic_write(path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(path, row):
@@ -1948,7 +1906,7 @@ def read_jsonl(path):
 
 
 class StageLoss(nn.Module):
-    """Wraps a model and its loss so DistributedDataParallel sees the loss computation as forward()."""
+    """The loss as forward(): DistributedDataParallel syncs the gradients of what runs through forward()."""
 
     def __init__(self, model, loss_fn):
         super().__init__()
@@ -1958,35 +1916,31 @@ class StageLoss(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_batch, loss_fn, eval_fn, out_path,
-        extra, on_eval=None, label=None, reference=None):
+def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_batch, loss_fn, evaluate, out_path,
+        extra, label=None, reference=None):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
-    Each step draws a global batch of `train.batch_size` frames from `frames` with an RNG seeded
-    by (run.seed, step), so a resumed run replays exactly and every torchrun rank draws the same
-    batch and trains on its own slice of it. make_batch(frames) -> dict of arrays;
-    loss_fn(model, batch) -> (loss, {name: scalar tensor}) like the models' `loss`; when there
-    are held-out frames `val`, eval_fn(model) -> {name: float} and on_eval(model, step) (pictures)
-    run at each evaluation, without gradients; `extra` goes into the checkpoint. `label` names the
-    run in logs and metrics files (default: the stage). `reference` = (name, {metric: value}) is
-    what a trivial prediction scores on the same held-out frames ("nothing moves"), printed beside
-    the final metrics. Writes OUT/<label>_metrics.jsonl (evaluations), <label>_log.jsonl (progress)
-    and, at the end, <label>_curves.png.
+    Each step draws a global batch of `train.batch_size` frames from `frames` with an RNG seeded by
+    (run.seed, step), so a resumed run replays exactly and every torchrun rank draws the same batch
+    and trains on its own slice of it. make_batch(frames) -> dict of arrays (run in a background
+    thread); loss_fn(model, batch) -> (loss, {name: scalar tensor}); evaluate(model, step) -> {name:
+    float} scores the held-out frames `val` (without gradients, model in eval mode); `extra` goes into
+    the checkpoint. `label` names the run in logs and files (default: the stage); `reference` = (name,
+    {metric: value}) is what a trivial prediction scores on the same frames ("nothing moves"), printed
+    beside the final metrics. Writes OUT/<label>_metrics.jsonl (evaluations), <label>_log.jsonl
+    (progress) and, at the end, <label>_curves.png.
     """
-    label, device, ddp = label or stage, run.device, run.ddp
+    label, device = label or stage, run.device
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=train.lr,
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=train.lr,
                             fused=device.type in ("cpu", "cuda"))  # one kernel, no parameter-sized temporaries
     step = 0
     if run.resume and os.path.exists(out_path):
         ckpt = load_checkpoint(out_path, stage)
-        for other, recorded in ckpt.get("trained_with", {}).items():  # its inputs must not have changed since
-            if recorded != extra.get("trained_with", {}).get(other, recorded):
-                raise DataError(f"{out_path} was trained with {other} {recorded}, but this run's {other} is "
-                                f"{extra['trained_with'][other]}: --overwrite to retrain it on the new {other}")
+        check_trained_with(ckpt, out_path, {k: (v, "this run uses") for k, v in extra["trained_with"].items()},
+                           "--overwrite to retrain it on the new one")  # its inputs must not have changed since
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
@@ -1994,14 +1948,14 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         log(f"{label} | resumed from {out_path} at step {step}")
     out_dir = os.path.dirname(out_path)
     metrics_path, log_path = (os.path.join(out_dir, f"{label}_{kind}.jsonl") for kind in ("metrics", "log"))
-    if ddp.rank == 0:
+    if run.rank == 0:
         os.makedirs(out_dir or ".", exist_ok=True)  # a stage called from Python may name a new directory
         for path in (metrics_path, log_path):
             start_jsonl(path, step)
     net = StageLoss(model, loss_fn)
-    if ddp.world > 1:
-        if train.batch_size % ddp.world:
-            raise UserError(f"--batch-size: expected a multiple of the {ddp.world} ranks, found {train.batch_size}")
+    if run.world > 1:
+        if train.batch_size % run.world:
+            raise UserError(f"--batch-size: expected a multiple of the {run.world} ranks, found {train.batch_size}")
         if device.type == "cuda":  # batch statistics over the global batch, as in a single-process run
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -2009,22 +1963,17 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         net = torch.compile(net)
 
     def save(step):
-        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                   "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(), "train": asdict(train),
-                   **extra}
-        text = getattr(model, "text", None)
-        if text is not None and text.cache:
-            payload["text_cache"] = {k: v.tolist() for k, v in text.cache.items()}
+        payload = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": step,
+                   "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "train": asdict(train), **extra}
+        if getattr(model, "text", None) is not None and model.text.cache:
+            payload["text_cache"] = {k: v.tolist() for k, v in model.text.cache.items()}
         save_checkpoint(out_path, payload)
 
-    use_amp = use_bf16(run.precision, device)
-
     def draw(step):  # this rank's slice of the step's global batch
-        batch_frames = np.random.default_rng([run.seed, step]).choice(frames, train.batch_size)
-        return make_batch(batch_frames[ddp.rank::ddp.world])
+        return make_batch(np.random.default_rng([run.seed, step]).choice(frames, train.batch_size)[run.rank::run.world])
 
-    start, first_step, metrics = time.time(), step, None
-    with Prefetcher(draw, range(step, train.steps), device) as loader:  # batches prepared in the background
+    use_amp, start, first_step, metrics = use_bf16(run.precision, device), time.time(), step, None
+    with Prefetcher(draw, range(step, train.steps), device) as loader:
         t0, seen, wait0 = time.time(), 0, 0.0
         while step < train.steps:
             net.train()
@@ -2042,47 +1991,48 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
             seen += train.batch_size
             if step % train.log_every == 0 or step == train.steps:
                 loss_value = loss.detach().float()
-                if ddp.world > 1:
+                if run.world > 1:
                     torch.distributed.all_reduce(loss_value)
-                    loss_value /= ddp.world
+                    loss_value /= run.world
                 now = time.time()
                 window, elapsed = max(1e-9, now - t0), now - start
-                rate, wait = seen / window, (loader.wait - wait0) / window
-                eta = elapsed / (step - first_step) * (train.steps - step)
-                extras = "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
-                log(f"{label} | step {step}/{train.steps} | loss {loss_value.item():.4f}{extras} | "
-                    f"lr {get_lr(step - 1, train):.2e} | {rate:.1f} samples/s | data wait {100 * wait:.0f}% | "
-                    f"elapsed {clock(elapsed)} | eta {clock(eta)}")
-                if ddp.rank == 0:
-                    append_jsonl(log_path, {"step": step, "loss": loss_value.item(), **{k: float(v) for k, v in info.items()},
-                                            "lr": get_lr(step - 1, train), "samples_per_s": rate, "data_wait": wait,
-                                            "elapsed_s": elapsed})
+                row = {"step": step, "loss": loss_value.item(), **{k: float(v) for k, v in info.items()},
+                       "lr": get_lr(step - 1, train), "samples_per_s": seen / window,
+                       "data_wait": (loader.wait - wait0) / window, "elapsed_s": elapsed}
+                log(f"{label} | step {step}/{train.steps} | loss {row['loss']:.4f}"
+                    + "".join(f" | {k} {float(v):.4f}" for k, v in info.items())
+                    + f" | lr {row['lr']:.2e} | {row['samples_per_s']:.1f} samples/s | data wait "
+                    f"{100 * row['data_wait']:.0f}% | elapsed {clock(elapsed)} | "
+                    f"eta {clock(elapsed / (step - first_step) * (train.steps - step))}")
+                if run.rank == 0:
+                    append_jsonl(log_path, row)
                 t0, seen, wait0 = time.time(), 0, loader.wait
-            if (step % train.eval_every == 0 or step == train.steps) and ddp.rank == 0:
+            if (step % train.eval_every == 0 or step == train.steps) and run.rank == 0:
                 save(step)
                 if len(val):
+                    model.eval()
                     with torch.no_grad():
-                        metrics = eval_fn(model)
-                        if on_eval is not None:
-                            on_eval(model, step)
+                        metrics = evaluate(model, step)
                     log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     append_jsonl(metrics_path, {"step": step, **metrics})
-    if ddp.rank == 0 and (step == 0 or not os.path.exists(out_path)):
-        save(step)
-    if ddp.rank == 0:
+    if run.rank == 0:
+        if step == 0 or not os.path.exists(out_path):
+            save(step)
         log(stage_summary(label, step - first_step, time.time() - start, metrics, reference, len(val)))
-        curves = plot_curves(os.path.join(out_dir, f"{label}_curves.png"), label, read_jsonl(log_path),
-                             read_jsonl(metrics_path), reference)
+        try:
+            curves = plot_curves(os.path.join(out_dir, f"{label}_curves.png"), label, read_jsonl(log_path),
+                                 read_jsonl(metrics_path), reference)
+        except ImportError:  # amplify.py needs torch, numpy and einops only; pictures need Pillow
+            curves = "not drawn (pip install pillow)"
         if curves:
             log(f"{label} | curves: {curves}")
-    if ddp.world > 1:
+    if run.world > 1:
         check_ranks_agree(model, label)
     return model
 
 
 # The headline metric of each stage's summary, and whether lower is better.
-SUMMARY_METRICS = {"delta_auc": False, "pixel_acc": False, "mse": True, "code_acc": False, "val_nll": True,
-                   "action_mse": True, "action_mse_norm": True}
+SUMMARY_METRICS = ("delta_auc", "pixel_acc", "mse", "code_acc", "val_nll", "action_mse", "action_mse_norm")
 
 
 def stage_summary(label, steps, seconds, metrics, reference, n_val):
@@ -2091,10 +2041,8 @@ def stage_summary(label, steps, seconds, metrics, reference, n_val):
     if not metrics:
         return head + " | no held-out evaluation in this run"
     ref_name, ref = reference or ("", {})
-    parts = []
-    for key in SUMMARY_METRICS:
-        if key in metrics:
-            parts.append(f"{key} {metrics[key]:.4f}" + (f" ({ref_name}: {ref[key]:.4f})" if key in ref else ""))
+    parts = [f"{k} {metrics[k]:.4f}" + (f" ({ref_name}: {ref[k]:.4f})" if k in ref else "")
+             for k in SUMMARY_METRICS if k in metrics]
     return f"{head} | held-out ({n_val} windows): " + ", ".join(parts)
 
 
@@ -2110,17 +2058,8 @@ def check_ranks_agree(model, label):
     dist.barrier()  # rank 0 has written the checkpoint the next stage reads
 
 
-def eval_frames(corpus, episodes, n):
-    """A fixed, evenly spaced subset of held-out frames, so evaluations are comparable across steps."""
-    frames = corpus.frames(episodes)
-    if len(frames) == 0:
-        return frames
-    return frames[np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)]
-
-
-def held_out_batches(model, frames, make_batch, train, run):
-    """Evaluation: the held-out frames in training-size batches on the device; the model in eval mode."""
-    model.eval()
+def held_out_batches(frames, make_batch, train, run):
+    """Evaluation: the held-out frames in training-size batches on the device."""
     for i in range(0, len(frames), train.batch_size):
         yield to_device(make_batch(frames[i:i + train.batch_size]), run.device)
 
@@ -2136,13 +2075,13 @@ def encoder_key(vision):
 
 
 def images_key(corpus):
-    """Hash of every image of the corpus, read in chunks straight from the files."""
+    """Which images the corpus holds, without reading them: each images file's path, shape, size and
+    modification time (datasets are written by renaming a whole new file into place)."""
     h = hashlib.blake2b(digest_size=8)
     for ds in corpus.datasets:
-        a = ds.arrays["images"]
-        h.update(repr(a.shape).encode())
-        for rows in _chunks(len(a), _row_bytes(a)):
-            h.update(np.ascontiguousarray(_read_rows(a, rows)).data)
+        path = os.path.join(ds.path, "images.npy") if os.path.isdir(ds.path) else ds.path
+        st = os.stat(path)
+        h.update(repr((os.path.abspath(path), ds.arrays["images"].shape, st.st_size, st.st_mtime_ns)).encode())
     return h.hexdigest()
 
 
@@ -2152,9 +2091,8 @@ def frozen_features(corpus, vision, out, run: RunConfig, batch=32):
     then shared by every stage and rerun whose frozen encoder and images are the same."""
     path = os.path.join(out, "features", f"{encoder_key(vision)}-{images_key(corpus)}.npy")
     shape = (int(corpus.offsets[-1]),) + tuple(vision.feature_shape)
-    if not os.path.exists(path) and run.ddp.rank == 0:
-        vision = vision.to(run.device).eval()
-        t0 = time.time()
+    if not os.path.exists(path) and run.rank == 0:
+        vision, t0 = vision.to(run.device).eval(), time.time()
 
         def fill(tmp):
             cache = np.lib.format.open_memmap(tmp, "w+", np.float16, shape)
@@ -2167,20 +2105,12 @@ def frozen_features(corpus, vision, out, run: RunConfig, batch=32):
 
         atomic_write(path, fill)
         log(f"features: {shape[0]} frames through the frozen encoder in {time.time() - t0:.0f}s -> {path}")
-    if run.ddp.world > 1:
+    if run.world > 1:
         torch.distributed.barrier()  # rank 0 has written the cache
     cache = np.load(path, mmap_mode="r", allow_pickle=False)
     if cache.shape != shape or cache.dtype != np.float16:
         raise DataError(f"feature cache {path}: expected float16 {shape}, found {cache.dtype} {cache.shape}")
     return cache
-
-
-def gather_rows(array, frames):
-    """array[frames] for a memory-mapped array, reading the rows in file order."""
-    order = np.argsort(frames)
-    out = np.empty((len(frames),) + array.shape[1:], dtype=array.dtype)
-    out[order] = array[np.asarray(frames)[order]]
-    return out
 
 
 def tracks_batch(corpus, frames):
@@ -2199,33 +2129,32 @@ def vis_image(corpus, frame, pred, path):
     write_png(path, np.concatenate(rows, axis=0))
 
 
-def data_shape(corpus):
-    return {"views": corpus.views, "img_size": list(corpus.img_size), "T": corpus.T, "grid": corpus.grid}
-
-
-def require_frames(corpus, episodes, stage):
-    frames = corpus.frames(episodes)
+def stage_episodes(corpus, run: RunConfig, train: TrainConfig, stage, need_actions=False):
+    """(train episodes, held-out episodes, training frames, evaluation frames) of a stage. The
+    tokenizer and forward model take every episode (video is enough), the inverse model those with
+    actions."""
+    train_eps, val_eps = split_episodes(corpus, run.val_episodes)
+    train_eps = select_episodes(corpus, train_eps, need_actions=need_actions, shots=run.shots if need_actions else 0,
+                                only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
+    val_eps = select_episodes(corpus, val_eps, need_actions=need_actions)
+    frames = corpus.frames(train_eps)
     if len(frames) == 0:
         raise DataError(f"{stage}: expected at least one training episode after the filters, found none")
-    return frames
+    return train_eps, val_eps, frames, eval_frames(corpus, val_eps, train.eval_samples)
 
 
-def video_episodes(corpus, run: RunConfig, train: TrainConfig, stage):
-    """Tokenizer and forward model: every episode, actions or not (video is enough), less held-out ones.
-    Returns (train episodes, held-out episodes, training frames, evaluation frames)."""
-    train_eps, val_eps = split_episodes(corpus, run.val_episodes)
-    train_eps = select_episodes(corpus, train_eps, only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
-    frames, val = require_frames(corpus, train_eps, stage), eval_frames(corpus, val_eps, train.eval_samples)
-    return train_eps, val_eps, frames, val
+def eval_frames(corpus, episodes, n):
+    """A fixed, evenly spaced subset of held-out frames, so evaluations are comparable across steps."""
+    frames = corpus.frames(episodes)
+    return frames[np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)] if len(frames) else frames
 
 
 def no_motion_reference(corpus, val):
-    """What predicting that nothing moves (every point stays at its start) scores on the held-out
-    windows: static background dominates the track metrics, so every report carries this."""
+    """What "nothing moves" scores on the held-out windows: every report of the track metrics carries it."""
     if not len(val):
         return None
     gt = torch.as_tensor(tracks_batch(corpus, val))  # (B, V, T, N, 2)
-    return "nothing moves", track_metrics(gt[:, :, :1].expand_as(gt), gt, corpus.img_size)
+    return "nothing moves", track_metrics(no_motion(gt), gt, corpus.img_size)
 
 
 def load_stage(path, stage, corpus, device):
@@ -2244,7 +2173,7 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
     (views, img_size, T, grid) are taken from the corpus."""
     train, run = resolve(train, run)
     cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T, grid=corpus.grid)
-    train_eps, val_eps, frames, val = video_episodes(corpus, run, train, "tokenizer")
+    train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "tokenizer")
     model = MotionTokenizer(cfg)
     log(f"tokenizer | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
         f"codebook {model.fsq.codebook_size}")
@@ -2252,9 +2181,9 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
     def make_batch(f):
         return {"tracks": tracks_batch(corpus, f)}
 
-    def eval_fn(model):
+    def evaluate(model, step):
         preds, gts, losses, used = [], [], [], set()
-        for b in held_out_batches(model, val, make_batch, train, run):
+        for b in held_out_batches(val, make_batch, train, run):
             tracks = b["tracks"]
             losses.append(model.loss(tracks)[0].item())
             _, idx = model.encode(tracks)
@@ -2262,6 +2191,8 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
             preds.append(model.decode(idx, tracks[:, :, 0]).cpu())
             gts.append(tracks.cpu())
         pred, gt = torch.cat(preds), torch.cat(gts)  # (n, V, T, N, 2)
+        if run.vis:
+            vis_image(corpus, val[0], pred[0].numpy(), os.path.join(out, f"vis_tokenizer_{step:06d}.png"))
         per_view = {}  # the pooled figures hide which view's motion is learned
         for v, view in enumerate(corpus.views):
             report = track_report(pred[:, v], gt[:, v], corpus.img_size)
@@ -2269,16 +2200,11 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
         return {"val_loss": float(np.mean(losses)), **track_report(pred, gt, corpus.img_size), **per_view,
                 "codes_used": len(used) / model.fsq.codebook_size}
 
-    def on_eval(model, step):
-        tracks = torch.as_tensor(tracks_batch(corpus, val[:1]), device=run.device)
-        pred = model.decode(model.encode(tracks)[1], tracks[:, :, 0])[0].cpu().numpy()
-        vis_image(corpus, val[0], pred, os.path.join(out, f"vis_tokenizer_{step:06d}.png"))
-
     clear_outputs(out, "tokenizer", run)
     return fit(model, stage="tokenizer", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
-               loss_fn=lambda model, b: model.loss(b["tracks"]), eval_fn=eval_fn,
-               on_eval=on_eval if run.vis else None, out_path=os.path.join(out, "tokenizer.pt"),
-               extra={"config": asdict(cfg), "data": data_shape(corpus)}, reference=no_motion_reference(corpus, val))
+               loss_fn=lambda model, b: model.loss(b["tracks"]), evaluate=evaluate,
+               out_path=os.path.join(out, "tokenizer.pt"), reference=no_motion_reference(corpus, val),
+               extra={"config": asdict(cfg), "data": data_shape(corpus), "trained_with": {}})
 
 
 def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None):
@@ -2291,14 +2217,14 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
                   codebook_size=tok_ckpt["config"]["codebook_size"])
     if cfg.text_encoder != "hash" and not cfg.text_dim:
         cfg = replace(cfg, text_dim=pretrained_text_dim(cfg.text_encoder))
-    train_eps, val_eps, frames, val = video_episodes(corpus, run, train, "forward")
+    train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "forward")
     model = ForwardDynamics(cfg)
     log(f"forward | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
         f"tokenizer {tok_path}")
     features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
 
     def make_batch(f):
-        images = corpus.gather("images", f) if features is None else gather_rows(features, f)  # frozen: features
+        images = corpus.gather("images", f) if features is None else read_rows(features, f)  # frozen: features
         return {"images": images, "tracks": tracks_batch(corpus, f), "tasks": corpus.tasks_of(f)}
 
     def loss_fn(model, batch):
@@ -2306,96 +2232,82 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
             codes = tokenizer.encode(batch["tracks"])[1]  # targets from the frozen tokenizer
         return model.loss(batch["images"], batch["tasks"], codes)
 
-    def eval_fn(model):
+    def evaluate(model, step):
         losses, accs, preds, gts = [], [], [], []
-        for b in held_out_batches(model, val, make_batch, train, run):
+        for b in held_out_batches(val, make_batch, train, run):
             loss, metrics = loss_fn(model, b)
             losses.append(loss.item())
             accs.append(metrics["code_acc"].item())
             preds.append(tokenizer.decode(model.generate(b["images"], b["tasks"]), b["tracks"][:, :, 0]).cpu())
             gts.append(b["tracks"].cpu())
+        pred, gt = torch.cat(preds), torch.cat(gts)
+        if run.vis:
+            vis_image(corpus, val[0], pred[0].numpy(), os.path.join(out, f"vis_forward_{step:06d}.png"))
         return {"val_loss": float(np.mean(losses)), "code_acc": float(np.mean(accs)),
-                **track_report(torch.cat(preds), torch.cat(gts), corpus.img_size)}
-
-    def on_eval(model, step):
-        b = to_device(make_batch(val[:1]), run.device)
-        pred = tokenizer.decode(model.generate(b["images"], b["tasks"]), b["tracks"][:, :, 0])[0].cpu().numpy()
-        vis_image(corpus, val[0], pred, os.path.join(out, f"vis_forward_{step:06d}.png"))
+                **track_report(pred, gt, corpus.img_size)}
 
     extra = {"config": asdict(cfg), "data": data_shape(corpus), "tokenizer_path": os.path.abspath(tok_path),
              "trained_with": {"tokenizer": weights_hash(tok_ckpt)}}
     clear_outputs(out, "forward", run)
     return fit(model, stage="forward", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
-               loss_fn=loss_fn, eval_fn=eval_fn, on_eval=on_eval if run.vis else None,
-               out_path=os.path.join(out, "forward.pt"), extra=extra, reference=no_motion_reference(corpus, val))
-
-
-PROTOCOLS = {  # how the inverse model comes to read forward-predicted codes (README: "Fine-tuning protocols")
-    "paper": "trained on codes of the true tracks (inverse.pt), then fine-tuned on forward-predicted codes",
-    "published": "the published code's: trained from scratch on forward-predicted codes",
-}
+               loss_fn=loss_fn, evaluate=evaluate, out_path=os.path.join(out, "forward.pt"), extra=extra,
+               reference=no_motion_reference(corpus, val))
 
 
 def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None,
-                  forward=None, init=None, predicted_codes=False, from_scratch=False):
-    """Train the inverse model on codes of the true tracks (tokenizer, default out/tokenizer.pt;
-    none if not cfg.use_codes), writing out/inverse.pt; or, with predicted_codes, on the codes the
-    forward model (default out/forward.pt) predicts, writing out/inverse_ft.pt: fine-tuning `init`
-    (default out/inverse.pt, whose config and normalizers are kept; the paper's protocol) or, with
-    from_scratch, a new model (the published code's protocol).
+                  forward=None, codes="true", init=None):
+    """Train the inverse model on motion codes and write it to out/inverse.pt (codes="true") or
+    out/inverse_ft.pt (codes="pred").
 
-    Held-out action errors are reported for the codes trained on (action_mse) and, whichever of
-    the tokenizer and forward model is at hand, for codes of the true tracks (action_mse_true) and
-    for forward-predicted codes (action_mse_pred): a prior that works has both well below the
-    no-codes baseline's action_mse."""
+    codes="true": codes of the true tracks, from the tokenizer (default out/tokenizer.pt).
+    codes="pred": codes the forward model (default out/forward.pt) predicts from the images, either
+    fine-tuning the inverse checkpoint `init` (its config and normalizers are kept: the paper's
+    protocol) or, with init=None, a new model (the published code's protocol).
+    Without codes (cfg.use_codes False) it is the behaviour-cloning baseline.
+
+    Held-out action errors are reported for the codes trained on (action_mse) and, whichever of the
+    tokenizer and forward model is at hand, for true (action_mse_true) and predicted codes
+    (action_mse_pred): a prior that works has both well below the no-codes baseline's action_mse."""
     train, run = resolve(train, run)
-    name = "inverse_ft" if predicted_codes else "inverse"
+    if codes not in ("true", "pred"):
+        raise UserError(f"train_inverse: expected codes 'true' or 'pred', found {codes!r}")
+    name = "inverse_ft" if codes == "pred" else "inverse"
     tok_path, fwd_path = tokenizer or os.path.join(out, "tokenizer.pt"), forward or os.path.join(out, "forward.pt")
     init_ckpt = None
-    if predicted_codes and not from_scratch:  # fine-tuning keeps the model's config and normalization
-        init_path = init or os.path.join(out, "inverse.pt")
-        init_ckpt = load_checkpoint(init_path, "inverse")
-        check_data_matches(init_ckpt, corpus, init_path)
+    if init is not None:  # fine-tuning keeps the model's config and normalization
+        init_ckpt = load_checkpoint(init, "inverse")
+        check_data_matches(init_ckpt, corpus, init)
         cfg = config_from_dict(InverseConfig, init_ckpt["config"])
         if not cfg.use_codes:
-            raise UserError(f"--predicted-codes fine-tunes on forward-model codes, but {init_path} was trained "
+            raise UserError(f"--predicted-codes fine-tunes on forward-model codes, but {init} was trained "
                             f"without codes (--no-codes)")
-    elif predicted_codes and not cfg.use_codes:
+    if codes == "pred" and not cfg.use_codes:
         raise UserError("--predicted-codes trains on forward-model codes; it cannot be combined with --no-codes")
-    # The models that make codes: the one trained on is required, the other is loaded for the
-    # diagnostics when its checkpoint is there.
+    # The model that makes the codes trained on is required; the other is loaded for the diagnostics
+    # when its checkpoint is there.
     tok_model = fwd_model = None
-    if cfg.use_codes and (not predicted_codes or tokenizer or os.path.exists(tok_path)):
+    if cfg.use_codes and (codes == "true" or tokenizer or os.path.exists(tok_path)):
         tok_ckpt, tok_model = load_stage(tok_path, "tokenizer", corpus, run.device)
-    if cfg.use_codes and (predicted_codes or forward or os.path.exists(fwd_path)):
+    if cfg.use_codes and (codes == "pred" or forward or os.path.exists(fwd_path)):
         fwd_ckpt, fwd_model = load_stage(fwd_path, "forward", corpus, run.device)
-    if cfg.use_codes and init_ckpt is None:
-        source = fwd_ckpt if predicted_codes else tok_ckpt
-        cfg = replace(cfg, codebook_size=source["config"]["codebook_size"])
-    # The weights this model learns from, by content hash: a policy that mixes stages is refused.
-    if not cfg.use_codes:
-        trained_with = {}
-    elif not predicted_codes:
-        trained_with = {"tokenizer": weights_hash(tok_ckpt)}
-    elif init_ckpt is None:  # the published protocol: the forward model's codes, from scratch
-        trained_with = {"tokenizer": fwd_ckpt.get("trained_with", {}).get("tokenizer"), "forward": weights_hash(fwd_ckpt)}
-    else:
-        # The forward model must speak the codes of the tokenizer the inverse model learnt them from.
-        tok_hash, fwd_tok = init_ckpt.get("trained_with", {}).get("tokenizer"), fwd_ckpt.get("trained_with", {}).get("tokenizer")
-        if tok_hash and fwd_tok and tok_hash != fwd_tok:
-            raise DataError(f"{init_path} was trained with tokenizer {tok_hash}, but {fwd_path} predicts the codes "
-                            f"of tokenizer {fwd_tok}: retrain one of them on the other's tokenizer")
-        trained_with = {**init_ckpt.get("trained_with", {}), "forward": weights_hash(fwd_ckpt), "init": weights_hash(init_ckpt)}
-    train_eps, val_eps = split_episodes(corpus, run.val_episodes)
-    train_eps = select_episodes(corpus, train_eps, need_actions=True, shots=run.shots,
-                                only_tasks=run.only_tasks, exclude_tasks=run.exclude_tasks)
-    val_eps = select_episodes(corpus, val_eps, need_actions=True)
-    frames = require_frames(corpus, train_eps, "inverse (episodes with actions)")
+    # Provenance: the weights this model learns from, by content hash (a policy that mixes stages is refused).
+    trained_with = {}
+    if cfg.use_codes:
+        source = tok_ckpt if codes == "true" else fwd_ckpt
+        cfg = cfg if init_ckpt else replace(cfg, codebook_size=source["config"]["codebook_size"])
+        trained_with["tokenizer"] = (weights_hash(tok_ckpt) if codes == "true"
+                                     else fwd_ckpt.get("trained_with", {}).get("tokenizer"))
+    if codes == "pred":
+        trained_with["forward"] = weights_hash(fwd_ckpt)
+    if init_ckpt is not None:  # the forward model must speak the codes the inverse model learnt
+        check_trained_with(init_ckpt, init, {"tokenizer": (trained_with["tokenizer"], f"{fwd_path} predicts the codes of")},
+                           "retrain one of them on the other's tokenizer")
+        trained_with = {**init_ckpt.get("trained_with", {}), **trained_with, "init": weights_hash(init_ckpt)}
+    train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "inverse (episodes with actions)", True)
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
     if init_ckpt is not None:
-        stats = init_ckpt["stats"]
-        action_layout = init_ckpt.get("action_layout")
+        stats, action_layout = init_ckpt["stats"], init_ckpt.get("action_layout")
     else:
         # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
         stats = {key: array_stats(corpus.gather(key, frames)) for key in ("actions", "proprio")}
@@ -2404,9 +2316,8 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
     act_norm, prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
-    val = eval_frames(corpus, val_eps, train.eval_samples)
-    codes_from = ("none (inverse-only baseline)" if not cfg.use_codes else "true tracks" if not predicted_codes
-                  else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init_path}")
+    codes_from = ("none (inverse-only baseline)" if not cfg.use_codes else "true tracks" if codes == "true"
+                  else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init}")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
         f"{len(val_eps)} held out | codes: {codes_from} | head: {cfg.head}")
     features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
@@ -2416,7 +2327,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
 
     def make_batch(f):
         actions, valid = corpus.action_chunks(f, cfg.T)
-        images = corpus.gather("images", f) if features is None else gather_rows(features, f)  # frozen: features
+        images = corpus.gather("images", f) if features is None else read_rows(features, f)  # frozen: features
         b = {"images": images, "proprio": prop_norm(corpus.gather("proprio", f)).astype(np.float32),
              "actions": act_norm(actions).astype(np.float32), "valid": valid.astype(np.float32),
              "tasks": corpus.tasks_of(f)}
@@ -2426,7 +2337,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
             b["forward_images"] = corpus.gather("images", f)
         return b
 
-    def codes_for(batch, source="pred" if predicted_codes else "true"):
+    def codes_for(batch, source=codes):
         if not cfg.use_codes:
             return None
         with torch.no_grad():
@@ -2434,8 +2345,8 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                 return fwd_model.generate(batch.get("forward_images", batch["images"]), batch["tasks"])
             return tok_model.encode(batch["tracks"])[1]
 
-    def loss_fn(model, batch):
-        return model.loss(batch["images"], batch["proprio"], codes_for(batch), batch["actions"], batch["valid"])
+    def loss_fn(model, b):
+        return model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"])
 
     def action_mse(model, b, codes, generator):
         """Squared error of the chunk the policy would act on, in data units: (over the valid steps, at the first step)."""
@@ -2446,43 +2357,40 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
 
     sources = [s for s, m in (("true", tok_model), ("pred", fwd_model)) if m is not None]
 
-    def eval_fn(model):
-        sums = {}
+    def evaluate(model, step):
+        rows = []
         # The same noise at every evaluation, drawn beside training's random stream (a resumed run replays it).
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             torch.manual_seed(run.seed)
             g = torch.Generator(device=run.device).manual_seed(run.seed)
-            for b in held_out_batches(model, val, make_batch, train, run):
-                loss, _ = model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"])
-                row = {"val_nll" if cfg.head == "gaussian" else "val_loss": loss.item()}
+            for b in held_out_batches(val, make_batch, train, run):
+                row = {"val_nll" if cfg.head == "gaussian" else "val_loss": loss_fn(model, b)[0].item()}
                 row["action_mse"], row["action_mse_first"], row["action_mse_norm"] = action_mse(model, b, codes_for(b), g)
                 for source in sources:  # the diagnostics: both kinds of codes on the same windows
-                    same = source == ("pred" if predicted_codes else "true")
-                    row[f"action_mse_{source}"] = row["action_mse"] if same else action_mse(model, b, codes_for(b, source), g)[0]
-                for k, v in row.items():
-                    sums.setdefault(k, []).append(v)
-        return {k: float(np.mean(v)) for k, v in sums.items()}
+                    row[f"action_mse_{source}"] = (row["action_mse"] if source == codes
+                                                   else action_mse(model, b, codes_for(b, source), g)[0])
+                rows.append(row)
+        return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
     def reference():
         """Predicting the training episodes' mean action at every step (zero in normalized units)."""
         if not len(val):
             return None
         actions, valid = corpus.action_chunks(val, cfg.T)  # (B, T, A), (B, T)
-        norm = act_norm(actions)[valid]
-        data = (actions - act_norm.mean)[valid]
-        return "mean action", {"action_mse_norm": float((norm ** 2).mean()), "action_mse": float((data ** 2).mean())}
+        return "mean action", {"action_mse_norm": float((act_norm(actions)[valid] ** 2).mean()),
+                               "action_mse": float(((actions - act_norm.mean)[valid] ** 2).mean())}
 
     # stats: mean and std (the normalizers) and min and max per dimension of the training rows;
     # action_layout: the dataset's meta["action_layout"] (e.g. xyz_gripper), so a robot can refuse a
     # policy whose actions are in other units.
-    extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": predicted_codes,
-             "codes_protocol": None if not predicted_codes else "published" if init_ckpt is None else "paper",
+    extra = {"config": asdict(cfg), "data": data_shape(corpus), "predicted_codes": codes == "pred",
+             "codes_protocol": None if codes == "true" else "published" if init_ckpt is None else "paper",
              "stats": stats, "action_layout": action_layout, "trained_with": trained_with,
              "protocol": {"shots": run.shots, "only_task": list(run.only_tasks),
                           "exclude_task": list(run.exclude_tasks), "train_episodes": len(train_eps)}}
     clear_outputs(out, name, run)
     return fit(model, stage="inverse", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
-               loss_fn=loss_fn, eval_fn=eval_fn, out_path=os.path.join(out, name + ".pt"), extra=extra, label=name,
+               loss_fn=loss_fn, evaluate=evaluate, out_path=os.path.join(out, name + ".pt"), extra=extra, label=name,
                reference=reference())
 
 
@@ -2522,22 +2430,18 @@ class TemporalEnsembler:
 # The composed policy: forward model -> codes -> inverse model -> action chunk -> temporal ensembling
 
 
-def strip_optimizer(ckpt):
-    return {k: v for k, v in ckpt.items() if k != "optimizer"}
-
-
 def stage_checkpoints(out_dir):
     """The checkpoints a policy needs from a training directory, without optimizer state: the
     fine-tuned inverse model if present, and the tokenizer and forward model if it uses codes.
     Each part keeps the name of the file it came from (`source`), for error messages."""
-    inverse_path = os.path.join(out_dir, "inverse_ft.pt")
-    if not os.path.exists(inverse_path):
-        inverse_path = os.path.join(out_dir, "inverse.pt")
-    parts = {"inverse": {**strip_optimizer(load_checkpoint(inverse_path, "inverse")), "source": inverse_path}}
+    def part(path, stage):
+        return {**{k: v for k, v in load_checkpoint(path, stage).items() if k != "optimizer"}, "source": path}
+
+    fine_tuned = os.path.join(out_dir, "inverse_ft.pt")
+    parts = {"inverse": part(fine_tuned if os.path.exists(fine_tuned) else os.path.join(out_dir, "inverse.pt"),
+                             "inverse")}
     if parts["inverse"]["config"]["use_codes"]:
-        for stage in ("tokenizer", "forward"):
-            path = os.path.join(out_dir, stage + ".pt")
-            parts[stage] = {**strip_optimizer(load_checkpoint(path, stage)), "source": path}
+        parts.update({stage: part(os.path.join(out_dir, stage + ".pt"), stage) for stage in ("tokenizer", "forward")})
     check_policy_parts(parts)
     return parts
 
@@ -2549,16 +2453,17 @@ def check_policy_parts(parts, where=""):
     if parts.get("tokenizer") is None or parts.get("forward") is None:
         return
     name = {k: where + str(parts[k].get("source", k)) for k in ("inverse", "tokenizer", "forward")}
-    check_trained_with(parts["inverse"], name["inverse"], parts["tokenizer"], name["tokenizer"])
-    check_trained_with(parts["inverse"], name["inverse"], parts["forward"], name["forward"])
-    check_trained_with(parts["forward"], name["forward"], parts["tokenizer"], name["tokenizer"])
+    found = {k: (weights_hash(parts[k]), f"{name[k]} is") for k in ("tokenizer", "forward")}
+    fix = "retrain it on that one (--overwrite) or use the one it was trained with"
+    check_trained_with(parts["inverse"], name["inverse"], found, fix)
+    check_trained_with(parts["forward"], name["forward"], {"tokenizer": found["tokenizer"]}, fix)
 
 
 def write_policy(out_dir):
     """Bundle the stage checkpoints in out_dir into out_dir/policy.pt (refused if they do not belong together)."""
-    save_checkpoint(os.path.join(out_dir, "policy.pt"), {"stage": "policy", "format": CHECKPOINT_FORMAT,
-                                                         **stage_checkpoints(out_dir)})
-    return os.path.join(out_dir, "policy.pt")
+    path = os.path.join(out_dir, "policy.pt")
+    save_checkpoint(path, {"stage": "policy", "format": CHECKPOINT_FORMAT, **stage_checkpoints(out_dir)})
+    return path
 
 
 def policy_uses_bf16(precision, device, width):
@@ -2572,10 +2477,9 @@ def policy_uses_bf16(precision, device, width):
 class Policy:
     """images (V, H, W, 3) uint8 + proprio (P,) + task -> action (A,), in the units of the training data.
 
-    precision: "auto" runs the models under bf16 autocast on CUDA and on CPUs that multiply bf16
-    natively when they are wide enough to gain (policy_uses_bf16), "fp32" turns that off, "bf16"
-    forces it. temperature / top_k: how codes are sampled (0: greedy). seed: sampled heads and codes
-    restart from it at reset().
+    precision: "auto" runs the models under bf16 autocast where policy_uses_bf16 says it gains,
+    "fp32" turns that off, "bf16" forces it. temperature / top_k: how codes are sampled (0: greedy).
+    seed: sampled heads and codes restart from it at reset().
     """
 
     def __init__(self, inverse_ckpt, tokenizer_ckpt=None, forward_ckpt=None, device=None, k=0.01,
@@ -2616,16 +2520,13 @@ class Policy:
     @classmethod
     def load(cls, path, device=None, **kwargs):
         """`path`: DIR/policy.pt from --stage all, or a directory holding the stage checkpoints."""
-        if os.path.isdir(path):
-            bundle_path = os.path.join(path, "policy.pt")
-            if os.path.exists(bundle_path):
-                path = bundle_path
-            else:
-                parts = stage_checkpoints(path)
-                return cls(parts["inverse"], parts.get("tokenizer"), parts.get("forward"), device=device, **kwargs)
-        bundle = load_checkpoint(path, "policy")
-        check_policy_parts(bundle, where=f"{path}: ")
-        return cls(bundle["inverse"], bundle.get("tokenizer"), bundle.get("forward"), device=device, **kwargs)
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "policy.pt")):
+            parts = stage_checkpoints(path)
+        else:
+            path = os.path.join(path, "policy.pt") if os.path.isdir(path) else path
+            parts = load_checkpoint(path, "policy")
+            check_policy_parts(parts, where=f"{path}: ")
+        return cls(parts["inverse"], parts.get("tokenizer"), parts.get("forward"), device=device, **kwargs)
 
     def reset(self):
         """A new episode: forget earlier chunks, restart the sampling noise from the seed (an episode's
@@ -2644,36 +2545,29 @@ class Policy:
                 self._last_tracks = self.tokenizer.decode(self._last_codes, start)[0].float().cpu().numpy()
         return self._last_tracks
 
-    def _images(self, images):
-        images = np.asarray(images)
-        V = len(self.views)
-        if images.ndim != 4 or images.shape[0] != V or images.shape[-1] != 3:
-            raise UserError(f"policy.act: expected images ({V}, H, W, 3) for views {self.views}, found {images.shape}")
-        return resize_images(torch.as_tensor(images, device=self.device)[None], self.img_size)  # (1, V, H, W_img, 3)
-
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @torch.no_grad()
     def predict_chunk(self, images, proprio, task):
         """The model's action chunk (T, A) in data units for one observation, without ensembling."""
-        x = self._images(images)
-        proprio = np.asarray(proprio, dtype=np.float32).reshape(-1)
+        images, proprio = np.asarray(images), np.asarray(proprio, dtype=np.float32).reshape(-1)
+        V = len(self.views)
+        if images.ndim != 4 or images.shape[0] != V or images.shape[-1] != 3:
+            raise UserError(f"policy.act: expected images ({V}, H, W, 3) for views {self.views}, found {images.shape}")
         if proprio.shape != (self.proprio_dim,):
             raise UserError(f"policy.act: expected proprio ({self.proprio_dim},), found {proprio.shape}")
+        x = resize_images(torch.as_tensor(images, device=self.device)[None], self.img_size)  # (1, V, H, W_img, 3)
         with self._autocast():
-            return self._chunk(x, proprio, task)
-
-    def _chunk(self, x, proprio, task):
-        if self.shared_vision:
-            x = self.inverse.vision.features(x)  # (1, V, C, h, w), read by both models
-        codes = None
-        if self.uses_codes:
-            codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k,
-                                          generator=self.generator)
-            self._last_codes, self._last_tracks = codes, None
-        p = torch.as_tensor(self.prop_norm(proprio)[None], device=self.device)
-        chunk = self.inverse(x, p, codes, generator=self.generator)  # (1, T, A), normalized
+            if self.shared_vision:
+                x = self.inverse.vision.features(x)  # (1, V, C, h, w), read by both models
+            codes = None
+            if self.uses_codes:
+                codes = self.forward.generate(x, [task], temperature=self.temperature, top_k=self.top_k,
+                                              generator=self.generator)
+                self._last_codes, self._last_tracks = codes, None
+            p = torch.as_tensor(self.prop_norm(proprio)[None], device=self.device)
+            chunk = self.inverse(x, p, codes, generator=self.generator)  # (1, T, A), normalized
         return self.act_norm.inverse(chunk[0].float().cpu().numpy())
 
     def act(self, images, proprio, task):
@@ -2694,105 +2588,85 @@ def load_policy(path, device="auto", **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: flags named `dest="<config>.<field>"` set that field of the preset's config
 
 
 def count_params(stage, preset, views=2, img_size=(128, 128), action_dim=7, proprio_dim=9):
     """Parameters of a stage's model for LIBERO-shaped data (2 views, 128x128, 7-d actions, 9-d proprio)."""
-    shape = {"views": views, "img_size": tuple(img_size)}
-    if stage == "tokenizer":
-        cfg = replace(preset["tokenizer"], **shape)
-    elif stage == "forward":
-        cfg = replace(preset["forward"], **shape)
-    else:
-        cfg = replace(preset["inverse"], action_dim=action_dim, proprio_dim=proprio_dim, **shape)
-    cfg = replace(cfg, vision=replace(cfg.vision, weights="")) if stage != "tokenizer" else cfg
+    cfg = replace(preset[stage], views=views, img_size=tuple(img_size))
+    if stage == "inverse":
+        cfg = replace(cfg, action_dim=action_dim, proprio_dim=proprio_dim)
+    if stage != "tokenizer":
+        cfg = replace(cfg, vision=replace(cfg.vision, weights=""))
     return sum(p.numel() for p in build_model(stage, cfg).parameters())
 
 
-def load_corpus(paths):
-    return Corpus([load_dataset(p) for p in paths])
-
-
 def configs_from_args(args):
-    """The CLI's flags as the dataclasses the stage functions take: (preset model configs, TrainConfig, RunConfig)."""
-    preset = PRESETS[args.preset]
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "eval_every": args.eval_every,
-                 "log_every": args.log_every, "eval_samples": args.eval_samples}
-    train = replace(preset["train"], **{k: v for k, v in overrides.items() if v is not None})
-    head = {"head": args.action_head, "diffusion_train_steps": args.diffusion_train_steps,
-            "diffusion_sample_steps": args.diffusion_sample_steps, "flow_steps": args.flow_steps,
-            "gaussian_std": args.gaussian_std}
-    head = {k: v for k, v in head.items() if v is not None}
-    forward, inverse = preset["forward"], replace(preset["inverse"], use_codes=not args.no_codes, **head)
-    if args.vision_weights:
-        forward = replace(forward, vision=replace(forward.vision, weights=args.vision_weights))
-        inverse = replace(inverse, vision=replace(inverse.vision, weights=args.vision_weights))
-    if args.frozen_vision:
-        forward = replace(forward, vision=replace(forward.vision, frozen=True))
-        inverse = replace(inverse, vision=replace(inverse.vision, frozen=True))
-    if args.text_encoder:
-        forward = replace(forward, text_encoder=args.text_encoder, text_dim=0)
-    run = RunConfig(device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                    compile=args.compile, precision=args.precision, vis=args.vis,
-                    val_episodes=args.val_episodes, shots=args.shots, only_tasks=tuple(args.only_task),
-                    exclude_tasks=tuple(args.exclude_task))
-    tokenizer = preset["tokenizer"]
-    if args.view_weights:
-        tokenizer = replace(tokenizer, view_weights=tuple(args.view_weights))
-    return {"tokenizer": tokenizer, "forward": forward, "inverse": inverse}, train, run
+    """The preset's configs with the flags' values in their fields: {stage: model config, "train": ..., "run": ...}."""
+    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    configs = {**PRESETS[args.preset], "run": RunConfig()}
+    for name, cfg in configs.items():
+        mine = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(name + ".")}
+        vision = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith("vision.")}
+        if vision and name in ("forward", "inverse"):  # the ResNet flags set both models'
+            mine["vision"] = replace(cfg.vision, **vision)
+        configs[name] = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in mine.items()})
+    return configs
 
 
 def stage_labels(args):
     """The checkpoints (by label) this command writes into --out."""
     if args.stage == "all":
-        return ["tokenizer"] + ([] if args.no_codes else ["forward"]) + ["inverse"] + \
-            ([] if args.no_codes or args.finetune_steps == 0 else ["inverse_ft"])
+        codes = getattr(args, "inverse.use_codes") is not False
+        return ["tokenizer"] + ["forward"] * codes + ["inverse"] + ["inverse_ft"] * (codes and args.finetune_steps != 0)
     if args.stage == "inverse":
         return ["inverse_ft" if args.predicted_codes else "inverse"]
     return [args.stage]
 
 
 def run(args):
-    if args.bench:  # kept as an alias of the companion script
-        import bench
-        return bench.bench(args)
+    configs = configs_from_args(args)
     if args.count_params:
-        if args.stage == "all":
-            raise UserError("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
-        print(f"params: {count_params(args.stage, configs_from_args(args)[0])}")
+        print(f"params: {count_params(args.stage, configs)}")
         return
-    torch.manual_seed(args.seed)
-    models, train, run_cfg = configs_from_args(args)
-    ddp, device = init_distributed(pick_device(args.device))
-    run_cfg = replace(run_cfg, device=device, ddp=ddp)
-    check_outputs(args.out, stage_labels(args), run_cfg)  # before any work: nothing the user made is replaced unasked
+    run_cfg, train, inverse = init_distributed(configs["run"]), configs["train"], configs["inverse"]
+    device = run_cfg.device
+    torch.manual_seed(run_cfg.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.preset == "cpu" and "OMP_NUM_THREADS" not in os.environ and device.type == "cpu":
+        torch.set_num_threads(1)  # measured on 2 shared cores (docs/TRAINING.md)
     corpus = load_corpus(args.data)
+    check_outputs(args.out, stage_labels(args), run_cfg)  # before any work: nothing the user made is replaced unasked
     os.makedirs(args.out, exist_ok=True)
     log(f"data: {corpus.num_episodes} episodes, {int(corpus.offsets[-1])} frames, views {corpus.views}, "
         f"{corpus.img_size[0]}x{corpus.img_size[1]}, {int(corpus.has_actions.sum())} episodes with actions | "
         f"device {device} | {'bf16' if use_bf16(run_cfg.precision, device) else 'fp32'} | preset {args.preset}")
-    inverse_inputs = {"tokenizer": args.tokenizer, "forward": args.forward, "init": args.init}
+    stage = dict(corpus=corpus, out=args.out, train=train, run=run_cfg)
+    paper = args.protocol == "paper"  # the inverse model fine-tuned on predicted codes, not trained on them from scratch
+    init = (args.init or os.path.join(args.out, "inverse.pt")) if paper else None
     if args.stage in ("tokenizer", "all"):
-        train_tokenizer(corpus, models["tokenizer"], args.out, train, run_cfg)
-    if args.stage in ("forward", "all") and not (args.stage == "all" and args.no_codes):
-        train_forward(corpus, models["forward"], args.out, train, run_cfg, tokenizer=args.tokenizer)
-    from_scratch = args.protocol == "published"
+        train_tokenizer(cfg=configs["tokenizer"], **stage)
+    if args.stage == "forward" or (args.stage == "all" and inverse.use_codes):
+        train_forward(cfg=configs["forward"], tokenizer=args.tokenizer, **stage)
+    inputs = dict(cfg=inverse, tokenizer=args.tokenizer, forward=args.forward)
     if args.stage == "inverse":
-        train_inverse(corpus, models["inverse"], args.out, train, run_cfg, predicted_codes=args.predicted_codes,
-                      from_scratch=from_scratch, **inverse_inputs)
-    if args.stage == "all" and (args.no_codes or not from_scratch):  # the paper's protocol (or the baseline)
-        train_inverse(corpus, models["inverse"], args.out, train, run_cfg, **inverse_inputs)
+        train_inverse(**inputs, **stage, **(dict(codes="pred", init=init) if args.predicted_codes else {}))
+    if args.stage == "all" and (paper or not inverse.use_codes):  # the paper's protocol (or the baseline)
+        train_inverse(**inputs, **stage)
         ft_steps = args.finetune_steps if args.finetune_steps is not None else train.steps // 2
-        if not args.no_codes and ft_steps > 0:
-            train_inverse(corpus, models["inverse"], args.out, replace(train, steps=ft_steps), run_cfg,
-                          predicted_codes=True, **inverse_inputs)
+        if inverse.use_codes and ft_steps > 0:
+            train_inverse(**inputs, **dict(stage, train=replace(train, steps=ft_steps)), codes="pred", init=init)
     elif args.stage == "all":  # the published code's protocol: one inverse model, on predicted codes only
-        train_inverse(corpus, models["inverse"], args.out, train, run_cfg, predicted_codes=True, from_scratch=True,
-                      **inverse_inputs)
-    if args.stage == "all":
-        if ddp.rank == 0:
-            log(f"policy: {write_policy(args.out)}")
+        train_inverse(**inputs, **stage, codes="pred")
+    if args.stage == "all" and run_cfg.rank == 0:
+        log(f"policy: {write_policy(args.out)}")
+
+
+PROTOCOLS = {  # how the inverse model comes to read forward-predicted codes (docs/TRAINING.md)
+    "paper": "trained on codes of the true tracks (inverse.pt), then fine-tuned on forward-predicted codes",
+    "published": "the published code's: trained from scratch on forward-predicted codes",
+}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -2804,124 +2678,125 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """One line on stderr for a bad command line, like every other refusal of this file."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def integer(minimum):
+    def parse(s):
+        if not re.fullmatch(r"-?\d+", s.strip()) or int(s) < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found '{s}'")
+        return int(s)
+    return parse
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="AMPLIFY: train the motion tokenizer, forward and inverse dynamics.",
-                                formatter_class=HelpFormatter)
+    p = Parser(description="AMPLIFY: train the motion tokenizer, forward and inverse dynamics.",
+               formatter_class=HelpFormatter)
     # what to run
-    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"],
+    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"], required=True,
                    help="which model to train; 'all' trains the three in order and writes OUT/policy.pt")
     p.add_argument("--data", nargs="+", help="dataset(s): .npz or directory; several are concatenated "
                    "(e.g. robot demos + action-free video); required unless --count-params")
     p.add_argument("--out", default="runs/amplify", help="directory for checkpoints, metrics and images")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training sizes")
     p.add_argument("--count-params", action="store_true", help="print 'params: <int>' for --stage and exit")
-    p.add_argument("--bench", action="store_true", help="alias of `python bench.py`: throughput, memory and latency "
-                   "figures for --preset (--steps: timed repetitions, --batch-size: training batch)")
-    # training
-    p.add_argument("--steps", type=int, help="training steps per stage (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="default: the preset's")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    p.add_argument("--resume", action="store_true", help="continue each stage from its checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the stage's checkpoint in --out and remove "
-                   "the stages trained on it (without --resume or --overwrite an existing checkpoint is refused)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model init and the batch order")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="training arithmetic: auto = bf16 autocast "
-                   "on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for --preset cpu on a CPU, unless "
-                   "OMP_NUM_THREADS is set; torch's choice otherwise). The cpu preset's small matrices gain little "
-                   "from threads, and on a busy machine spinning threads compete for the cores")
-    p.add_argument("--log-every", type=int, help="steps between progress lines (default: the preset's)")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations and checkpoints (default: the preset's)")
-    p.add_argument("--val-episodes", type=int, default=1, help="episodes held out per task for evaluation")
-    p.add_argument("--eval-samples", type=int, help="held-out windows scored per evaluation (default: the preset's)")
-    p.add_argument("--vis", action="store_true", help="write PNGs of predicted vs true tracks at each evaluation")
+    # training (unset: the preset's value)
+    p.add_argument("--steps", type=integer(0), dest="train.steps", help="training steps per stage")
+    p.add_argument("--batch-size", type=integer(1), dest="train.batch_size")
+    p.add_argument("--lr", type=float, dest="train.lr", help="peak learning rate")
+    p.add_argument("--log-every", type=integer(1), dest="train.log_every", help="steps between progress lines")
+    p.add_argument("--eval-every", type=integer(1), dest="train.eval_every",
+                   help="steps between evaluations and checkpoints")
+    p.add_argument("--eval-samples", type=integer(1), dest="train.eval_samples",
+                   help="held-out windows scored per evaluation")
+    existing = p.add_mutually_exclusive_group()  # what to do with a stage's checkpoint already in --out
+    existing.add_argument("--resume", action="store_true", dest="run.resume",
+                          help="continue each stage from its checkpoint in --out")
+    existing.add_argument("--overwrite", action="store_true", dest="run.overwrite", help="replace the stage's "
+                          "checkpoint in --out and remove the stages trained on it (without --resume or --overwrite "
+                          "an existing checkpoint is refused)")
+    p.add_argument("--seed", type=int, default=0, dest="run.seed", help="seeds the model init and the batch order")
+    p.add_argument("--device", default="auto", dest="run.device", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--compile", action="store_true", dest="run.compile", help="torch.compile the training step")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", dest="run.precision", help="training "
+                   "arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512 BF16 / AMX)")
+    p.add_argument("--threads", type=integer(1), help="torch CPU threads (default: 1 for --preset cpu on a CPU, "
+                   "unless OMP_NUM_THREADS is set; torch's choice otherwise). The cpu preset's small matrices gain "
+                   "little from threads, and on a busy machine spinning threads compete for the cores")
+    p.add_argument("--val-episodes", type=integer(0), default=1, dest="run.val_episodes",
+                   help="episodes held out per task for evaluation")
+    p.add_argument("--vis", action="store_true", dest="run.vis",
+                   help="write PNGs of predicted vs true tracks at each evaluation")
     # stage inputs
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: OUT/tokenizer.pt)")
     p.add_argument("--forward", help="forward-model checkpoint for --predicted-codes (default: OUT/forward.pt)")
     p.add_argument("--init", help="inverse checkpoint that --predicted-codes fine-tunes (default: OUT/inverse.pt)")
-    p.add_argument("--predicted-codes", action="store_true",
-                   help="inverse: train on codes predicted by the forward model (writes OUT/inverse_ft.pt), "
-                   "as --protocol says")
+    p.add_argument("--predicted-codes", action="store_true", help="inverse: train on codes predicted by the "
+                   "forward model (writes OUT/inverse_ft.pt), as --protocol says")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
                    help="how the inverse model comes to read predicted codes (--stage all, --predicted-codes): "
                    + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
-    p.add_argument("--finetune-steps", type=int, help="--stage all --protocol paper: steps of the fine-tuning on "
-                   "predicted codes (default: steps/2)")
+    p.add_argument("--finetune-steps", type=integer(0), help="--stage all --protocol paper: steps of the "
+                   "fine-tuning on predicted codes (default: steps/2)")
     # data protocols (paper section 5): few-shot, zero-shot, cross-embodiment
     p.add_argument("--view-weights", type=lambda s: [float(w) for w in s.split(",")], metavar="W1,W2",
-                   help="tokenizer: loss weight per view, in the data's view order (published: 0.9,0.1 for "
-                        "third-person, wrist); default: the preset's")
-    p.add_argument("--shots", type=int, default=0, help="inverse: use only the first K action episodes of each task (0: all)")
-    p.add_argument("--only-task", action="append", default=[], help="train only on episodes of this task (repeatable)")
-    p.add_argument("--exclude-task", action="append", default=[], help="leave out episodes of this task (repeatable)")
+                   dest="tokenizer.view_weights", help="tokenizer: loss weight per view, in the data's view order "
+                   "(published: 0.9,0.1 for third-person, wrist); default: the preset's")
+    p.add_argument("--shots", type=integer(0), default=0, dest="run.shots",
+                   help="inverse: use only the first K action episodes of each task (0: all)")
+    p.add_argument("--only-task", action="append", dest="run.only_tasks",
+                   help="train only on episodes of this task (repeatable)")
+    p.add_argument("--exclude-task", action="append", dest="run.exclude_tasks",
+                   help="leave out episodes of this task (repeatable)")
     # the inverse model's action head (paper Appendix E); the step counts are recorded in the checkpoint
-    p.add_argument("--action-head", choices=["gaussian", "diffusion", "flow"],
+    p.add_argument("--action-head", choices=["gaussian", "diffusion", "flow"], dest="inverse.head",
                    help="inverse: Gaussian (default), DDPM/DDIM with a 1-D U-Net, or flow matching with a DiT "
                    "(--predicted-codes fine-tuning keeps the head of the model it fine-tunes)")
-    p.add_argument("--diffusion-train-steps", type=int, help="diffusion head: noise levels in training (default: the preset's, 100)")
-    p.add_argument("--diffusion-sample-steps", type=int, help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
-    p.add_argument("--gaussian-std", type=float, help="gaussian head: its fixed std in normalized action units, "
-                   "0 = learned (default: the preset's, 0.1 as published)")
-    p.add_argument("--flow-steps", type=int, help="flow head: midpoint steps per chunk (default: the preset's, 10)")
-    p.add_argument("--no-codes", action="store_true",
+    p.add_argument("--diffusion-train-steps", type=integer(1), dest="inverse.diffusion_train_steps",
+                   help="diffusion head: noise levels in training (default: the preset's, 100)")
+    p.add_argument("--diffusion-sample-steps", type=integer(1), dest="inverse.diffusion_sample_steps",
+                   help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
+    p.add_argument("--gaussian-std", type=float, dest="inverse.gaussian_std", help="gaussian head: its fixed std "
+                   "in normalized action units, 0 = learned (default: the preset's, 0.1 as published)")
+    p.add_argument("--flow-steps", type=integer(1), dest="inverse.flow_steps",
+                   help="flow head: midpoint steps per chunk (default: the preset's, 10)")
+    p.add_argument("--no-codes", action="store_false", default=None, dest="inverse.use_codes",
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
     # pretrained encoders (optional; the defaults train from scratch)
-    p.add_argument("--vision-weights", help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")
-    p.add_argument("--frozen-vision", action="store_true", help="do not train the ResNet (the published default; "
-                   "meant with --vision-weights): its features are computed once per frame and cached in OUT/features")
-    p.add_argument("--text-encoder", help="'hash' (default, from scratch) or a Hugging Face encoder such as t5-base")
+    p.add_argument("--vision-weights", dest="vision.weights",
+                   help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")
+    p.add_argument("--frozen-vision", action="store_true", default=None, dest="vision.frozen", help="do not train "
+                   "the ResNet (the published default; meant with --vision-weights): its features are computed once "
+                   "per frame and cached in OUT/features")
+    p.add_argument("--text-encoder", dest="forward.text_encoder",
+                   help="'hash' (default, from scratch) or a Hugging Face encoder such as t5-base")
     return p
-
-
-def check_args(p, args):
-    """Args error checking: everything that can be known wrong before any work starts."""
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error(f"--threads: expected a positive integer, found {args.threads}")
-        torch.set_num_threads(args.threads)
-    elif (not args.bench and args.preset == "cpu" and "OMP_NUM_THREADS" not in os.environ
-          and pick_device(args.device).type == "cpu"):
-        torch.set_num_threads(1)  # measured on 2 shared cores: see the README's main job
-    if args.bench:
-        args.device = pick_device(args.device)
-        return
-    if args.stage is None:
-        p.error("--stage is required (unless --bench)")
-    if not args.count_params and not args.data:
-        p.error("--data is required unless --count-params")
-    for name in ("steps", "batch_size", "log_every", "eval_every", "eval_samples", "diffusion_train_steps",
-                 "diffusion_sample_steps", "flow_steps"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "steps" else 1):
-            p.error(f"--{name.replace('_', '-')}: expected a positive integer, found {value}")
-    inverse = PRESETS[args.preset]["inverse"]
-    K = args.diffusion_train_steps or inverse.diffusion_train_steps
-    S = args.diffusion_sample_steps or inverse.diffusion_sample_steps
-    if S > K:
-        p.error(f"--diffusion-sample-steps: expected at most the {K} training noise levels, found {S}")
-    if args.shots < 0:
-        p.error(f"--shots: expected >= 0, found {args.shots}")
-    if args.predicted_codes and args.stage != "inverse":
-        p.error("--predicted-codes applies to --stage inverse (--stage all fine-tunes by itself)")
-    if args.predicted_codes and args.no_codes:
-        raise UserError("--predicted-codes fine-tunes on forward-model codes; it cannot be combined with --no-codes")
-    if args.protocol == "published" and args.finetune_steps is not None:
-        p.error("--finetune-steps: the published protocol has no fine-tuning (it trains on predicted codes from the "
-                "start); use --protocol paper")
-    for path in args.data or []:
-        if not os.path.exists(path):
-            raise UserError(f"--data: path does not exist: {path}")
-    args.device = pick_device(args.device)
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    # Args error checking: what the configs cannot know (each config checks its own values when made).
+    if not args.count_params and not args.data:
+        p.error("--data is required unless --count-params")
+    if args.count_params and args.stage == "all":
+        p.error("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
+    if args.predicted_codes and args.stage != "inverse":
+        p.error("--predicted-codes applies to --stage inverse (--stage all fine-tunes by itself)")
+    preset = PRESETS[args.preset]["inverse"]
+    K = getattr(args, "inverse.diffusion_train_steps") or preset.diffusion_train_steps
+    S = getattr(args, "inverse.diffusion_sample_steps") or preset.diffusion_sample_steps
+    if S > K:
+        p.error(f"--diffusion-sample-steps: expected at most the {K} training noise levels, found {S}")
+    if args.protocol == "published" and args.finetune_steps is not None:
+        p.error("--finetune-steps: the published protocol has no fine-tuning (it trains on predicted codes from the "
+                "start); use --protocol paper")
     callers_group = in_distributed_group()  # a program that calls main() in its own job keeps its group
     try:
-        check_args(p, args)
         run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """bench.py: throughput, memory and sampling latency of the three AMPLIFY models and the policy.
 
   python bench.py --preset paper             # Table 10 sizes; on a GPU at the preset's batch, bf16 autocast
-  python bench.py --preset cpu --steps 5     # (`python amplify.py --bench ...` runs the same)
+  python bench.py --preset cpu --steps 5
 
 Prints `name: value` lines on LIBERO-shaped random inputs (2 views, 128x128, A = 7, P = 9).
 Every speed-up is a ratio of two variants timed alternately in the same run (chunked vs plain
@@ -206,8 +206,8 @@ def data_wait(S, model, reps):
 
         def make(_):
             frames = rng.choice(n, S.B)
-            return {"images": A.gather_rows(arrays["images"], frames),
-                    "tracks": A.gather_rows(arrays["tracks"], frames).astype(np.float32)}
+            return {"images": A.read_rows(arrays["images"], frames),
+                    "tracks": A.read_rows(arrays["tracks"], frames).astype(np.float32)}
 
         def loss_fn(m):
             with torch.no_grad():
@@ -248,7 +248,6 @@ def data_wait(S, model, reps):
 
 def bench(args):
     """Print `name: value` lines for the preset (see the module docstring)."""
-    args.precision = getattr(args, "precision", "auto")  # amplify.py --bench passes its own args
     reps = args.steps
     S = setup(args)
     device = S.device

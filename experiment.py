@@ -9,7 +9,7 @@ project's command lines (`preprocess.py`, `amplify.py`, `eval_libero.py`) and pr
 closed-loop success with 95% intervals, and beside it every link the result depends on (tracker,
 tokenizer, forward model, inverse model with true codes).
 
-    python experiment.py --out runs/experiment          # the full run (README: wall time)
+    python experiment.py --out runs/experiment          # the full run (docs/EXPERIMENT.md: wall time)
     python experiment.py --quick --out runs/quick       # the same protocol, small (< 20 min)
     python experiment.py --plan                         # the steps and their estimated time
 

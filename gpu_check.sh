@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check: fills the README's GPU column whenever a CUDA machine is at hand.
+# The GPU check: fills the GPU figures of docs/SCALE.md whenever a CUDA machine is at hand.
 #
 #   ./gpu_check.sh                         # paper preset on cuda: the benchmark, then torchrun over NCCL
 #   DEVICE=cpu PRESET=cpu ./gpu_check.sh   # the same flow on a CPU (gloo), to check the script itself
 #
 # 1. bench.py --preset paper --device cuda at the preset's batch (256) under bf16 autocast, cut off
-#    after BENCH_TIMEOUT seconds (default 300): every figure the README's table lists, in gpu_bench.txt.
+#    after BENCH_TIMEOUT seconds (default 300): every figure docs/SCALE.md lists, in gpu_bench.txt.
 # 2. A short data-parallel run: torchrun with one rank per GPU (NCCL) trains the tokenizer for a few
 #    steps on built-in synthetic data and checks every rank ends with identical weights. With a
 #    single GPU, NCCL cannot run two ranks on one device: one rank then initialises NCCL and
