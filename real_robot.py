@@ -799,12 +799,19 @@ class RobotStatus:
     emergency_stop: bool
     safety_mode: int  # see UR_SAFETY_MODES_OK
     speed_scaling: float  # the pendant's speed slider times any slowing by the controller, [0, 1]
+    timestamp: Optional[float] = None  # controller time (s) of the RTDE data; None: not reported
 
 
-def check_status(status: RobotStatus, ctl: ControlConfig, commanding=True):
-    """Raise SafetyStop unless the robot can (keep) moving under our commands."""
+def check_status(status: RobotStatus, ctl: ControlConfig, commanding=True, previous=None):
+    """Raise SafetyStop unless the robot can (keep) moving under our commands; with `previous`
+    (last tick's status), also unless its data are newer than last tick's: an RTDE receive that
+    stalled keeps answering with the last pose it had (a recording saved 30 frames of one pose)."""
     if not status.connected:
         raise SafetyStop("robot connection lost (RTDE)")
+    stamps = (getattr(previous, "timestamp", None), status.timestamp)
+    if None not in stamps and stamps[1] <= stamps[0]:
+        raise SafetyStop(f"robot data frozen: the controller's timestamp {stamps[1]:.3f} s has not "
+                         f"advanced since the last tick (RTDE receive stalled; the pose is stale)")
     if not commanding:  # read-only: nothing this process does can move the arm
         return
     if status.emergency_stop or status.protective_stop or status.safety_mode not in UR_SAFETY_MODES_OK:
@@ -852,7 +859,8 @@ class UR5:
                            program_running=None if c is None else bool(c.isProgramRunning()),
                            protective_stop=bool(r.isProtectiveStopped()),
                            emergency_stop=bool(r.isEmergencyStopped()),
-                           safety_mode=int(r.getSafetyMode()), speed_scaling=float(r.getSpeedScaling()))
+                           safety_mode=int(r.getSafetyMode()), speed_scaling=float(r.getSpeedScaling()),
+                           timestamp=float(r.getTimestamp()))
 
     def kick(self):
         if self.watchdog:
@@ -1040,6 +1048,18 @@ class Proprio:
         return proprio_from(self.pose(pose), grip, self.layout)
 
 
+def read_state(robot, gripper):
+    """The measured TCP pose (6,) and gripper position, checked: a NaN reading must not reach the
+    policy's proprio or a recording."""
+    pose = np.asarray(robot.tcp_pose(), np.float64)
+    if pose.shape != (6,) or not np.all(np.isfinite(pose)):
+        raise SafetyStop(f"robot reading: expected a finite TCP pose (6,), found {pose.tolist()}")
+    grip = float(gripper.position())
+    if not (math.isfinite(grip) and -0.01 <= grip <= 1.01):  # 1 % for rounding in drivers
+        raise SafetyStop(f"gripper reading: expected a position in [0, 1], found {grip}")
+    return pose, min(max(grip, 0.0), 1.0)
+
+
 def proprio_from(pose, grip, layout):
     """TCP pose (6,) + gripper -> proprio in the action layout (float32)."""
     parts = [pose[:3]] + ([pose[3:6]] if layout == "xyz_rotvec_gripper" else []) + [[grip]]
@@ -1185,20 +1205,22 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
 
         views = Views(hw.cameras, cams, size, ctl.max_frame_age_s)
         rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period)
+        status = None
         for step in range(n_steps):
             t0 = clock.now()
             robot.kick()
-            status = robot.status()
-            check_status(status, ctl, commanding=not dry_run)
+            status, previous = robot.status(), status
+            check_status(status, ctl, commanding=not dry_run, previous=previous)
             images = views.read(t0)
-            pose = measure.pose(robot.tcp_pose())
+            pose, grip_measured = read_state(robot, gripper)
+            pose = measure.pose(pose)
             tracking = float(np.linalg.norm(pose[:3] - safety.prev[:3]))
             if tracking > cfg.safety.max_tracking_error_m and not dry_run:
                 raise SafetyStop(f"tracking error {1e3 * tracking:.0f} mm between the commanded and the "
                                  f"measured position > safety.max_tracking_error_m "
                                  f"{1e3 * cfg.safety.max_tracking_error_m:.0f} mm: the arm is blocked or "
                                  f"slowed")
-            proprio = proprio_from(pose, gripper.position(), layout)
+            proprio = proprio_from(pose, grip_measured, layout)
             t1 = clock.now()
             action = np.asarray(policy.act(images, proprio, task))
             t2 = clock.now()
@@ -1267,8 +1289,9 @@ def record_episode(hw: Hardware, cfg: Config, *, with_actions=True, clock=None, 
     The action at frame t is the measured pose (and gripper) at frame t+1 in the action layout,
     i.e. the absolute target the policy will learn to command; the last frame repeats its own
     pose (a "stay" action). Rotation vectors are continuous (see rotvec_near), referred to
-    robot.home's orientation when set, as in run_episode. Without actions (human demonstrations)
-    the robot is not read at all.
+    robot.home's orientation when set, as in run_episode. Every frame the robot's connection,
+    the freshness of its data and the readings are checked (SafetyStop: the episode is discarded).
+    Without actions (human demonstrations) the robot is not read at all.
     """
     clock = clock or MonotonicClock()
     ctl, layout = cfg.control, cfg.control.action
@@ -1278,10 +1301,13 @@ def record_episode(hw: Hardware, cfg: Config, *, with_actions=True, clock=None, 
     images, proprio = [], []
     views = Views(hw.cameras, cfg.cameras, size, ctl.max_frame_age_s)
     rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period, "recording")
+    status = None
     for _ in range(n_steps):
         images.append(views.read(clock.now()))
-        if with_actions:
-            proprio.append(measure(hw.robot.tcp_pose(), hw.gripper.position()))
+        if with_actions:  # the robot is only read: its connection and fresh data are what count
+            status, previous = hw.robot.status(), status
+            check_status(status, ctl, commanding=False, previous=previous)
+            proprio.append(measure(*read_state(hw.robot, hw.gripper)))
         overruns.update(rate.sleep())  # the time base of the demonstration must hold
         if should_end is not None and should_end():
             break

@@ -74,7 +74,8 @@ class FakeRobot:
         self.servo_calls, self.moves, self.teach_calls = [], [], []
         self.stops = self.kicks = 0
         self.state = SimpleNamespace(connected=True, program_running=True, protective_stop=False,
-                                     emergency_stop=False, safety_mode=1, speed_scaling=1.0)
+                                     emergency_stop=False, safety_mode=1, speed_scaling=1.0,
+                                     timestamp=None)
 
     def tcp_pose(self):
         return self.pose.copy()
@@ -156,6 +157,7 @@ class FakeRTDE:
         self.pose, self.move_s = list(map(float, pose)), move_s
         self.calls, self.kicks, self.watchdog_hz = [], 0, None
         self._target, self._until = None, None
+        self.stamp, self.frozen_after = 0.0, None
 
     # RTDEReceiveInterface
     def getActualTCPPose(self):
@@ -177,6 +179,11 @@ class FakeRTDE:
 
     def getSpeedScaling(self):
         return 1.0
+
+    def getTimestamp(self):  # the controller's clock: 2 ms a reading, until the data freeze
+        if self.frozen_after is None or self.stamp < self.frozen_after:
+            self.stamp += 0.002
+        return self.stamp
 
     # RTDEControlInterface
     def isProgramRunning(self):
@@ -1387,3 +1394,42 @@ def test_finding5_a_frozen_camera_stops_the_arm():
     frozen.clear()
     with pytest.raises(rr.StaleFrame, match="frozen camera 'left'"):
         rr.record_episode(rr.Hardware(TeleopRobot(clock), FakeGripper(), cams), cfg, clock=clock)
+
+
+def test_finding7_recording_checks_the_robot_every_frame(tmp_path, monkeypatch):
+    # after RTDE was lost, 30 of 40 frames were saved with a frozen pose, no warning
+    cfg = rr.parse_config(config_dict(**{"control.episode_s": 2.0}))
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+
+    class Dropping(TeleopRobot):  # the connection drops at frame 10; the last pose stays
+        def status(self):
+            if self.clock.now() - self.t0 >= 10 * 0.05:
+                self.state.connected = False
+            return super().status()
+    fake_preprocess(monkeypatch)
+    out = str(tmp_path / "demos")
+    with pytest.raises(rr.SafetyStop, match="robot connection lost"):
+        rr.record(rr.Hardware(Dropping(clock), FakeGripper(), cams), cfg, out, "t", episodes=1, clock=clock)
+    assert os.listdir(out + ".episodes") == []  # nothing saved from the broken episode
+    # connected, but the receive data stop updating (ur-rtde keeps the last values)
+    rtde = FakeRTDE([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
+    rtde.frozen_after = 10 * 0.002
+    robot = rr.UR5(cfg.robot, control=False, interfaces=(rtde, None))
+    with pytest.raises(rr.SafetyStop, match="robot data frozen"):
+        rr.record_episode(rr.Hardware(robot, FakeGripper(), cams), cfg, clock=clock)
+
+
+def test_finding9_nan_gripper_reading_never_reaches_the_policy_or_a_recording():
+    class NaNGripper(FakeGripper):
+        def position(self):
+            return float("nan") if len(self.commands) >= 3 else super().position()
+    cfg, clock, hw = rig()
+    hw.gripper = NaNGripper()
+    policy = FakePolicy(lambda s, im, p: np.r_[p[:3], 1.0 if s % 6 < 3 else 0.0])
+    with pytest.raises(rr.SafetyStop, match="gripper reading: expected a position in"):
+        rr.run_episode(policy, hw, cfg, "t", clock=clock)
+    assert all(np.isfinite(seen[2]).all() for seen in policy.seen) and hw.robot.stops == 1
+    hw.gripper.commands = [0.0] * 3
+    with pytest.raises(rr.SafetyStop, match="gripper reading"):
+        rr.record_episode(hw, cfg, clock=clock)
