@@ -368,6 +368,10 @@ class Rate:
         self.k += int(late // self.period)  # drop the deadlines that have passed entirely
         return late
 
+    def late(self):
+        """How far past the current tick's deadline the clock is now (negative: in time)."""
+        return self.clock.now() - (self.start + (self.k + 1) * self.period)
+
 
 class OverrunMonitor:
     """Stops a loop whose time base is broken: one tick later than `max_late_periods` periods (a
@@ -380,11 +384,17 @@ class OverrunMonitor:
         self.consecutive = 0
         self.window = deque(maxlen=ctl.overrun_window)
 
-    def update(self, late):
+    def check_stall(self, late, when="ended"):
+        """Called at the end of a tick, and before a command goes out: a command computed from
+        observations older than the stall limit must not be sent at all."""
         ctl, ms = self.ctl, 1e3 * self.period
         if late > ctl.max_late_periods * self.period:
-            raise OverrunBudget(f"{self.what} stalled: a tick ended {1e3 * late:.0f} ms late, more than "
+            raise OverrunBudget(f"{self.what} stalled: a tick {when} {1e3 * late:.0f} ms late, more than "
                                 f"{ctl.max_late_periods:g} periods of {ms:.0f} ms (control.max_late_periods)")
+
+    def update(self, late):
+        ctl, ms = self.ctl, 1e3 * self.period
+        self.check_stall(late)
         self.consecutive = self.consecutive + 1 if late > 0 else 0
         if self.consecutive >= ctl.max_consecutive_overruns:
             raise OverrunBudget(f"{self.consecutive} consecutive overruns of the {ms:.0f} ms period in "
@@ -1227,6 +1237,7 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
             target, grip = target_from(action, hold_rot, layout)
             target, event = safety.apply(target)
             grip = min(max(grip, 0.0), 1.0)
+            overruns.check_stall(rate.late(), "was about to command")  # not sent: stale inputs
             if not dry_run:
                 robot.servo(target, cfg.period)
                 gripper.command(grip)

@@ -1035,16 +1035,17 @@ def test_tracking_error_stops_and_the_log_holds_measured_pose_and_raw_action():
     assert np.linalg.norm(hw.robot.pose[:3] - hw.robot.servo_calls[-1][:3]) > 0.06
 
 
-def test_a_single_stall_stops_the_loop():
+def test_finding10_a_stall_stops_the_loop_before_its_command_goes_out():
     cfg, clock, hw = rig()
 
     def fn(s, im, p):
         if s == 3:
             clock.advance(5.0)  # the policy hangs for 5 s once
-        return p
-    with pytest.raises(rr.OverrunBudget, match="stalled"):
+        return p + [0.01, 0, 0, 0]
+    with pytest.raises(rr.OverrunBudget, match="stalled: a tick was about to command 4950 ms late"):
         rr.run_episode(FakePolicy(fn), hw, cfg, "t", clock=clock)
-    assert len(hw.robot.servo_calls) == 4 and hw.robot.stops == 1
+    # the command computed from the 5 s old images was sent before; now it is not
+    assert len(hw.robot.servo_calls) == 3 and len(hw.gripper.commands) <= 3 and hw.robot.stops == 1
 
 
 def test_a_high_overrun_rate_stops_the_loop():
