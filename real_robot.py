@@ -1587,8 +1587,11 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
 
         def on_step(entry):
             if log_file:
-                log_file.write(json.dumps(entry, allow_nan=False) + "\n")
-                log_file.flush()
+                try:
+                    log_file.write(json.dumps(entry, allow_nan=False) + "\n")
+                    log_file.flush()
+                except OSError as e:  # a full disk: the run was asked to be logged, so it stops
+                    raise SafetyStop(f"--log {args.log}: cannot write ({e})") from None
         for ep in range(args.episodes):
             if keys:
                 homing = "the arm moves to robot.home, " if cfg.robot.home and not args.dry_run else ""
@@ -1611,10 +1614,16 @@ def main(argv=None, *, hardware=None, policy=None, clock=None, interactive=True)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
-        if log_file:
-            log_file.close()
-        if hw is not None and hardware is None:
+        # the hardware first (stopScript, cameras released): nothing that fails after it, such as
+        # closing a log on a full disk, may keep the control script running
+        if hw is not None and (hardware is None or callable(hardware)):
             hw.close()
+        if log_file:
+            try:
+                log_file.close()
+            except OSError as e:
+                print(f"WARNING: --log {args.log}: closing failed ({e}); lines before it were "
+                      f"flushed", file=sys.stderr)
 
 
 def _stop_signal(signum, frame):

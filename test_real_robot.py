@@ -1434,3 +1434,26 @@ def test_finding9_nan_gripper_reading_never_reaches_the_policy_or_a_recording():
     hw.gripper.commands = [0.0] * 3
     with pytest.raises(rr.SafetyStop, match="gripper reading"):
         rr.record_episode(hw, cfg, clock=clock)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_finding6_a_full_disk_on_log_still_shuts_the_hardware_down(tmp_path, capsys):
+    # servoStop was sent, then closing the log raised: stopScript and the camera release never ran
+    cfg_path = write_cfg(tmp_path)
+    clock = FakeClock()
+    rtde = FakeRTDE([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
+    closed = []
+
+    class Camera(FakeCamera):
+        def close(self):
+            closed.append(self.value)
+
+    def hardware(cfg, mode):
+        cams = {"front": Camera(clock, 50), "left": Camera(clock, 150)}
+        return rr.Hardware(rr.UR5(cfg.robot, interfaces=(rtde, rtde)), FakeGripper(), cams)
+    code = rr.main(["--config", cfg_path, "--yes", "--log", "/dev/full"], hardware=hardware,
+                   policy=FakePolicy(hold), clock=clock)
+    names = [c[0] for c in rtde.calls]
+    assert code == 1 and names[-2:] == ["servoStop", "stopScript"] and sorted(closed) == [50, 150]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and "--log /dev/full: cannot write" in err[-2]
