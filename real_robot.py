@@ -20,7 +20,8 @@ Notable features:
   workspace.
 - Stops: an exception, Ctrl-C, SIGTERM/SIGHUP/SIGQUIT, a stale or lost camera frame, a non-finite
   action, a stall (one tick 2 periods late) or a high overrun rate, a lost connection, a safety
-  stop, a stopped control script, a lowered speed slider or a tracking error stop the arm
+  stop, a stopped control script, a lowered speed slider or a tracking error (position or
+  orientation) stop the arm
   (servoStop, stopL as fallback) before the program exits; the RTDE watchdog stops it if this
   process dies. Homing is checked first (start inside the box, end at home), asynchronous and
   interruptible. `--dry-run` runs everything (cameras, policy, safety filter, log) but opens the
@@ -186,6 +187,8 @@ class SafetyConfig(_Section):
     max_rot_from_home_rad: _num(gt=0, hi=math.pi / 2) = 0.8  # orientation cone around the reference
     # (robot.home's orientation, else the episode's start orientation); a quarter turn at most
     max_tracking_error_m: _num(gt=0, hi=0.15) = 0.08  # measured vs commanded position -> stop
+    max_tracking_error_rad: _num(gt=0, hi=1.0) = 0.3  # measured vs commanded orientation -> stop
+    # (servoL lags by about its lookahead: 0.1 s at the 2 rad/s limit is 0.2 rad)
     on_violation: Literal["clamp", "refuse"] = "clamp"  # see SafetyFilter
 
 
@@ -1157,6 +1160,24 @@ class EpisodeResult:
     log: list  # one dict per step
 
 
+def check_start(pose, cfg: Config):
+    """Before homing (and in a dry run, which does not home): the start must be inside the box and,
+    with robot.home, within the orientation cone around home's orientation. moveL goes in a straight
+    line and turns about one axis, so it stays inside the (convex) box and cone only if it starts
+    inside; a tool half a turn from home would swing the wrist by pi on the way."""
+    pose = np.asarray(pose, np.float64)
+    lo, hi = cfg.safety.workspace_min, cfg.safety.workspace_max
+    if not (np.all(lo <= pose[:3]) and np.all(pose[:3] <= hi)):
+        raise SafetyStop(f"start position {np.round(pose[:3], 4).tolist()} is outside the "
+                         f"workspace {lo}..{hi}; move the arm inside first (freedrive)")
+    if cfg.robot.home is not None:
+        angle, cone = rotation_angle(pose[3:], cfg.robot.home[3:]), cfg.safety.max_rot_from_home_rad
+        if angle > cone:
+            raise SafetyStop(f"start orientation {angle:.3f} rad from robot.home's, expected within "
+                             f"safety.max_rot_from_home_rad {cone:g}: homing would turn the wrist that "
+                             f"far; turn it closer first (freedrive)")
+
+
 def go_home(robot, cfg: Config):
     """moveL to robot.home (the caller has checked that the straight line stays in the box), then
     check where the arm is: a move that was blocked or stopped must not start the episode."""
@@ -1199,12 +1220,7 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
     finished = False
     try:
         check_status(robot.status(), ctl, commanding=not dry_run)
-        start = robot.tcp_pose()
-        lo, hi = cfg.safety.workspace_min, cfg.safety.workspace_max
-        if not (np.all(lo <= start[:3]) and np.all(start[:3] <= hi)):  # before homing too: moveL
-            # goes in a straight line, inside the (convex) box only if it starts inside
-            raise SafetyStop(f"start position {np.round(start[:3], 4).tolist()} is outside the "
-                             f"workspace {lo}..{hi}; move the arm inside first (freedrive)")
+        check_start(robot.tcp_pose(), cfg)
         if cfg.robot.home is not None and not dry_run:
             go_home(robot, cfg)
         reference = None if cfg.robot.home is None else np.asarray(cfg.robot.home[3:], np.float64)
@@ -1225,11 +1241,17 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
             pose, grip_measured = read_state(robot, gripper)
             pose = measure.pose(pose)
             tracking = float(np.linalg.norm(pose[:3] - safety.prev[:3]))
+            tracking_rad = rotation_angle(pose[3:], safety.prev[3:])
             if tracking > cfg.safety.max_tracking_error_m and not dry_run:
                 raise SafetyStop(f"tracking error {1e3 * tracking:.0f} mm between the commanded and the "
                                  f"measured position > safety.max_tracking_error_m "
                                  f"{1e3 * cfg.safety.max_tracking_error_m:.0f} mm: the arm is blocked or "
                                  f"slowed")
+            if tracking_rad > cfg.safety.max_tracking_error_rad and not dry_run:
+                raise SafetyStop(f"orientation tracking error {tracking_rad:.3f} rad between the "
+                                 f"commanded and the measured orientation > "
+                                 f"safety.max_tracking_error_rad {cfg.safety.max_tracking_error_rad:g}: "
+                                 f"the wrist is blocked or slowed")
             proprio = proprio_from(pose, grip_measured, layout)
             t1 = clock.now()
             action = np.asarray(policy.act(images, proprio, task))
@@ -1246,7 +1268,8 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
                      "policy_ms": round(1e3 * (t2 - t1), 3), "latency_ms": round(1e3 * (t3 - t0), 3),
                      "event": event, "action": _round(action), "target": _round(target),
                      "gripper": round(grip, 4), "measured": _round(pose),
-                     "tracking_mm": round(1e3 * tracking, 2), "speed_scaling": round(status.speed_scaling, 3)}
+                     "tracking_mm": round(1e3 * tracking, 2), "tracking_rad": round(tracking_rad, 4),
+                     "speed_scaling": round(status.speed_scaling, 3)}
             late = rate.sleep()
             entry["late_ms"] = round(1e3 * late, 3)
             log.append(entry)
@@ -1279,12 +1302,13 @@ def latency_summary(log, period):
     overruns = sum(e["late_ms"] > 0 for e in log)
     events = {k: sum(e["event"] == k for e in log) for k in ("clamped", "refused")}
     tracking = max(e.get("tracking_mm", 0.0) for e in log)
+    tracking_rad = max(e.get("tracking_rad", 0.0) for e in log)
     return (f"steps {len(log)} | latency ms p50 {np.percentile(lat, 50):.1f} "
             f"p99 {np.percentile(lat, 99):.1f} max {lat.max():.1f} | "
             f"period ms mean {periods.mean():.2f} std {periods.std():.2f} "
             f"(target {1e3 * period:.1f}) | overruns {overruns} | "
             f"clamped {events['clamped']} refused {events['refused']} | max tracking error "
-            f"{tracking:.1f} mm")
+            f"{tracking:.1f} mm {tracking_rad:.3f} rad")
 
 
 # -----------------------------------------------------------------------------

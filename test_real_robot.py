@@ -1457,3 +1457,27 @@ def test_finding6_a_full_disk_on_log_still_shuts_the_hardware_down(tmp_path, cap
     assert code == 1 and names[-2:] == ["servoStop", "stopScript"] and sorted(closed) == [50, 150]
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err) and "--log /dev/full: cannot write" in err[-2]
+
+
+def test_finding8_homing_checks_the_start_orientation_and_orientation_tracking_is_checked():
+    # with the tool 3.14 rad from home, homing went ahead (on an arm, a swing of about pi)
+    cfg = rr.parse_config(config_dict(**{"control.action": "xyz_rotvec_gripper", "robot.home": HOME_DOWN}))
+    _, clock, hw = rig(cfg)
+    hw.robot.pose[3:] = [0.0, 0.0, 0.0]  # gripper up: a half turn from home
+    with pytest.raises(rr.SafetyStop, match="start orientation 3.142 rad from robot.home's"):
+        rr.run_episode(FakePolicy(hold, action_dim=7), hw, cfg, "t", clock=clock)
+    assert hw.robot.moves == [] and hw.robot.servo_calls == [] and hw.robot.stops == 1
+
+    # a wrist stuck 0.70 rad from its command did not stop the arm
+    class StuckWrist(FakeRobot):  # follows positions, never turns
+        def servo(self, pose, period):
+            self.servo_calls.append(np.array(pose))
+            self.pose[:3] = pose[:3]
+    _, clock, hw = rig(cfg)
+    hw.robot = StuckWrist(HOME_DOWN)
+    turn = rotate(HOME_DOWN[3:], [0.0, 0.0, 0.7])
+    log = []
+    with pytest.raises(rr.SafetyStop, match="orientation tracking error 0.3"):
+        rr.run_episode(FakePolicy(lambda s, im, p: np.r_[p[:3], turn, 0.0], action_dim=7), hw, cfg,
+                       "t", clock=clock, on_step=log.append)
+    assert log[-1]["tracking_rad"] <= 0.3 and hw.robot.stops == 1
