@@ -1129,12 +1129,34 @@ def _column_matrix(table, key, width, where):
     return values
 
 
+def _decode_from(container, stream, start, times, tolerance_s, img_size):
+    """Seek to `start` (stream time base), decode forward; the frame within tolerance_s of each of
+    `times` (None where there is none) and the presentation times of the frames decoded."""
+    container.seek(start, stream=stream, backward=True)
+    out, seen, j = [None] * len(times), [], 0
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            continue
+        t = float(frame.pts * stream.time_base)
+        seen.append(t)
+        if t > times[-1] + tolerance_s:
+            break
+        while j < len(times) and times[j] < t - tolerance_s:
+            j += 1  # passed without a match: the caller reports it
+        if j < len(times) and abs(times[j] - t) <= tolerance_s:
+            rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+            out[j] = fit_square(rgb[None], img_size)[0] if img_size else rgb
+            j += 1
+    return out, seen
+
+
 def decode_video_at(path, times, tolerance_s, img_size=None, label=None):
     """The frames of a video file presented at `times` (seconds) -> uint8 (len(times), H, W, 3).
 
     Seeks to the keyframe before times[0] and decodes forward, keeping the frame whose presentation
-    time (pts * time_base) is within tolerance_s of each query. img_size: each kept frame goes
-    through fit_square at once, so memory holds only small frames. label: prefixes errors.
+    time (pts * time_base) is within tolerance_s of each query; a query without one is refused.
+    img_size: each kept frame goes through fit_square at once, so memory holds only small frames.
+    label: prefixes errors.
     """
     import av
 
@@ -1144,31 +1166,20 @@ def decode_video_at(path, times, tolerance_s, img_size=None, label=None):
         raise DataError(f"{where}: expected increasing frame timestamps, found {times[:6].tolist()}...")
     if not Path(path).is_file():
         raise DataError(f"{where}: expected a video file, found no such file")
-    out, seen = [None] * len(times), []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{where}: expected a video stream, found none")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            tb = stream.time_base
-            # offset in the stream's time base; backward: land on the keyframe at or before it. A
-            # second early: mp4 indexes by decode time, which B-frames put ahead of presentation.
-            container.seek(max(0, int((times[0] - 1.0) / tb)), stream=stream, backward=True)
-            j = 0
-            for frame in container.decode(stream):
-                if frame.pts is None:
-                    continue
-                t = float(frame.pts * tb)
-                if t > times[-1] + tolerance_s:
-                    break
-                while j < len(times) and times[j] < t - tolerance_s:
-                    j += 1  # passed without a match: reported below
-                if j < len(times) and abs(times[j] - t) <= tolerance_s:
-                    rgb = frame.to_ndarray(format="rgb24")
-                    out[j] = fit_square(rgb[None], img_size)[0] if img_size else rgb
-                    j += 1
-                seen.append(t)
+            # Seek to the keyframe at or before the first query (offset in the stream's time base).
+            # mp4 indexes keyframes by decode time, which B-frames put ahead of presentation time:
+            # when the first frame decoded comes after the query, start earlier, at last from 0.
+            for early in (0.0, 1.0, None):
+                start = 0 if early is None else max(0, int((times[0] - early) / stream.time_base))
+                out, seen = _decode_from(container, stream, start, times, tolerance_s, img_size)
+                if start == 0 or not seen or seen[0] <= times[0] + tolerance_s:
+                    break  # (not seen: nothing at or after the seek point; reported below)
     except DataError:
         raise
     except Exception as e:  # av.error.* for unreadable or undecodable files
@@ -1359,7 +1370,7 @@ class LeRobotSource:
             rows = table.filter(pc.equal(table.column("episode_index"), e))
         order = np.argsort(rows.column("frame_index").to_numpy(zero_copy_only=False), kind="stable")
         rows = rows.take(order)
-        if rows.num_rows != ep["length"]:
+        if rows.num_rows != ep["length"] or rows.num_rows < 1:
             raise DataError(f"{where}: expected {ep['length']} frames (its length in meta/episodes), "
                             f"found {rows.num_rows} rows")
         index = rows.column("frame_index").to_numpy(zero_copy_only=False)

@@ -296,6 +296,34 @@ def test_lerobot_interrupted_run_resumes(tmp_path, monkeypatch):
     assert amplify.load_dataset(str(tmp_path / "ds")).num_episodes == 3 and not (tmp_path / "ds.work").exists()
 
 
+def test_decode_video_at_seeks_earlier_when_the_keyframe_index_overshoots(tmp_path, monkeypatch):
+    """mp4 indexes keyframes by decode time: with MPEG-4 B-frames the first seek lands after the
+    frame asked for; the decoder must start earlier, never return a later frame or give up."""
+    av = need("av")
+    clip = frames_for(0, 24)
+    with av.open(str(tmp_path / "b.mp4"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"g": "5", "bf": "2"}
+        for i, img in enumerate(clip):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 30)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    ref = decoded(tmp_path / "b.mp4")
+    starts, decode_from = [], P._decode_from
+    monkeypatch.setattr(P, "_decode_from", lambda c, s, start, *a: starts.append(start) or decode_from(c, s, start, *a))
+    retried = 0
+    for k in range(22):
+        starts.clear()
+        got = P.decode_video_at(tmp_path / "b.mp4", [k / 30, (k + 2) / 30], 1e-4)
+        np.testing.assert_array_equal(got, ref[[k, k + 2]], err_msg=f"from frame {k}")
+        retried += len(starts) > 1
+    assert retried > 0  # the case this test is for did occur
+
+
 def test_decode_video_at_picks_frames_by_presentation_time(tmp_path):
     clip = frames_for(0, 6)
     encode(tmp_path / "v.mp4", [clip], "h264")
