@@ -139,6 +139,10 @@ class GripperConfig(_Section):
     kind: Literal["robotiq", "none"] = "none"  # "robotiq": its URCap socket (port 63352)
     host: str = ""
     port: _int(1, 65535) = 63352
+    speed: _int(0, 255) = 255  # Robotiq units: 255 is full speed (150 mm/s on a 2F-85)
+    force: _int(0, 255) = 100  # Robotiq units: 255 is full grip force (235 N on a 2F-85)
+    min_interval_s: _num(0.05, 5) = 0.25  # at most one new position command per this interval: a
+    # policy that flips open/closed every tick would otherwise chatter the fingers
 
 
 class CameraConfig(_Section):
@@ -796,7 +800,7 @@ def wait_for_cameras(cameras, timeout, idle=None):
 # Robot and gripper drivers. Interface used by the loop (tests inject fakes with the same methods):
 #   robot: tcp_pose() -> (6,), servo(pose (6,), period), move_to(pose, speed, timeout), stop(),
 #          status() -> RobotStatus, kick() (the watchdog), teach(on), close()
-#   gripper: position() -> [0, 1], command(g in [0, 1]), close()
+#   gripper: activate(idle) (may move the fingers), position() -> [0, 1], command(g in [0, 1]), close()
 
 UR_SAFETY_MODES_OK = (1, 2)  # RTDE safety_mode: 1 normal, 2 reduced; 3 protective stop, 5 safeguard
 # stop, 6/7 emergency stop, 8 violation, 9 fault, ...
@@ -939,21 +943,18 @@ class UR5:
 class RobotiqGripper:
     """Robotiq 2F gripper through the URCap socket (port 63352): ASCII lines 'SET <VAR> <int>'
     (answer 'ack') and 'GET <VAR>' (answer '<VAR> <int>'); POS 0 = open, 255 = closed.
-    `activate=False` (dry-run, teleoperated recording) only reads: activating an inactive
-    gripper makes it open and close fully, which is motion. Only the protocol is tested here
-    (against a local fake server); kept small on purpose."""
+    Opening it only reads. `activate()` must come before any command, and only once the operator
+    has started an episode: activating an inactive gripper strokes its fingers fully open and
+    closed, which is motion (run_episode calls it; dry runs and recordings never do). Only the
+    protocol is tested here (against a local fake server); kept small on purpose."""
 
-    def __init__(self, host, port=63352, activate=True, speed=255, force=100, timeout=1.0):
+    def __init__(self, host, port=63352, speed=255, force=100, timeout=1.0):
         import socket
 
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.replies = self.sock.makefile("r")
-        self.active, self._last = activate, None
-        if activate:
-            self._send("SET ACT 1")  # a no-op if already active
-            self._send(f"SET SPE {speed}")
-            self._send(f"SET FOR {force}")
-            self._send("SET GTO 1")
+        self.speed, self.force = speed, force
+        self.active, self._last = False, None
 
     def _send(self, line):
         self.sock.sendall((line + "\n").encode())
@@ -962,13 +963,38 @@ class RobotiqGripper:
             raise RuntimeError(f"gripper: '{line}' answered {reply!r}, expected 'ack'")
         return reply
 
+    def _get(self, var):
+        reply = self._send(f"GET {var}").split()
+        if len(reply) != 2 or reply[0] != var:
+            raise RuntimeError(f"gripper: 'GET {var}' answered {' '.join(reply)!r}, expected '{var} <int>'")
+        return int(reply[1])
+
+    def activate(self, idle=None, timeout=5.0):
+        """Activate (if needed: STA 3 is 'activation complete'), then set speed and force. `idle()`
+        is called while the activation stroke runs (the robot's watchdog kick)."""
+        if self.active:
+            return
+        if self._get("ACT") != 1 or self._get("STA") != 3:
+            self._send("SET ACT 1")  # the stroke starts here
+            deadline = time.monotonic() + timeout
+            while self._get("STA") != 3:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gripper: activation did not complete within {timeout:g} s "
+                                       f"(GET STA {self._get('STA')}, expected 3)")
+                if idle is not None:
+                    idle()
+                time.sleep(0.02)
+        self._send(f"SET SPE {self.speed}")
+        self._send(f"SET FOR {self.force}")
+        self._send("SET GTO 1")
+        self.active = True
+
     def position(self):
-        var, value = self._send("GET POS").split()
-        return int(value) / 255.0
+        return self._get("POS") / 255.0
 
     def command(self, g):
         if not self.active:
-            raise RuntimeError("gripper opened read-only (activate=False): no commands")
+            raise RuntimeError("gripper not activated: no commands (dry runs and recordings only read)")
         pos = int(round(float(np.clip(g, 0.0, 1.0)) * 255))
         if pos != self._last:  # one socket round trip per change, not per tick
             self._send(f"SET POS {pos}")
@@ -981,6 +1007,9 @@ class RobotiqGripper:
 
 class NullGripper:
     """No gripper (or one driven elsewhere): reads as open, ignores commands."""
+
+    def activate(self, idle=None):
+        pass
 
     def position(self):
         return 0.0
@@ -1024,7 +1053,7 @@ def open_hardware(cfg: Config, *, robot="control", watchdog=False):
             opened["cameras"][c.name] = opener(c)
         if robot and cfg.gripper.kind == "robotiq":
             opened["gripper"] = RobotiqGripper(cfg.gripper.host, cfg.gripper.port,
-                                               activate=robot == "control")
+                                               speed=cfg.gripper.speed, force=cfg.gripper.force)
         else:
             opened["gripper"] = NullGripper() if robot else None
         # the robot last: once its watchdog is armed, every wait must kick it
@@ -1221,6 +1250,8 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
     try:
         check_status(robot.status(), ctl, commanding=not dry_run)
         check_start(robot.tcp_pose(), cfg)
+        if not dry_run:  # after the operator's Enter (main): activation may stroke the fingers
+            gripper.activate(idle=robot.kick)
         if cfg.robot.home is not None and not dry_run:
             go_home(robot, cfg)
         reference = None if cfg.robot.home is None else np.asarray(cfg.robot.home[3:], np.float64)
@@ -1231,7 +1262,7 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
 
         views = Views(hw.cameras, cams, size, ctl.max_frame_age_s)
         rate, overruns = Rate(ctl.rate_hz, clock), OverrunMonitor(ctl, cfg.period)
-        status = None
+        status, grip_sent, grip_sent_t = None, None, -math.inf
         for step in range(n_steps):
             t0 = clock.now()
             robot.kick()
@@ -1259,15 +1290,21 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
             target, grip = target_from(action, hold_rot, layout)
             target, event = safety.apply(target)
             grip = min(max(grip, 0.0), 1.0)
+            # a new gripper position at most every gripper.min_interval_s; the latest request goes
+            # out once the interval has passed
+            send_grip = grip != grip_sent and t0 - grip_sent_t >= cfg.gripper.min_interval_s - 1e-9
+            if send_grip:
+                grip_sent, grip_sent_t = grip, t0
             overruns.check_stall(rate.late(), "was about to command")  # not sent: stale inputs
             if not dry_run:
                 robot.servo(target, cfg.period)
-                gripper.command(grip)
+                if send_grip:
+                    gripper.command(grip)
             t3 = clock.now()
             entry = {"step": step, "t": round(t0 - rate.start, 5), "obs_ms": round(1e3 * (t1 - t0), 3),
                      "policy_ms": round(1e3 * (t2 - t1), 3), "latency_ms": round(1e3 * (t3 - t0), 3),
                      "event": event, "action": _round(action), "target": _round(target),
-                     "gripper": round(grip, 4), "measured": _round(pose),
+                     "gripper": round(grip, 4), "gripper_sent": send_grip, "measured": _round(pose),
                      "tracking_mm": round(1e3 * tracking, 2), "tracking_rad": round(tracking_rad, 4),
                      "speed_scaling": round(status.speed_scaling, 3)}
             late = rate.sleep()

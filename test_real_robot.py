@@ -106,7 +106,10 @@ class FakeRobot:
 
 class FakeGripper:
     def __init__(self):
-        self.commands = []
+        self.commands, self.activations = [], 0
+
+    def activate(self, idle=None):
+        self.activations += 1
 
     def position(self):
         return self.commands[-1] if self.commands else 0.0
@@ -512,7 +515,7 @@ def test_episode_runs_at_rate_within_limits_and_stops_at_the_end():
     far = [np.linalg.norm(np.array([0.2, -0.4, 0.3]) - p[:3]) > 0.02 for p in poses[:-1]]
     assert events == ["clamped" if f else None for f in far] and events[-1] is None
     assert np.allclose(hw.robot.servo_calls[-1][:3], [0.2, -0.4, 0.3])
-    assert hw.gripper.commands == [1.0] * 60
+    assert hw.gripper.commands == [1.0] and hw.gripper.activations == 1  # sent once: unchanged
     # views reach the policy in the policy's order, at its size, uint8 (V, H, W, 3)
     shape, dtype, proprio, colour = policy.seen[-1]
     assert shape == (2, 32, 32, 3) and dtype == np.uint8 and proprio.shape == (4,)
@@ -1148,7 +1151,7 @@ def test_nan_gripper_action_stops_and_the_log_stays_json(tmp_path):
     log = tmp_path / "steps.jsonl"
     assert rr.main(["--config", cfg_path, "--yes", "--log", str(log)], hardware=hw, clock=clock,
                    policy=policy) == 1
-    assert hw.gripper.commands == [0.5, 0.5] and hw.robot.stops == 1
+    assert hw.gripper.commands == [0.5] and hw.robot.stops == 1
 
     def strict(constant):
         raise ValueError(f"not JSON: {constant}")
@@ -1159,11 +1162,13 @@ def test_nan_gripper_action_stops_and_the_log_stays_json(tmp_path):
 # Robotiq socket protocol against a local fake server (the real gripper cannot be tested here)
 
 
-def test_robotiq_gripper_protocol():
+def fake_robotiq_server():
+    """A local stand-in for the URCap socket: SET answers 'ack', GET '<VAR> <int>'; activation
+    (SET ACT 1) completes at once (STA 3). Returns (server, received lines, state, serve)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
-    received, state = [], {"POS": 0}
+    received, state = [], {"POS": 0, "ACT": 0, "STA": 0}
 
     def serve():
         conn, _ = server.accept()
@@ -1174,12 +1179,22 @@ def test_robotiq_gripper_protocol():
                 if line.startswith("SET"):
                     _, var, value = line.split()
                     state[var] = int(value)
+                    if var == "ACT":
+                        state["STA"] = 3 if int(value) == 1 else 0
                     conn.sendall(b"ack\n")
                 else:
                     conn.sendall(f"{line.split()[1]} {state.get(line.split()[1], 0)}\n".encode())
+    return server, received, state, serve
+
+
+def test_robotiq_gripper_protocol():
+    server, received, state, serve = fake_robotiq_server()
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     g = rr.RobotiqGripper("127.0.0.1", server.getsockname()[1])
+    with pytest.raises(RuntimeError, match="not activated"):
+        g.command(1.0)
+    g.activate()
     g.command(1.0)
     g.command(1.0)  # unchanged: no second socket round trip
     assert g.position() == 1.0
@@ -1187,21 +1202,19 @@ def test_robotiq_gripper_protocol():
     assert g.position() == pytest.approx(128 / 255)
     g.close()
     thread.join(timeout=5)
-    assert received[:4] == ["SET ACT 1", "SET SPE 255", "SET FOR 100", "SET GTO 1"]
+    assert received[:6] == ["GET ACT", "SET ACT 1", "GET STA", "SET SPE 255", "SET FOR 100", "SET GTO 1"]
     assert received.count("SET POS 255") == 1 and "SET POS 128" in received
 
-    # read-only (dry-run): no activation (it would move the fingers), no commands
+    # already active (a later run): no activation stroke, only speed and force
     received.clear()
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    g = rr.RobotiqGripper("127.0.0.1", server.getsockname()[1], activate=False)
-    assert g.position() == pytest.approx(128 / 255)
-    with pytest.raises(RuntimeError):
-        g.command(1.0)
+    g = rr.RobotiqGripper("127.0.0.1", server.getsockname()[1], speed=64, force=30)
+    g.activate()
     g.close()
     thread.join(timeout=5)
     server.close()
-    assert received == ["GET POS"]
+    assert received == ["GET ACT", "GET STA", "SET SPE 64", "SET FOR 30", "SET GTO 1"]
 
 
 # -----------------------------------------------------------------------------
@@ -1481,3 +1494,36 @@ def test_finding8_homing_checks_the_start_orientation_and_orientation_tracking_i
         rr.run_episode(FakePolicy(lambda s, im, p: np.r_[p[:3], turn, 0.0], action_dim=7), hw, cfg,
                        "t", clock=clock, on_step=log.append)
     assert log[-1]["tracking_rad"] <= 0.3 and hw.robot.stops == 1
+
+
+def test_finding9_gripper_activates_after_enter_with_config_speed_force_and_rate_limited(tmp_path):
+    # activation (a full stroke on an inactive gripper) was sent when the hardware opened, before
+    # the operator's Enter, with speed 255 and force 100 hard-coded
+    server, received, state, serve = fake_robotiq_server()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    raw = config_dict(**{"gripper": {"kind": "robotiq", "host": "127.0.0.1",
+                                     "port": server.getsockname()[1], "speed": 128, "force": 40}})
+    cfg = rr.parse_config(raw)
+    g = rr.RobotiqGripper(cfg.gripper.host, cfg.gripper.port, speed=cfg.gripper.speed, force=cfg.gripper.force)
+    time.sleep(0.05)
+    assert received == []  # opening sends nothing; run_episode activates, after the Enter
+    _, clock, hw = rig(cfg)
+    hw.gripper = g
+    rr.run_episode(FakePolicy(lambda s, im, p: np.r_[p[:3], 1.0]), hw, cfg, "t", clock=clock, max_steps=2)
+    g.close()
+    thread.join(timeout=5)
+    server.close()
+    assert received[:6] == ["GET ACT", "SET ACT 1", "GET STA", "SET SPE 128", "SET FOR 40", "SET GTO 1"]
+    assert received.count("SET POS 255") == 1
+    _, clock, hw = rig()
+    rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock, dry_run=True)
+    assert hw.gripper.activations == 0  # a dry run never activates
+
+    # commands were not rate-limited: an alternating policy sent 20 position commands in 20 ticks
+    cfg, clock, hw = rig()
+    log = []
+    rr.run_episode(FakePolicy(lambda s, im, p: np.r_[p[:3], s % 2]), hw, cfg, "t", clock=clock,
+                   on_step=log.append)
+    assert len(log) == 20 and len(hw.gripper.commands) == 4  # one per gripper.min_interval_s 0.25
+    assert sum(e["gripper_sent"] for e in log) == 4
