@@ -1435,7 +1435,8 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
     dataset is built from them; the exception is then raised again. existing: what to do when OUT
     or OUT.episodes exists: "refuse", "append" (the dataset is rebuilt from the earlier episodes
     and the new ones; episodes=0 just rebuilds it) or "overwrite" (from the new ones only; the
-    earlier episode files are removed once the new dataset is in place).
+    earlier episode files are removed once the new dataset is in place; a recording stopped by an
+    error keeps the earlier one, dataset and episodes, unchanged).
     wait_start(i): called before episode i (the CLI waits for Enter); should_end(): polled every
     tick (the CLI: Enter pressed).
     """
@@ -1467,6 +1468,13 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
     finally:
         if kinesthetic:
             hw.robot.teach(False)
+    if existing == "overwrite" and error is not None and not isinstance(error, KeyboardInterrupt):
+        # replace a recording only with a complete one (Ctrl-C is the operator's choice to finish):
+        # a gripper timeout in the second new episode deleted three earlier episodes for one
+        print(f"--overwrite: the recording stopped early, so {out} and its {len(earlier)} episodes "
+              f"are kept; the {len(saved)} new ones are beside them in {raw} (--append --episodes 0 "
+              f"builds a dataset of all)", file=sys.stderr)
+        raise error
     paths = earlier + saved if existing == "append" else saved
     if not paths:
         if isinstance(error, KeyboardInterrupt) or error is None:

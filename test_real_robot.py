@@ -1527,3 +1527,22 @@ def test_finding9_gripper_activates_after_enter_with_config_speed_force_and_rate
                    on_step=log.append)
     assert len(log) == 20 and len(hw.gripper.commands) == 4  # one per gripper.min_interval_s 0.25
     assert sum(e["gripper_sent"] for e in log) == 4
+
+
+def test_extra_overwrite_stopped_by_an_error_keeps_the_earlier_recording(tmp_path, monkeypatch):
+    # --overwrite with a gripper timeout in the second new episode deleted the three earlier
+    # episodes and built a one-episode dataset
+    cfg = rr.parse_config(config_dict())
+    clock = FakeClock()
+    cams = {"front": FakeCamera(clock, 50), "left": FakeCamera(clock, 150)}
+    written = fake_preprocess(monkeypatch)
+    out = str(tmp_path / "demos")
+    rr.record(rr.Hardware(TeleopRobot(clock), FakeGripper(), cams), cfg, out, "t", episodes=3, clock=clock)
+    earlier = sorted(os.listdir(out + ".episodes"))
+    assert len(earlier) == 3 and len(written["episodes"]) == 3
+    written.clear()
+    with pytest.raises(TimeoutError):
+        rr.record(rr.Hardware(TeleopRobot(clock), FlakyGripper(fail_at=20 + 5), cams), cfg, out, "t",
+                  episodes=3, clock=clock, existing="overwrite")
+    kept = sorted(os.listdir(out + ".episodes"))
+    assert kept[:3] == earlier and len(kept) == 4 and written == {}  # no dataset built from one episode
