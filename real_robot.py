@@ -133,6 +133,10 @@ class RobotConfig(_Section):
     home: Optional[_numbers(6, -2 * math.pi, 2 * math.pi)] = None  # [x, y, z, rx, ry, rz], reached with
     # moveL before each episode; its orientation is the reference of safety.max_rot_from_home_rad
     home_speed: _num(gt=0, hi=0.25) = 0.1  # m/s of the homing moveL
+    tcp_offset: _numbers(6, -0.5, 0.5)  # [x, y, z, rx, ry, rz] flange -> tool point, as set in the
+    # robot's installation: the box bounds the controller's TCP, so it is checked against this
+    payload_kg: _num(0, 5)  # tool + gripper mass as set in the installation (UR5: 5 kg at most);
+    # a wrong payload makes freedrive drift and protective stops misfire. Checked, not set
 
 
 class GripperConfig(_Section):
@@ -798,10 +802,18 @@ def wait_for_cameras(cameras, timeout, idle=None):
 
 # -----------------------------------------------------------------------------
 # Robot and gripper drivers. Interface used by the loop (tests inject fakes with the same methods):
-#   robot: tcp_pose() -> (6,), servo(pose (6,), period), move_to(pose, speed, timeout), stop(),
-#          status() -> RobotStatus, kick() (the watchdog), teach(on), close()
+#   robot: tcp_pose() -> (6,), joints() -> (6,), servo(pose (6,), period), move_to(pose, speed,
+#          timeout), stop(), status() -> RobotStatus, kick() (the watchdog), teach(on), close(),
+#          tcp_offset() -> (6,) or None, payload() -> kg, pose_allowed(pose) -> bool or None (the
+#          controller's own check; None: opened read-only, it cannot be asked)
 #   gripper: activate(idle) (may move the fingers), position() -> [0, 1], command(g in [0, 1]), close()
 
+UR5_JOINT_LIMIT = 2 * math.pi  # rad, every joint of a UR5
+JOINT_LIMIT_MARGIN = 0.1  # rad kept from the joint limits (a wound-up wrist ends in a protective stop)
+SINGULARITY_MARGIN = 0.15  # rad: the elbow (q3) and wrist 2 (q5) are kept this far from 0 and pi,
+# where the joint speeds a tool speed needs grow as 1 / sin(q) (6.7x at the margin). The shoulder
+# singularity (wrist above the base axis) is kept out by the workspace (BASE_KEEPOUT_M)
+TCP_TOL_M, TCP_TOL_RAD, PAYLOAD_TOL_KG = 0.001, 0.01, 0.1  # controller vs config
 UR_SAFETY_MODES_OK = (1, 2)  # RTDE safety_mode: 1 normal, 2 reduced; 3 protective stop, 5 safeguard
 # stop, 6/7 emergency stop, 8 violation, 9 fault, ...
 HOME_ACCEL = 0.3  # m/s^2 of the homing moveL
@@ -844,6 +856,66 @@ def check_status(status: RobotStatus, ctl: ControlConfig, commanding=True, previ
                          f"slowed, so it lags behind the commands (and would lunge when it speeds up)")
 
 
+def _controller_pose(pose):
+    """The controller's own form of a pose, rotation angle in [0, pi], whatever continuous form the
+    loop keeps; a list of floats for ur-rtde."""
+    from scipy.spatial.transform import Rotation
+
+    pose = np.asarray(pose, np.float64)
+    return list(map(float, np.concatenate([pose[:3], Rotation.from_rotvec(pose[3:6]).as_rotvec()])))
+
+
+def check_joints(q):
+    """Measured joint angles (6,) must keep JOINT_LIMIT_MARGIN from the limits and
+    SINGULARITY_MARGIN from the elbow and wrist singularities; raises SafetyStop."""
+    q = np.asarray(q, np.float64)
+    if q.shape != (6,) or not np.all(np.isfinite(q)):
+        raise SafetyStop(f"robot reading: expected 6 finite joint angles, found {q.tolist()}")
+    i = int(np.argmax(np.abs(q)))
+    if abs(q[i]) > UR5_JOINT_LIMIT - JOINT_LIMIT_MARGIN:
+        raise SafetyStop(f"joint {i + 1} at {q[i]:.3f} rad, expected at least {JOINT_LIMIT_MARGIN} rad "
+                         f"inside its limit +-{UR5_JOINT_LIMIT:.3f}: unwind it on the pendant first")
+    for i, name in ((2, "elbow"), (4, "wrist 2")):
+        if abs(math.sin(q[i])) < math.sin(SINGULARITY_MARGIN):
+            raise SafetyStop(f"{name} joint at {q[i]:.3f} rad, expected at least {SINGULARITY_MARGIN} rad "
+                             f"from 0 and pi (a singularity: joint speeds blow up); shrink the "
+                             f"workspace or change the home configuration")
+
+
+def _refused(allowed):
+    return allowed is not None and not allowed  # None: read-only, the controller cannot be asked
+
+
+def check_robot_setup(robot, cfg: Config, reference_rotvec, commanding=True):
+    """Before an episode: the controller's TCP offset and payload are the config's, the joints are
+    clear of limits and singularities, and (commanding) the controller itself accepts every corner
+    of the workspace at the reference orientation and robot.home: it has inverse kinematics for
+    them, inside its own safety planes and limits. Read-only (dry run, teleoperated recording) the
+    TCP offset and the corners cannot be asked."""
+    tcp, want = robot.tcp_offset(), np.asarray(cfg.robot.tcp_offset, np.float64)
+    if tcp is not None:
+        tcp = np.asarray(tcp, np.float64)
+        if (np.linalg.norm(tcp[:3] - want[:3]) > TCP_TOL_M
+                or rotation_angle(tcp[3:], want[3:]) > TCP_TOL_RAD):
+            raise SafetyStop(f"the controller's TCP offset {np.round(tcp, 4).tolist()} is not "
+                             f"robot.tcp_offset {want.tolist()}: the box bounds the controller's TCP; "
+                             f"set it in the installation (or correct the config)")
+    payload = float(robot.payload())
+    if not abs(payload - cfg.robot.payload_kg) <= PAYLOAD_TOL_KG:
+        raise SafetyStop(f"the controller's payload {payload:g} kg is not robot.payload_kg "
+                         f"{cfg.robot.payload_kg:g}: set it in the installation (or correct the config)")
+    check_joints(robot.joints())
+    if not commanding:
+        return
+    lo, hi = cfg.safety.workspace_min, cfg.safety.workspace_max
+    corners = [np.r_[c, reference_rotvec] for c in np.array(np.meshgrid(*zip(lo, hi))).T.reshape(-1, 3)]
+    for pose in corners + ([np.asarray(cfg.robot.home)] if cfg.robot.home is not None else []):
+        if _refused(robot.pose_allowed(pose)):
+            raise SafetyStop(f"the controller refuses the pose {np.round(pose, 4).tolist()} (a workspace "
+                             f"corner or robot.home): out of reach or outside its safety limits "
+                             f"(isPoseWithinSafetyLimits); shrink the workspace")
+
+
 class UR5:
     """UR5 through ur-rtde. `control=False` opens only the receive interface: the controller keeps
     running whatever the pendant runs and this process cannot command motion (used by --dry-run
@@ -869,6 +941,22 @@ class UR5:
     def tcp_pose(self):
         return np.asarray(self.receive.getActualTCPPose(), np.float64)
 
+    def joints(self):
+        return np.asarray(self.receive.getActualQ(), np.float64)
+
+    def tcp_offset(self):
+        return None if self.control is None else np.asarray(self.control.getTCPOffset(), np.float64)
+
+    def payload(self):
+        return float(self.receive.getPayload())
+
+    def pose_allowed(self, pose):
+        """isPoseWithinSafetyLimits: the controller's inverse kinematics reaches the pose, inside
+        its safety planes, tool-orientation and joint limits. None when opened read-only."""
+        if self.control is None:
+            return None
+        return bool(self.control.isPoseWithinSafetyLimits(_controller_pose(pose)))
+
     def status(self):
         r, c = self.receive, self.control
         connected = r.isConnected() and (c is None or c.isConnected())
@@ -886,11 +974,7 @@ class UR5:
     def servo(self, pose, period):
         # servoL(pose, speed, acceleration, time, lookahead_time, gain); speed and acceleration
         # are unused by servoL. `time` = the control period: the controller interpolates over it.
-        from scipy.spatial.transform import Rotation
-
-        pose = np.concatenate([pose[:3], Rotation.from_rotvec(pose[3:6]).as_rotvec()])  # the
-        # controller's own form, angle in [0, pi], whatever continuous form the loop keeps
-        ok = self.control.servoL(list(map(float, pose)), 0.0, 0.0, period,
+        ok = self.control.servoL(_controller_pose(pose), 0.0, 0.0, period,
                                  self.cfg.servo_lookahead_s, self.cfg.servo_gain)
         if ok is False:
             raise SafetyStop("servoL rejected by the controller (protective stop or script stopped?)")
@@ -1250,6 +1334,8 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
     try:
         check_status(robot.status(), ctl, commanding=not dry_run)
         check_start(robot.tcp_pose(), cfg)
+        check_robot_setup(robot, cfg, cfg.robot.home[3:] if cfg.robot.home is not None
+                          else robot.tcp_pose()[3:], commanding=not dry_run)
         if not dry_run:  # after the operator's Enter (main): activation may stroke the fingers
             gripper.activate(idle=robot.kick)
         if cfg.robot.home is not None and not dry_run:
@@ -1271,6 +1357,7 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
             images = views.read(t0)
             pose, grip_measured = read_state(robot, gripper)
             pose = measure.pose(pose)
+            check_joints(robot.joints())  # measured: a tick late, but the controller checks targets
             tracking = float(np.linalg.norm(pose[:3] - safety.prev[:3]))
             tracking_rad = rotation_angle(pose[3:], safety.prev[3:])
             if tracking > cfg.safety.max_tracking_error_m and not dry_run:
@@ -1296,6 +1383,9 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
             if send_grip:
                 grip_sent, grip_sent_t = grip, t0
             overruns.check_stall(rate.late(), "was about to command")  # not sent: stale inputs
+            if not dry_run and _refused(robot.pose_allowed(target)):  # a round trip: see latency_ms
+                raise SafetyStop(f"the controller refuses the target {_round(target)}: out of reach or "
+                                 f"outside its safety limits (isPoseWithinSafetyLimits)")
             if not dry_run:
                 robot.servo(target, cfg.period)
                 if send_grip:
@@ -1450,6 +1540,8 @@ def record(hw: Hardware, cfg: Config, out, task, *, episodes, with_actions=True,
     first = 1 + max([int(os.path.basename(p)[8:-4]) for p in earlier], default=-1)  # never reuse a name
     saved, error = [], None
     try:
+        if with_actions:  # the recorded poses are the controller's TCP: it must be the config's
+            check_robot_setup(hw.robot, cfg, None, commanding=False)
         if kinesthetic:
             hw.robot.teach(True)
         for i in range(episodes):

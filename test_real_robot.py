@@ -73,12 +73,27 @@ class FakeRobot:
         self.pose = np.array(pose, np.float64)
         self.servo_calls, self.moves, self.teach_calls = [], [], []
         self.stops = self.kicks = 0
+        self.q, self.tcp, self.payload_kg = list(Q_HOME), list(TCP), 0.9
+        self.allowed, self.checked = (lambda pose: True), []  # the controller's own check
         self.state = SimpleNamespace(connected=True, program_running=True, protective_stop=False,
                                      emergency_stop=False, safety_mode=1, speed_scaling=1.0,
                                      timestamp=None)
 
     def tcp_pose(self):
         return self.pose.copy()
+
+    def joints(self):
+        return np.array(self.q)
+
+    def tcp_offset(self):
+        return np.array(self.tcp)
+
+    def payload(self):
+        return self.payload_kg
+
+    def pose_allowed(self, pose):
+        self.checked.append(np.array(pose))
+        return self.allowed(pose)
 
     def status(self):
         return SimpleNamespace(**vars(self.state))
@@ -161,6 +176,7 @@ class FakeRTDE:
         self.calls, self.kicks, self.watchdog_hz = [], 0, None
         self._target, self._until = None, None
         self.stamp, self.frozen_after = 0.0, None
+        self.allowed, self.checked = (lambda pose: True), []
 
     # RTDEReceiveInterface
     def getActualTCPPose(self):
@@ -182,6 +198,19 @@ class FakeRTDE:
 
     def getSpeedScaling(self):
         return 1.0
+
+    def getActualQ(self):
+        return list(Q_HOME)
+
+    def getPayload(self):
+        return 0.9
+
+    def getTCPOffset(self):
+        return list(TCP)
+
+    def isPoseWithinSafetyLimits(self, pose):
+        self.checked.append(list(pose))
+        return self.allowed(pose)
 
     def getTimestamp(self):  # the controller's clock: 2 ms a reading, until the data freeze
         if self.frozen_after is None or self.stamp < self.frozen_after:
@@ -242,10 +271,14 @@ class FakeRTDE:
     def disconnect(self):
         pass
 
+TCP = [0.0, 0.0, 0.15, 0.0, 0.0, 0.0]  # flange -> tool point of the fakes' gripper
+Q_HOME = [0.0, -1.57, 1.57, -1.57, -1.57, 0.0]  # joints of a gripper-down pose, clear of singularities
+
+
 def config_dict(**overrides):
     raw = {
         "task": "push the block",
-        "robot": {"host": "127.0.0.1"},
+        "robot": {"host": "127.0.0.1", "tcp_offset": TCP, "payload_kg": 0.9},
         "cameras": [
             {"name": "front", "kind": "opencv", "device": 0, "crop": [8, 0, 48, 48]},
             {"name": "left", "kind": "opencv", "device": 1, "rotate": 180},
@@ -1546,3 +1579,56 @@ def test_extra_overwrite_stopped_by_an_error_keeps_the_earlier_recording(tmp_pat
                   episodes=3, clock=clock, existing="overwrite")
     kept = sorted(os.listdir(out + ".episodes"))
     assert kept[:3] == earlier and len(kept) == 4 and written == {}  # no dataset built from one episode
+
+
+def test_finding11_joints_tcp_payload_and_the_controllers_own_check_stop_the_arm():
+    # nothing read joint positions or limits, singularities, the TCP offset or the payload
+    def run(setup, policy=hold, **kw):
+        cfg, clock, hw = rig()
+        setup(hw.robot)
+        with pytest.raises(rr.SafetyStop) as e:
+            rr.run_episode(FakePolicy(policy), hw, cfg, "t", clock=clock, **kw)
+        assert hw.robot.stops == 1
+        return str(e.value), hw.robot
+    msg, robot = run(lambda r: setattr(r, "tcp", [0.0] * 6))  # the installation's TCP is the flange
+    assert "TCP offset [0.0, 0.0, 0.0, 0.0, 0.0, 0.0] is not robot.tcp_offset" in msg
+    assert robot.servo_calls == [] and robot.moves == []
+    msg, robot = run(lambda r: setattr(r, "payload_kg", 0.0))
+    assert "payload 0 kg is not robot.payload_kg 0.9" in msg and robot.servo_calls == []
+    msg, _ = run(lambda r: r.q.__setitem__(5, 6.25))  # wrist 3 wound up to its +2 pi limit
+    assert msg.startswith("joint 6 at 6.250 rad")
+    msg, _ = run(lambda r: r.q.__setitem__(2, 0.05))  # elbow stretched straight
+    assert msg.startswith("elbow joint at 0.050 rad")
+
+    class Singular(FakeRobot):  # wrist 2 turns towards 0 as the tool moves right
+        def joints(self):
+            q = np.array(self.q)
+            q[4] = -1.57 + 10 * self.pose[0]
+            return q
+    cfg, clock, hw = rig()
+    hw.robot = Singular()
+    with pytest.raises(rr.SafetyStop, match="wrist 2 joint at"):
+        rr.run_episode(FakePolicy(lambda s, im, p: p + [0.02, 0, 0, 0]), hw, cfg, "t", clock=clock)
+    assert 0.13 < hw.robot.pose[0] < 0.16 and hw.robot.stops == 1  # stopped near -0.15 rad
+
+    # the controller's own check: corners of the box at start, then every target before it is sent
+    msg, robot = run(lambda r: setattr(r, "allowed", lambda pose: pose[0] < 0.05),
+                     policy=lambda s, im, p: p + [0.01, 0, 0, 0])
+    assert "the controller refuses the pose" in msg and robot.servo_calls == []
+    cfg, clock, hw = rig()
+    hw.robot.allowed = lambda pose: pose[0] < 0.05 or len(hw.robot.checked) <= 8  # corners pass
+    with pytest.raises(rr.SafetyStop, match="the controller refuses the target"):
+        rr.run_episode(FakePolicy(lambda s, im, p: p + [0.02, 0, 0, 0]), hw, cfg, "t", clock=clock)
+    assert all(c[0] < 0.05 for c in hw.robot.servo_calls) and hw.robot.stops == 1
+    # through ur-rtde: isPoseWithinSafetyLimits on the corners, nothing moves when one is refused
+    rtde = FakeRTDE([0.0, -0.5, 0.2, 0.0, 3.14, 0.0])
+    rtde.allowed = lambda pose: pose[2] > 0.1  # z_min 0.05 is below the controller's safety plane
+    cfg, clock, hw = rig()
+    hw.robot = rr.UR5(cfg.robot, interfaces=(rtde, rtde))
+    with pytest.raises(rr.SafetyStop, match="the controller refuses the pose"):
+        rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock)
+    assert [c[0] for c in rtde.calls] == ["servoStop"] and rtde.checked
+    rtde.checked = []
+    hw.robot = rr.UR5(cfg.robot, control=False, interfaces=(rtde, None))  # a dry run cannot ask
+    rr.run_episode(FakePolicy(hold), hw, cfg, "t", clock=clock, dry_run=True, max_steps=2)
+    assert rtde.checked == []
