@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -212,6 +213,10 @@ class InverseConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
     gamma: float = 0.99  # discount over the action chunk, of whichever head's loss
     use_codes: bool = True  # False: the "inverse only" behaviour-cloning baseline (no motion codes)
+    # True: the task text is one more memory token (hashed words). Not AMPLIFY's inverse model, which
+    # sees no goal: with use_codes False it is the goal-conditioned BC baseline (the paper's baselines,
+    # Diffusion Policy and BAKU, are goal-conditioned).
+    goal: bool = False
     head: str = "gaussian"  # action head: gaussian | diffusion | flow (the paper's Table 13 compares the three)
     # diffusion: noise levels in training and DDIM steps per chunk, as Diffusion Policy trains and runs on robots
     diffusion_train_steps: int = 100
@@ -748,15 +753,15 @@ class TextEncoder(nn.Module):
     task and the result cached; only a linear projection is trained.
     """
 
-    def __init__(self, cfg: ForwardConfig):
+    def __init__(self, d_model, name="hash", buckets=4096, text_dim=0):
         super().__init__()
-        self.name, self.buckets = cfg.text_encoder, cfg.text_buckets
+        self.name, self.buckets = name, buckets
         self.cache = {}  # task -> embedding; for a pretrained encoder, saved in the checkpoint
         self._hf = None
         if self.name == "hash":
-            self.bag = nn.EmbeddingBag(cfg.text_buckets, cfg.d_model, mode="mean")
+            self.bag = nn.EmbeddingBag(buckets, d_model, mode="mean")
         else:
-            self.proj = nn.Linear(cfg.text_dim, cfg.d_model)
+            self.proj = nn.Linear(text_dim, d_model)
 
     def _hf_embed(self, tasks):
         if self._hf is None:
@@ -823,7 +828,7 @@ class ForwardDynamics(nn.Module):
         self.cfg = cfg
         D, K, L = cfg.d_model, int(np.prod(fsq_levels(cfg.codebook_size))), cfg.T - 1
         self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
-        self.text = TextEncoder(cfg)
+        self.text = TextEncoder(D, cfg.text_encoder, cfg.text_buckets, cfg.text_dim)
         self.n_cond = self.vision.n_tokens + 1
         self.code_in = CodeInput(cfg.codebook_size, D)
         self.start = nn.Parameter(0.02 * torch.randn(D))  # the token before the first code
@@ -893,34 +898,39 @@ class InverseDynamics(nn.Module):
         if cfg.use_codes:
             self.code_in = CodeInput(cfg.codebook_size, D)
             self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        if cfg.goal:
+            self.text = TextEncoder(D)
         self.memory_ln = nn.LayerNorm(D)
         self.queries = nn.Parameter(0.02 * torch.randn(cfg.T, D))
         self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
         self.head = build_head(cfg)
 
-    def tokens(self, images, proprio, codes=None):
-        """images (B, V, H, W_img, 3) uint8, proprio (B, P) normalized, codes (B, L) -> one token per step (B, T, D)."""
+    def tokens(self, images, proprio, codes=None, tasks=None):
+        """images (B, V, H, W_img, 3) uint8, proprio (B, P) normalized, codes (B, L), tasks (B strings,
+        read only with cfg.goal) -> one token per step (B, T, D)."""
         memory = [self.vision(images), self.proprio_in(proprio).unsqueeze(1)]
         if self.cfg.use_codes:
             memory.append(self.code_in(codes) + self.code_pos)
+        if self.cfg.goal:
+            memory.append(self.text(tasks).unsqueeze(1))
         memory = self.memory_ln(torch.cat(memory, dim=1))  # (B, S, D)
         x = repeat(self.queries, "t d -> b t d", b=images.shape[0])
         for block in self.blocks:
             x = block(x, context=memory)
         return self.ln_f(x)
 
-    def forward(self, images, proprio, codes=None, generator=None):
+    def forward(self, images, proprio, codes=None, generator=None, tasks=None):
         """-> an action chunk (B, T, A), normalized: the Gaussian's mean, or a sample of the other heads."""
-        return self.head.sample(self.tokens(images, proprio, codes), generator)
+        return self.head.sample(self.tokens(images, proprio, codes, tasks), generator)
 
-    def loss(self, images, proprio, codes, actions, valid):
+    def loss(self, images, proprio, codes, actions, valid, tasks=None):
         """sum_k gamma^k l(a_{t+k}), averaged over the batch, l the head's per-step loss -> (loss, metrics).
 
         valid (B, T) masks steps past the episode end.
         """
         discount = self.cfg.gamma ** torch.arange(self.cfg.T, device=actions.device, dtype=actions.dtype)
-        return self.head.loss(self.tokens(images, proprio, codes), actions, discount * valid)
+        return self.head.loss(self.tokens(images, proprio, codes, tasks), actions, discount * valid)
 
 
 # -----------------------------------------------------------------------------
@@ -1787,11 +1797,8 @@ def leave_distributed():
 def resolve(train, run):
     """Defaults for a stage function's optional configs; the device name becomes a torch.device."""
     run = run or RunConfig()
-    if run.vis:
-        try:
-            import PIL  # noqa: F401
-        except ImportError:
-            raise UserError("--vis draws PNGs with Pillow: expected it installed (pip install pillow), found none") from None
+    if run.vis and importlib.util.find_spec("PIL") is None:
+        raise UserError("--vis draws PNGs with Pillow: expected it installed (pip install pillow), found none")
     if run.resume and run.overwrite:
         raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: expected one, found both")
     return train or TrainConfig(), replace(run, device=pick_device(run.device))
@@ -2316,10 +2323,10 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
     act_norm, prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
-    codes_from = ("none (inverse-only baseline)" if not cfg.use_codes else "true tracks" if codes == "true"
+    codes_from = (f"none ({'goal-conditioned' if cfg.goal else 'inverse-only'} baseline)" if not cfg.use_codes else "true tracks" if codes == "true"
                   else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init}")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
-        f"{len(val_eps)} held out | codes: {codes_from} | head: {cfg.head}")
+        f"{len(val_eps)} held out | codes: {codes_from} | head: {cfg.head}" + (" | task text read" if cfg.goal else ""))
     features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
     # The forward model that predicts codes reads the same cached features only if its encoder is the same.
     forward_reads_features = (features is not None and fwd_model is not None and fwd_model.cfg.vision.frozen
@@ -2346,11 +2353,11 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
             return tok_model.encode(batch["tracks"])[1]
 
     def loss_fn(model, b):
-        return model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"])
+        return model.loss(b["images"], b["proprio"], codes_for(b), b["actions"], b["valid"], b["tasks"])
 
     def action_mse(model, b, codes, generator):
         """Squared error of the chunk the policy would act on, in data units: (over the valid steps, at the first step)."""
-        chunk = model(b["images"], b["proprio"], codes, generator=generator)  # (B, T, A)
+        chunk = model(b["images"], b["proprio"], codes, generator=generator, tasks=b["tasks"])  # (B, T, A)
         err = (act_norm.inverse(chunk.float().cpu().numpy()) - act_norm.inverse(b["actions"].cpu().numpy())) ** 2
         valid = b["valid"].bool()
         return err[valid.cpu().numpy()].mean(), err[:, 0].mean(), ((chunk - b["actions"]) ** 2)[valid].mean().item()
@@ -2567,7 +2574,7 @@ class Policy:
                                               generator=self.generator)
                 self._last_codes, self._last_tracks = codes, None
             p = torch.as_tensor(self.prop_norm(proprio)[None], device=self.device)
-            chunk = self.inverse(x, p, codes, generator=self.generator)  # (1, T, A), normalized
+            chunk = self.inverse(x, p, codes, generator=self.generator, tasks=[task])  # (1, T, A), normalized
         return self.act_norm.inverse(chunk[0].float().cpu().numpy())
 
     def act(self, images, proprio, task):
@@ -2766,6 +2773,8 @@ def build_parser():
                    help="flow head: midpoint steps per chunk (default: the preset's, 10)")
     p.add_argument("--no-codes", action="store_false", default=None, dest="inverse.use_codes",
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
+    p.add_argument("--goal-conditioned", action="store_true", default=None, dest="inverse.goal",
+                   help="inverse: read the task text too (with --no-codes: the goal-conditioned BC baseline)")
     # pretrained encoders (optional; the defaults train from scratch)
     p.add_argument("--vision-weights", dest="vision.weights",
                    help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")

@@ -1213,6 +1213,21 @@ def test_policy_carries_action_layout_and_ranges(trained, tmp_path):
     assert A.Policy.load(str(tmp_path / "bc")).action_layout == "xyz_gripper"
 
 
+def test_goal_conditioned_baseline_reads_the_task_text(trained, tmp_path):
+    """--no-codes --goal-conditioned: behaviour cloning that also reads the task (the paper's baselines
+    are goal-conditioned). AMPLIFY's own inverse model reads no goal."""
+    root, _ = trained
+    proc = run_cli("--stage", "inverse", "--no-codes", "--goal-conditioned", "--data", root / "data",
+                   "--out", tmp_path / "gc", "--steps", "2", *FAST)
+    assert "codes: none (goal-conditioned baseline)" in proc.stdout and "task text read" in proc.stdout
+    obs, proprio = np.zeros((2, 32, 32, 3), np.uint8), np.zeros(9)
+    goal = A.Policy.load(str(tmp_path / "gc"))
+    assert goal.inverse.cfg.goal and goal.forward is None
+    a, b = goal.predict_chunk(obs, proprio, "move the square right"), goal.predict_chunk(obs, proprio, "open drawer")
+    assert np.isfinite(a).all() and not np.allclose(a, b)
+    assert not A.Policy.load(str(root / "run")).inverse.cfg.goal
+
+
 def test_readme_python_example_runs_as_written(trained, tmp_path, monkeypatch):
     """The README's Policy example, executed with its run directory pointed at a trained one."""
     import shutil
