@@ -11,25 +11,36 @@ Notable features:
   monotonic clock; a late tick is counted as an overrun and missed deadlines are dropped, never
   caught up in a burst. Per-step latency goes to a JSON-lines log.
 - Safety filter: a workspace box, an orientation cone around the home orientation and a maximum
-  motion per tick, with targets clamped or refused (`safety.on_violation`); every command also
-  has a bounded acceleration, a soft start (`ramp_s`) and brakes in time to stop at its goal and
-  short of the box's walls and the cone's edge; a stop (servoStop at `robot.stop_decel` >=
-  `safety.max_accel`) ends inside the box.
-  Rotation vectors are kept continuous (UR's flip near a half turn never reaches the data or the
-  policy). The policy is refused when its checkpoint's action statistics cannot be metres in this
-  workspace.
-- Stops: an exception, Ctrl-C, SIGTERM/SIGHUP/SIGQUIT, a stale or lost camera frame, a non-finite
-  action, a stall (one tick 2 periods late) or a high overrun rate, a lost connection, a safety
-  stop, a stopped control script, a lowered speed slider or a tracking error (position or
-  orientation) stop the arm
-  (servoStop, stopL as fallback) before the program exits; the RTDE watchdog stops it if this
-  process dies. Homing is checked first (start inside the box, end at home), asynchronous and
-  interruptible. `--dry-run` runs everything (cameras, policy, safety filter, log) but opens the
-  robot read-only, so no motion can be commanded. Without a terminal, moving the arm needs `--yes`.
+  motion per tick, with targets clamped or refused (`safety.on_violation`). Limits are kinematic:
+  at every tick the commanded speed and acceleration are within `max_step_*` and `max_accel` /
+  `max_ang_accel` (soft start over `ramp_s`), and braking from there at the acceleration limit
+  would stop inside the box and the cone, so the arm slows down before a wall instead of hitting
+  it; a stop (servoStop at `robot.stop_decel` >= `safety.max_accel`) ends inside the box.
+  Rotation vectors are kept continuous from robot.home's (UR's flip near a half turn never
+  reaches the data or the policy). The policy is refused when its checkpoint's action statistics
+  cannot be metres in this workspace and rotation vectors near home's.
+- Checks a lab expects: the config's box is one a UR5 can work in (above its base, in reach,
+  clear of the base axis); before an episode the controller's TCP offset and payload must be the
+  config's, the joints clear of their limits and of singularities, and the controller's own
+  check (isPoseWithinSafetyLimits) must accept every corner of the box; every tick the joints are
+  checked again and each target is put to the controller before it is sent.
+- Stops: an exception, Ctrl-C, SIGTERM/SIGHUP/SIGQUIT, a stale, frozen (same pixels) or lost
+  camera frame, a non-finite action or reading, a stall (one tick 2 periods late; its command is
+  not sent) or a high overrun rate, a lost connection or frozen RTDE data, a safety stop, a
+  stopped control script, a lowered speed slider, a tracking error (position or orientation) or
+  a joint near a limit or singularity stop the arm (servoStop, stopL as fallback) before the
+  program exits; the RTDE watchdog stops it if this process dies. The hardware is closed before
+  the log, so a full disk cannot keep the control script running. Homing is checked first (start
+  inside the box and the cone, end at home), asynchronous and interruptible; the gripper is
+  activated (a full stroke when inactive) only after the operator starts the episode, and its
+  commands are rate-limited. `--dry-run` runs everything (cameras, policy, safety filter, log)
+  but opens the robot read-only, so no motion can be commanded. Without a terminal, moving the
+  arm needs `--yes`.
 - `--record OUT`: teleoperated or kinesthetic (`--kinesthetic`, freedrive) demonstrations, or
   human demonstrations without a robot (`--no-actions`), each episode saved to OUT.episodes/ as
   it ends, then written into the AMPLIFY dataset format by `preprocess.episodes_to_dataset`.
-  An earlier recording is refused unless `--append` or `--overwrite`.
+  An earlier recording is refused unless `--append` or `--overwrite` (which replaces it only with
+  a recording that no error cut short). The robot is checked every frame.
 - Hardware is duck-typed and injected (robot, gripper, cameras, clock), so the loop is tested
   without hardware (test_real_robot.py). `rtde_control`/`rtde_receive`, `cv2` and
   `pyrealsense2` are imported lazily, only when real hardware is opened.
@@ -50,7 +61,8 @@ Units: positions in metres, orientations as rotation vectors in radians (the UR 
 gripper in [0, 1] with 0 open and 1 closed. Action/proprio layouts (`control.action`):
 `xyz_gripper` -> [x, y, z, g] (orientation held at its value at the episode start) and
 `xyz_rotvec_gripper` -> [x, y, z, rx, ry, rz, g]. Proprio uses the same layout, measured, with
-rotation vectors continuous from `robot.home`'s orientation (or the first reading).
+rotation vectors continuous from `robot.home`'s orientation (required with `xyz_rotvec_gripper`;
+`xyz_gripper` refers to each episode's first reading, which it only holds).
 """
 import argparse
 import json
@@ -192,7 +204,7 @@ class SafetyConfig(_Section):
     max_accel: _num(gt=0, hi=3) = 1.5  # m/s^2: limit on the change of the commanded velocity
     max_ang_accel: _num(gt=0, hi=10) = 4.0  # rad/s^2
     ramp_s: _num(0.25, 10) = 1.0  # speed limits rise linearly from 0 over the first ramp_s of an episode
-    max_rot_from_home_rad: _num(gt=0, hi=math.pi / 2) = 0.8  # orientation cone around the reference
+    max_rot_from_home_rad: _num(0.05, math.pi / 2) = 0.8  # orientation cone around the reference
     # (robot.home's orientation, else the episode's start orientation); a quarter turn at most
     max_tracking_error_m: _num(gt=0, hi=0.15) = 0.08  # measured vs commanded position -> stop
     max_tracking_error_rad: _num(gt=0, hi=1.0) = 0.3  # measured vs commanded orientation -> stop
@@ -282,9 +294,12 @@ def parse_config(raw):
         raise ConfigError(f"config error: safety.max_step_rad: expected at most {MAX_TCP_ANG_SPEED:.2f} "
                           f"rad/s at control.rate_hz {control.rate_hz:g}, found {safety.max_step_rad:g} "
                           f"rad a tick = {ang_speed:g} rad/s")
-    if robot.home is not None and not (np.all(lo <= robot.home[:3]) and np.all(robot.home[:3] <= hi)):
-        raise ConfigError(f"config error: robot.home: expected a position inside the workspace "
-                          f"{safety.workspace_min}..{safety.workspace_max}, found {robot.home[:3]}")
+    home = None if robot.home is None else np.array(robot.home[:3])
+    if home is not None and not (np.all(lo + HOME_TOL_M <= home) and np.all(home <= hi - HOME_TOL_M)):
+        # homing ends within HOME_TOL_M of home, and the episode must start inside the box
+        raise ConfigError(f"config error: robot.home: expected a position at least {1e3 * HOME_TOL_M:g} mm "
+                          f"inside the workspace {safety.workspace_min}..{safety.workspace_max}, found "
+                          f"{robot.home[:3]}")
     if cfg.gripper.kind == "robotiq" and not cfg.gripper.host:
         raise ConfigError("config error: gripper.host: expected a host name for kind 'robotiq', found ''")
     for c in cameras:

@@ -4,7 +4,10 @@
 
 Covers the config checks, the fixed-rate scheduler (fake clock, plus one real-time run), the
 safety filter (clamp and refuse), the stops (exception, stale/lost frame, Ctrl-C, overruns),
---dry-run, and --record writing a dataset that amplify.load_dataset reads.
+--dry-run, and --record writing a dataset that amplify.load_dataset reads. The two safety reviews
+(issues 17 and 26) have one test per finding at the end, named after it (test_finding<N>_...).
+The fake ur-rtde mirrors the installed names (test_fake_rtde_names_exist_in_the_installed_ur_rtde);
+what only a real arm can verify is listed in docs/REAL_ROBOT.md.
 """
 import _thread
 import json
@@ -1334,8 +1337,9 @@ def test_finding1_2_sweep_across_the_walls_every_tick_within_limits_and_every_st
             for rate in (0.5, 1.5, 2.0):
                 f = rr.SafetyFilter(s, period, PREV)
                 extra = np.eye(3)[axis] * sign * rate * period
-                outs = np.array([f.apply(np.r_[PREV[:3], rotate(PREV[3:], extra * min(k, 2.5 / rate / period))])[0]
-                                 for k in range(1, 60)])  # on to 2.5 rad, then held
+                held = 2.5 / rate / period  # on to 2.5 rad, then held
+                outs = np.array([f.apply(np.r_[PREV[:3], rotate(PREV[3:], extra * min(k, held))])[0]
+                                 for k in range(1, 60)])
                 _, _, w, ang_accel = kinematics(PREV, outs, period)
                 assert np.linalg.norm(w, axis=1).max() <= s.max_step_rad / period + 1e-6
                 assert np.linalg.norm(ang_accel, axis=1).max() <= s.max_ang_accel + 1e-6
@@ -1538,7 +1542,8 @@ def test_finding9_gripper_activates_after_enter_with_config_speed_force_and_rate
     raw = config_dict(**{"gripper": {"kind": "robotiq", "host": "127.0.0.1",
                                      "port": server.getsockname()[1], "speed": 128, "force": 40}})
     cfg = rr.parse_config(raw)
-    g = rr.RobotiqGripper(cfg.gripper.host, cfg.gripper.port, speed=cfg.gripper.speed, force=cfg.gripper.force)
+    g = rr.RobotiqGripper(cfg.gripper.host, cfg.gripper.port, speed=cfg.gripper.speed,
+                          force=cfg.gripper.force)
     time.sleep(0.05)
     assert received == []  # opening sends nothing; run_episode activates, after the Enter
     _, clock, hw = rig(cfg)
