@@ -1330,8 +1330,11 @@ def run_episode(policy, hw: Hardware, cfg: Config, task, *, clock=None, dry_run=
 
     Whatever ends the episode (time limit, exception, Ctrl-C, SafetyStop), the arm is stopped
     before this returns or raises. In dry-run the robot was opened read-only: no homing, no servo,
-    no gripper command. Every tick: the watchdog is kicked, the robot's state checked (connection,
-    safety stops, speed scaling) and the measured position compared with the last command.
+    no gripper command. Before the episode: the start pose, the controller's setup and the box
+    (check_start, check_robot_setup), then gripper activation and homing. Every tick: the watchdog
+    is kicked, the robot's state checked (connection, fresh data, safety stops, speed scaling), the
+    readings and joints checked, the measured pose compared with the last command (position and
+    orientation), and the target put to the controller before it is sent.
     `on_step(entry)` receives each step's log entry as it happens; `should_end()`, polled every
     tick, ends the episode early (the CLI: the operator pressed Enter). Warm the policy up before
     (main does): its first call may take seconds, during which the watchdog is not kicked.
