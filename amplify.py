@@ -1761,6 +1761,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the training step (long GPU runs; the first steps pay for it)
     precision: str = "auto"  # bf16 autocast on CUDA and on CPUs with native bf16 (see use_bf16); "fp32" turns it off
     vis: bool = False  # write PNGs of predicted vs true tracks at each evaluation
+    log_to: str = ""  # also log to "tensorboard" (OUT/tensorboard/<label>) or "wandb" (offline unless WANDB_MODE says)
     # Data protocols (paper section 5): held-out, few-shot, zero-shot by task filters.
     val_episodes: int = 1  # held out per task for evaluation
     shots: int = 0  # inverse: only the first K action episodes of each task (0: all)
@@ -1854,6 +1855,51 @@ class Prefetcher:
 def log(msg):
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
         print(msg, flush=True)
+
+
+class Tracker:
+    """--log-to: the JSONL's rows (train/...), the held-out metrics (val/...), the --vis pictures and
+    the curves, also sent to TensorBoard or Weights & Biases. The JSONL stays the source of truth;
+    the package is imported only when asked for. W&B runs offline (OUT/wandb; `wandb sync` uploads)
+    unless WANDB_MODE says otherwise, so a run never waits on the network or a login."""
+
+    def __init__(self, kind, out, label, config):
+        self.kind = kind
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard", label))
+        elif kind == "wandb":
+            import wandb
+            self.wandb = wandb
+            self.run = wandb.init(project="amplify", name=label, group=os.path.basename(os.path.abspath(out)),
+                                  dir=out, config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+        elif kind:
+            raise UserError(f"--log-to: expected tensorboard or wandb, found '{kind}'")
+
+    def scalars(self, prefix, row, step):
+        values = {f"{prefix}/{k}": float(v) for k, v in row.items() if k != "step"}
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.kind == "wandb":
+            self.run.log(values, step=step)
+
+    def image(self, name, path, step):
+        """A PNG this run wrote (a --vis picture, the curves), if it was written."""
+        if not self.kind or not os.path.exists(path):
+            return
+        from PIL import Image
+        image = np.asarray(Image.open(path).convert("RGB"))  # (H, W_img, 3)
+        if self.kind == "tensorboard":
+            self.writer.add_image(name, image, step, dataformats="HWC")
+        else:
+            self.run.log({name: self.wandb.Image(image)}, step=step)
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "wandb":
+            self.run.finish()
 
 
 def clock(seconds):
@@ -1959,6 +2005,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         os.makedirs(out_dir or ".", exist_ok=True)  # a stage called from Python may name a new directory
         for path in (metrics_path, log_path):
             start_jsonl(path, step)
+    tracker = Tracker(run.log_to if run.rank == 0 else "", out_dir or ".", label, {**extra.get("config", {}),
+                                                                                  "train": asdict(train)})
     net = StageLoss(model, loss_fn)
     if run.world > 1:
         if train.batch_size % run.world:
@@ -2013,6 +2061,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
                     f"eta {clock(elapsed / (step - first_step) * (train.steps - step))}")
                 if run.rank == 0:
                     append_jsonl(log_path, row)
+                    tracker.scalars("train", row, step)
                 t0, seen, wait0 = time.time(), 0, loader.wait
             if (step % train.eval_every == 0 or step == train.steps) and run.rank == 0:
                 save(step)
@@ -2022,6 +2071,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
                         metrics = evaluate(model, step)
                     log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     append_jsonl(metrics_path, {"step": step, **metrics})
+                    tracker.scalars("val", metrics, step)
+                    tracker.image("vis", os.path.join(out_dir, f"vis_{label}_{step:06d}.png"), step)
     if run.rank == 0:
         if step == 0 or not os.path.exists(out_path):
             save(step)
@@ -2033,6 +2084,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
             curves = "not drawn (pip install pillow)"
         if curves:
             log(f"{label} | curves: {curves}")
+        tracker.image("curves", os.path.join(out_dir, f"{label}_curves.png"), step)
+    tracker.close()
     if run.world > 1:
         check_ranks_agree(model, label)
     return model
@@ -2738,6 +2791,9 @@ def build_parser():
                    help="episodes held out per task for evaluation")
     p.add_argument("--vis", action="store_true", dest="run.vis",
                    help="write PNGs of predicted vs true tracks at each evaluation")
+    p.add_argument("--log-to", choices=["tensorboard", "wandb"], dest="run.log_to", help="also log the metrics, "
+                   "pictures and curves to TensorBoard (OUT/tensorboard) or Weights & Biases (offline in OUT/wandb "
+                   "unless WANDB_MODE is set); the JSONL files stay the record")
     # stage inputs
     p.add_argument("--tokenizer", help="tokenizer checkpoint (default: OUT/tokenizer.pt)")
     p.add_argument("--forward", help="forward-model checkpoint for --predicted-codes (default: OUT/forward.pt)")

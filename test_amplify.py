@@ -1213,6 +1213,46 @@ def test_policy_carries_action_layout_and_ranges(trained, tmp_path):
     assert A.Policy.load(str(tmp_path / "bc")).action_layout == "xyz_gripper"
 
 
+def test_log_to_tensorboard_holds_the_jsonl_values(trained, tmp_path):
+    """--log-to tensorboard: the progress rows, held-out metrics and curves, read back from the event files."""
+    need("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = trained
+    out = tmp_path / "tb"
+    run_cli("--stage", "tokenizer", "--data", root / "data", "--out", out, "--steps", "3", "--log-to", "tensorboard",
+            *FAST)
+    events = EventAccumulator(str(out / "tensorboard" / "tokenizer"), size_guidance={"images": 0}).Reload()
+    log, metrics = A.read_jsonl(str(out / "tokenizer_log.jsonl")), A.read_jsonl(str(out / "tokenizer_metrics.jsonl"))
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("train/loss")] == \
+        [(r["step"], round(r["loss"], 5)) for r in log]
+    assert [(e.step, round(e.value, 5)) for e in events.Scalars("val/delta_auc")] == \
+        [(r["step"], round(r["delta_auc"], 5)) for r in metrics]
+    if HAVE_PIL:
+        assert [e.step for e in events.Images("curves")] == [3]
+
+
+def test_log_to_wandb_offline_holds_the_jsonl_values(trained, tmp_path):
+    """--log-to wandb runs offline without a network or login (OUT/wandb); the logged values, read
+    back from the run file, are the JSONL's."""
+    need("wandb")
+    root, _ = trained
+    out = tmp_path / "wb"
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "amplify.py"), "--stage", "tokenizer", "--data",
+                           str(root / "data"), "--out", str(out), "--steps", "3", "--log-to", "wandb",
+                           *map(str, FAST)], capture_output=True, text=True, env={**env, "WANDB_SILENT": "true"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    data = runs[0].read_bytes()
+    # A history item is the key, then its value as JSON in protobuf field 16 (tag bytes 0x82 0x01, a length byte).
+    logged = [float(data[m.end():m.end() + m.group(1)[0]]) for m in re.finditer(rb"train/loss\x82\x01(.)", data, re.S)]
+    assert sorted(set(round(v, 5) for v in logged)) == \
+        sorted(round(r["loss"], 5) for r in A.read_jsonl(str(out / "tokenizer_log.jsonl")))
+
+
 def test_goal_conditioned_baseline_reads_the_task_text(trained, tmp_path):
     """--no-codes --goal-conditioned: behaviour cloning that also reads the task (the paper's baselines
     are goal-conditioned). AMPLIFY's own inverse model reads no goal."""
