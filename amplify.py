@@ -1801,7 +1801,8 @@ def resolve(train, run):
     if run.vis and importlib.util.find_spec("PIL") is None:
         raise UserError("--vis draws PNGs with Pillow: expected it installed (pip install pillow), found none")
     if run.resume and run.overwrite:
-        raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: expected one, found both")
+        raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: "
+                        "expected one, found both")
     return train or TrainConfig(), replace(run, device=pick_device(run.device))
 
 
@@ -2360,8 +2361,8 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     if codes == "pred":
         trained_with["forward"] = weights_hash(fwd_ckpt)
     if init_ckpt is not None:  # the forward model must speak the codes the inverse model learnt
-        check_trained_with(init_ckpt, init, {"tokenizer": (trained_with["tokenizer"], f"{fwd_path} predicts the codes of")},
-                           "retrain one of them on the other's tokenizer")
+        speaks = {"tokenizer": (trained_with["tokenizer"], f"{fwd_path} predicts the codes of")}
+        check_trained_with(init_ckpt, init, speaks, "retrain one of them on the other's tokenizer")
         trained_with = {**init_ckpt.get("trained_with", {}), **trained_with, "init": weights_hash(init_ckpt)}
     train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "inverse (episodes with actions)", True)
     if corpus.dim("proprio") == 0:
@@ -2376,7 +2377,8 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
     act_norm, prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
-    codes_from = (f"none ({'goal-conditioned' if cfg.goal else 'inverse-only'} baseline)" if not cfg.use_codes else "true tracks" if codes == "true"
+    baseline = "goal-conditioned" if cfg.goal else "inverse-only"
+    codes_from = (f"none ({baseline} baseline)" if not cfg.use_codes else "true tracks" if codes == "true"
                   else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init}")
     log(f"{name} | {n_params(model)} | {len(train_eps)} action episodes ({len(frames)} frames), "
         f"{len(val_eps)} held out | codes: {codes_from} | head: {cfg.head}" + (" | task text read" if cfg.goal else ""))
