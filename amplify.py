@@ -2732,7 +2732,11 @@ PROTOCOLS = {  # how the inverse model comes to read forward-predicted codes (do
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default once: not when its help already says it, nor for switches and unset values."""
+    """Shows a flag's default once: not when its help already says it, nor for switches and unset values;
+    names a value after its flag (STEPS), not its config field (train.steps)."""
+
+    def _get_default_metavar_for_optional(self, action):
+        return action.option_strings[-1].lstrip("-").replace("-", "_").upper()
 
     def _get_help_string(self, action):
         if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
@@ -2767,14 +2771,16 @@ def build_parser():
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training sizes")
     p.add_argument("--count-params", action="store_true", help="print 'params: <int>' for --stage and exit")
     # training (unset: the preset's value)
-    p.add_argument("--steps", type=integer(0), dest="train.steps", help="training steps per stage")
-    p.add_argument("--batch-size", type=integer(1), dest="train.batch_size")
-    p.add_argument("--lr", type=float, dest="train.lr", help="peak learning rate")
-    p.add_argument("--log-every", type=integer(1), dest="train.log_every", help="steps between progress lines")
+    p.add_argument("--steps", type=integer(0), dest="train.steps",
+                   help="training steps per stage (default: the preset's)")
+    p.add_argument("--batch-size", type=integer(1), dest="train.batch_size", help="(default: the preset's)")
+    p.add_argument("--lr", type=float, dest="train.lr", help="peak learning rate (default: the preset's)")
+    p.add_argument("--log-every", type=integer(1), dest="train.log_every",
+                   help="steps between progress lines (default: the preset's)")
     p.add_argument("--eval-every", type=integer(1), dest="train.eval_every",
-                   help="steps between evaluations and checkpoints")
+                   help="steps between evaluations and checkpoints (default: the preset's)")
     p.add_argument("--eval-samples", type=integer(1), dest="train.eval_samples",
-                   help="held-out windows scored per evaluation")
+                   help="held-out windows scored per evaluation (default: the preset's)")
     existing = p.add_mutually_exclusive_group()  # what to do with a stage's checkpoint already in --out
     existing.add_argument("--resume", action="store_true", dest="run.resume",
                           help="continue each stage from its checkpoint in --out")
