@@ -88,7 +88,8 @@ def import_torchvision():
 def load_official(path):
     """-> a namespace of the published classes and functions this script calls."""
     if not os.path.isfile(os.path.join(path, "amplify", "models", "motion_tokenizer.py")):
-        sys.exit(f"--official: expected a clone of pairlab/AMPLIFY (amplify/models/motion_tokenizer.py), found none in {path}")
+        sys.exit(f"--official: expected a clone of pairlab/AMPLIFY (amplify/models/motion_tokenizer.py), "
+                 f"found none in {path}")
     torchvision_note = import_torchvision()
     # First on the path: the clone's package is also called `amplify`, like our amplify.py.
     sys.path.insert(0, os.path.abspath(path))
@@ -433,7 +434,8 @@ def main():
             "dtype": "float32, CPU, every model in eval() (dropout off)",
         },
         "tokenizer": {"config": plain(tok_cfg), "state_dict": tok.state_dict(), "inputs": tok_in, "outputs": tok_out},
-        "forward": {"config": plain(fwd_cfg), "args": {**fwd_args, "trunk_cfg": plain(fwd_cfg.forward_dynamics.transformer)},
+        "forward": {"config": plain(fwd_cfg),
+                    "args": {**fwd_args, "trunk_cfg": plain(fwd_cfg.forward_dynamics.transformer)},
                     "state_dict": fwd.state_dict(), "inputs": fwd_in, "outputs": fwd_out},
         "inverse": {"config": plain(inv_cfg), "tokenizer_config": plain(tok_cfg), "state_dict": inv.state_dict(),
                     "inputs": inv_in, "outputs": inv_out},
