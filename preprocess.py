@@ -6,6 +6,7 @@ kinds of source into the dataset format that `amplify.py --data` reads:
 
   python preprocess.py metaworld reach-v3,push-v3 --episodes 10 --out data/mw      # scripted experts
   python preprocess.py libero libero_object/*.hdf5 --out data/libero_object        # demonstrations
+  python preprocess.py libero libero_object/*.hdf5 --tracks-from preprocessed_data --out d  # released tracks
   python preprocess.py videos clips/*.mp4 --task "pick up the cup" --out data/human  # action-free
   python preprocess.py lerobot datasets/aloha_sim --views top --out data/aloha       # LeRobot v3.0/v2.x
   python preprocess.py bench-tracker                                               # tracker accuracy
@@ -20,6 +21,8 @@ Notable features
   frames); `--tracker auto` picks the first that works, the one used is recorded in meta.json.
   `--tracker lk`: pyramidal Lucas-Kanade with a forward-backward check for visibility. `--tracker sim` (the default for metaworld; libero files with recorded states):
   exact tracks from MuJoCo's depth, segmentation and body poses, no tracking at all.
+  `libero --tracks-from DIR`: the authors' released LIBERO tracks (CoTracker, uniform_400_reinit_16)
+  converted to our point order, units and visibility instead of tracking.
 - Windows are tracked in batches: Lucas-Kanade moves the points of every open window across one
   frame transition in a single call, CoTracker gets `--batch` windows per forward pass.
 - Time resampling: a source at another frame rate is tracked over the frames that span the same
@@ -718,6 +721,8 @@ def _episode_key(ep):
         if ep.get(key) is not None:
             h.update(key.encode() + np.ascontiguousarray(ep[key]).tobytes())
     h.update(ep["task"].encode())
+    for a in ep.get("released") or ():  # released tracks: other files mean other episodes on resume
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
@@ -787,6 +792,8 @@ def episodes_to_dataset(episodes, out, *, views, fps, source, tracker="auto", T=
                         continue
             if hasattr(tracker, "track_sim_episode"):  # exact tracks from recorded simulator state
                 tracks, vis = tracker.track_sim_episode(ep, T=T, grid=grid)
+            elif hasattr(tracker, "episode_tracks"):  # tracks the episode brings (--tracks-from)
+                tracks, vis = tracker.episode_tracks(ep, T=T, grid=grid)
             else:
                 tracks, vis = track_episode(ep["images"], tracker, T=T, grid=grid, fps=fps,
                                             source_fps=source_fps)
@@ -2153,6 +2160,183 @@ def read_libero_sim(path, img_size=None, demos=None):
 
 
 # -----------------------------------------------------------------------------
+# Released tracks for LIBERO demonstrations (--tracks-from): the authors' preprocessed tracks
+# (pairlab/AMPLIFY f4bcc46, preprocessing/preprocess_libero.py; docs/PUBLISHED_ARCHITECTURE.md
+# sections 8 and 10) converted to our conventions instead of running a tracker. Per demonstration
+# one file DIR/<suite>/uniform_400_reinit_16/<stem of the LIBERO file>/demo_<i>.hdf5 holding, per
+# view, root/<view>/tracks float32 (F, 16, 400, 2) and root/<view>/vis float32 (F, 16, 400): one
+# 16-frame window per frame, tracked by CoTracker2 (torch.hub "cotracker2"), the end padded by
+# repeating the last frame. Three things differ from ours:
+# - point order: their point k starts at grid point (row k % 20, column k // 20), column-major;
+#   ours n = row * 20 + column, so ours n is theirs k = column * 20 + row;
+# - units: pixels (x = column, y = row) on the 128 x 128 frames, pixel centres at integers (the
+#   queries were (u + 1) * 128 / 2), where ours are normalised, u = 2 * pixel / size - 1;
+# - visibility: a float, where ours is bool. CoTracker's predictor thresholds at 0.9 and sets the
+#   query step visible, so released values should be 0 or 1; we take > 0.5.
+# The orientation needs no change: they flipped the stored frames vertically before tracking
+# (`arr[:, ::-1]`), which is exactly what upright_libero does to the frames we store, so their
+# pixel (x, y) is our pixel (x, y). The last axis is (x, y) in the file as in ours (their loader
+# swaps it to (row, col) for their models, we do not).
+
+RELEASED_METHOD = "uniform_400_reinit_16"  # <init_queries>_<n_tracks>_reinit_<horizon>, the release's
+RELEASED_SIZE = 128  # the frames the authors tracked: LIBERO's stored 128 x 128 images
+RELEASED_T, RELEASED_GRID = 16, 20
+RELEASED_START_PX = 1.0  # step 0 must sit on their grid: median distance allowed, in pixels
+
+
+def released_point_order(grid=RELEASED_GRID):
+    """(N,) int: ours[n] = theirs[order[n]]; our n = row * grid + col is their k = col * grid + row."""
+    row, col = np.divmod(np.arange(grid * grid), grid)
+    return col * grid + row
+
+
+def released_track_dir(root, path, suite=None):
+    """The folder of the released tracks of LIBERO file `path`: root/<suite>/<method>/<file stem>.
+
+    The suite is the one folder of `root` that holds <method>/<stem> (LIBERO's task names differ
+    between suites); `suite` restricts the search to root/<suite>. Two suites holding it: refused.
+    """
+    root, stem = Path(root), Path(path).stem
+    pattern = f"{suite or '*'}/{RELEASED_METHOD}/{stem}"
+    found = sorted(p for p in root.glob(pattern) if p.is_dir())
+    if not found:
+        raise DataError(f"--tracks-from {root}: expected the folder {root / pattern} for {path}, found none")
+    if len(found) > 1:
+        raise DataError(f"--tracks-from {root}: expected one suite holding {RELEASED_METHOD}/{stem}, "
+                        f"found {len(found)} ({', '.join(p.parts[-3] for p in found)}); pass --suite")
+    return found[0]
+
+
+def check_released(path, folder, demos=None, T=RELEASED_T, grid=RELEASED_GRID):
+    """Check the released track files of the demos of `path` (positions in its demo order; None:
+    all) against the demos, reading only their shapes and step 0: before any slow work."""
+    import h5py
+
+    N = grid * grid
+    start = normalized_to_pixels(amplify.grid_points(grid), RELEASED_SIZE, RELEASED_SIZE)  # (N, 2) ours
+    order = released_point_order(grid)
+    with h5py.File(path, "r") as f:
+        for j, d in enumerate(_libero_demos(f, path)):
+            if demos is not None and j not in demos:
+                continue
+            F, H, W = f["data"][d][f"obs/{LIBERO_VIEWS[0]}_rgb"].shape[:3]
+            if (H, W) != (RELEASED_SIZE, RELEASED_SIZE):
+                raise DataError(f"{path}: data/{d}: the released tracks are pixels of {RELEASED_SIZE} x "
+                                f"{RELEASED_SIZE} frames, expected images of that size, found {H} x {W}")
+            tf = folder / f"{d}.hdf5"
+            if not tf.is_file():
+                raise DataError(f"{tf}: expected the released tracks of {path} data/{d}, found no such file")
+            try:
+                t = h5py.File(tf, "r")
+            except OSError as e:
+                raise DataError(f"{tf}: cannot open as hdf5 ({e})") from None
+            with t:
+                for view in LIBERO_VIEWS:
+                    g = t.get(f"root/{view}")
+                    if not isinstance(g, h5py.Group):
+                        found = sorted(t["root"].keys()) if isinstance(t.get("root"), h5py.Group) else sorted(t.keys())
+                        raise DataError(f"{tf}: expected the group root/{view}, found {found}")
+                    for key, tail in (("tracks", (N, 2)), ("vis", (N,))):
+                        a = g.get(key)
+                        if not isinstance(a, h5py.Dataset):
+                            raise DataError(f"{tf}: root/{view}/{key}: expected, missing")
+                        where = f"{tf}: root/{view}/{key}"
+                        if a.dtype.kind != "f" and not (key == "vis" and a.dtype.kind == "b"):
+                            raise DataError(f"{where}: expected float32, found {a.dtype}")
+                        if len(a.shape) != 2 + len(tail) or tuple(a.shape[2:]) != tail:
+                            raise DataError(f"{where}: expected shape ({F}, {T}, {', '.join(map(str, tail))}), "
+                                            f"found {a.shape}")
+                        if a.shape[0] != F:
+                            raise DataError(f"{where}: expected {F} windows, one per frame of {path} "
+                                            f"data/{d}, found {a.shape[0]}")
+                        if a.shape[1] != T:
+                            raise DataError(f"{where}: expected windows of --T {T} steps, found {a.shape[1]}")
+                    # Step 0 of every window is where the tracker was asked to start: their grid. A
+                    # file in another point order or unit lands far from it (the flip cannot be seen
+                    # here: the grid is nearly symmetric; test_tracks_from.py pins it on content).
+                    first = g["tracks"][:, 0][:, order].astype(np.float64)  # (F, N, 2) our order
+                    dist = np.linalg.norm(first - start, axis=-1)
+                    dist = dist[np.isfinite(dist)]
+                    if dist.size and np.median(dist) > RELEASED_START_PX:
+                        raise DataError(f"{tf}: root/{view}/tracks: expected step 0 on the {grid}x{grid} grid "
+                                        f"(column-major, pixels of {RELEASED_SIZE} px frames), found a median "
+                                        f"distance of {np.median(dist):.1f} px")
+
+
+def released_to_ours(tracks, vis, size=RELEASED_SIZE, grid=RELEASED_GRID):
+    """One view of one released file -> our conventions.
+
+    tracks (F, T, N, 2) pixels (x, y) on RELEASED_SIZE frames, points column-major; vis (F, T, N)
+    float. Returns tracks (F, T, N, 2) float32 normalised, points row-major, for frames resized to
+    `size`; vis bool (F, T, N); the number of non-finite positions replaced.
+
+    Non-finite positions (CoTracker can give NaN; their loader turns it into 0, a jump to the
+    corner) become the point's previous position in its window, the grid point at step 0, and
+    invisible: the point stays where it was last seen, as our trackers hold a lost point. Past
+    the episode end the last real step is held exactly (SPEC 3: zero motion; the tracker's
+    estimate on repeated frames jitters by a fraction of a pixel).
+    """
+    order = released_point_order(grid)
+    px = np.asarray(tracks, np.float64)[:, :, order]  # (F, T, N, 2) our point order
+    v = np.asarray(vis)[:, :, order]
+    seen = np.isfinite(v) & (v > 0.5)  # (F, T, N)
+    bad = ~np.isfinite(px).all(-1)  # (F, T, N)
+    if bad.any():
+        start = normalized_to_pixels(amplify.grid_points(grid), RELEASED_SIZE, RELEASED_SIZE)
+        px[:, 0][bad[:, 0]] = np.broadcast_to(start, px[:, 0].shape)[bad[:, 0]]
+        for t in range(1, px.shape[1]):
+            px[:, t][bad[:, t]] = px[:, t - 1][bad[:, t]]
+        seen &= ~bad
+    px, seen = _hold_past_end(px, seen)
+    # u on the tracked frames, then the same scene point on `size`-pixel frames: amplify.resize_images
+    # is half-pixel-centred (align_corners=False), pixel p -> (p + 0.5) * size / 128 - 0.5, i.e.
+    # u -> u + 1/128 - 1/size (zero at 128). Normalised coordinates are not size-free under the
+    # pixel-centres-at-integers convention; at 64 px this is half a pixel.
+    u = 2.0 * px / RELEASED_SIZE - 1.0 + (1.0 / RELEASED_SIZE - 1.0 / size)
+    return u.astype(np.float32), seen, int(bad.sum())
+
+
+def read_libero_released(path, folder, img_size=None, demos=None, stats=None):
+    """read_libero's episodes, each with ep["released"] = (tracks (F, V, T, N, 2), vis (F, V, T, N))
+    converted from the released files in `folder` (call check_released first). stats["nonfinite"]
+    counts the positions replaced, over every episode read (resumed ones included)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        keys = [d for j, d in enumerate(_libero_demos(f, path)) if demos is None or j in demos]
+    for key, ep in zip(keys, read_libero(path, img_size, demos)):
+        size = ep["images"].shape[2]  # square: check_released asked for 128 x 128, fit_square keeps it
+        with h5py.File(folder / f"{key}.hdf5", "r") as t:
+            views = [released_to_ours(t[f"root/{v}/tracks"][()], t[f"root/{v}/vis"][()], size)
+                     for v in LIBERO_VIEWS]
+        ep["released"] = (np.stack([tr for tr, _, _ in views], 1), np.stack([vi for _, vi, _ in views], 1))
+        if stats is not None:
+            stats["nonfinite"] = stats.get("nonfinite", 0) + sum(n for _, _, n in views)
+        yield ep
+
+
+class ReleasedTracks:
+    """The tracks an episode brings along (ep["released"], read_libero_released): no tracking.
+
+    Like SimTracker, not a video tracker: episodes_to_dataset calls episode_tracks for it.
+    """
+
+    name = f"released:{RELEASED_METHOD}"
+
+    def track(self, frames, queries, span):
+        raise DataError("--tracks-from: expected LIBERO episodes with released tracks, found frames alone")
+
+    def episode_tracks(self, ep, *, T=RELEASED_T, grid=RELEASED_GRID):
+        if ep.get("released") is None:
+            self.track(None, None, None)
+        tracks, vis = ep["released"]
+        F, V = ep["images"].shape[:2]
+        if tracks.shape != (F, V, T, grid * grid, 2):
+            raise DataError(f"released tracks: expected {(F, V, T, grid * grid, 2)}, found {tracks.shape}")
+        return tracks, vis
+
+
+# -----------------------------------------------------------------------------
 # Tracker benchmark on real frames: Meta-World episodes scored against the exact tracks
 
 BENCH_TASKS = ("reach-v3", "push-v3", "drawer-open-v3", "button-press-v3")
@@ -2228,8 +2412,8 @@ def _summary_line(summary):
 
 def _common(p):
     p.add_argument("--out", required=True, help="output: a directory (memory-mappable .npy) or FILE.npz")
-    p.add_argument("--tracker", default="auto", choices=["auto", "cotracker", "lk", "flow", "sim"],
-                   help="auto: CoTracker when it loads, else flow; lk: OpenCV Lucas-Kanade; flow: dense "
+    p.add_argument("--tracker", default=None, choices=["auto", "cotracker", "lk", "flow", "sim"],
+                   help="default auto: CoTracker when it loads, else flow; lk: OpenCV Lucas-Kanade; flow: dense "
                         "optical flow chained through the window (offline, see bench-tracker); sim: "
                         "exact tracks from the simulator (metaworld, libero files with states)")
     p.add_argument("--cotracker-repo", default=None,
@@ -2257,6 +2441,12 @@ def build_parser():
     p = sub.add_parser("libero", help="LIBERO demonstration files (hdf5)")
     p.add_argument("files", nargs="+", help="LIBERO hdf5 files; each file's instruction is its task")
     p.add_argument("--img-size", type=int, default=None, help="resize (default: keep, 128 in LIBERO)")
+    p.add_argument("--tracks-from", default=None, metavar="DIR",
+                   help="the authors' released tracks instead of a tracker: "
+                        f"DIR/<suite>/{RELEASED_METHOD}/<file stem>/demo_<i>.hdf5 (docs/DATA.md)")
+    p.add_argument("--suite", default=None,
+                   help="with --tracks-from: look only in DIR/SUITE (default: the one suite folder "
+                        "that holds the file's tracks)")
     _common(p)
 
     p = sub.add_parser("videos", help="action-free videos: files or folders of frames, one episode each")
@@ -2409,6 +2599,21 @@ def main(argv=None):
         if value is not None and value < (2 if name in ("T", "grid") else 1):
             raise DataError(f"--{name.replace('_', '-')}: expected a positive number"
                             f"{' >= 2' if name in ('T', 'grid') else ''}, found {value}")
+    tracks_from = getattr(args, "tracks_from", None)
+    if tracks_from is not None:
+        if args.tracker is not None:
+            raise DataError(f"--tracks-from replaces the tracker: expected no --tracker, found --tracker {args.tracker}")
+        if not Path(tracks_from).is_dir():
+            raise DataError(f"--tracks-from: expected a directory, found "
+                            f"{'a file' if Path(tracks_from).exists() else 'nothing'} at {tracks_from}")
+        if (args.T, args.grid) != (RELEASED_T, RELEASED_GRID):
+            raise DataError(f"--tracks-from: the released tracks ({RELEASED_METHOD}) are {RELEASED_T}-step "
+                            f"windows of a {RELEASED_GRID}x{RELEASED_GRID} grid, expected --T {RELEASED_T} "
+                            f"--grid {RELEASED_GRID}, found --T {args.T} --grid {args.grid}")
+    elif getattr(args, "suite", None) is not None:
+        raise DataError(f"--suite {args.suite}: expected only with --tracks-from")
+    if getattr(args, "tracker", "") is None:
+        args.tracker = "auto"
     if args.command == "check-sim":
         tasks = [metaworld_task_name(t) for t in args.tasks.split(",") if t.strip()]
         cameras = [c.strip() for c in args.cameras.split(",") if c.strip()]
@@ -2448,12 +2653,29 @@ def main(argv=None):
         offsets = np.cumsum([0] + counts)
         picks = [{int(k - lo) for k in keep if lo <= k < hi} for lo, hi in zip(offsets[:-1], offsets[1:])]
         read = read_libero_sim if args.tracker == "sim" else read_libero
+        if tracks_from is not None:  # every track file checked before any image is read
+            folders = [released_track_dir(tracks_from, f, args.suite) for f in args.files]
+            for f, folder, pick in zip(args.files, folders, picks):
+                if pick:
+                    check_released(f, folder, pick, args.T, args.grid)
+            released = {"nonfinite": 0}
+            folder_of = dict(zip(args.files, folders))
+            read = lambda f, size, demos: read_libero_released(f, folder_of[f], size, demos, released)  # noqa: E731
         episodes = (ep for f, pick in zip(args.files, picks) if pick
                     for ep in read(f, args.img_size, demos=pick))
         run = dict(views=LIBERO_VIEWS, fps=TRAINING_FPS,
                    source="libero: " + ", ".join(Path(f).name for f in args.files),
                    extra_meta={"proprio": "joint positions (7) + gripper (2)",
                                "actions": "delta end-effector pose (6) + gripper (1)"})
+        if tracks_from is not None:
+            run["extra_meta"]["released_tracks"] = {
+                "dir": str(Path(tracks_from).absolute()), "method": RELEASED_METHOD,
+                "suites": sorted({p.parts[-3] for p in folders}),
+                "made_by": "CoTracker2 in pairlab/AMPLIFY preprocessing/preprocess_libero.py, "
+                           f"{RELEASED_SIZE} px frames flipped upright as ours",
+                "vis": "released vis > 0.5",
+                "nonfinite": "replaced by the point's previous position in its window (the grid "
+                             "point at step 0), marked invisible; counted in the run's summary"}
         extra["demos"] = demos
 
     elif args.command == "videos":
@@ -2531,9 +2753,12 @@ def main(argv=None):
             _print_bench(rows, tracker, args)
         return 0
 
-    tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
-                           cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
-                           batch=args.batch, log=log)
+    if tracks_from is not None:
+        tracker = ReleasedTracks()
+    else:
+        tracker = load_tracker(args.tracker, cotracker_repo=args.cotracker_repo,
+                               cotracker_checkpoint=args.cotracker_checkpoint, device=args.device,
+                               batch=args.batch, log=log)
 
     run["extra_meta"] = {**run.get("extra_meta", {}), "command": command}
     if shard is not None:
@@ -2544,6 +2769,8 @@ def main(argv=None):
                                   progress=not args.no_progress, track_dtype=args.track_dtype,
                                   log=log, overwrite=getattr(args, "overwrite", False), **run)
     summary.update(extra)
+    if tracks_from is not None:
+        summary["nonfinite_replaced"] = released["nonfinite"]
     if args.command == "metaworld":
         attempts = sum(r["attempts"] for r in record.values())
         successes = sum(r["successes"] for r in record.values())
