@@ -211,6 +211,33 @@ def test_shards_merge_to_the_unsharded_run_and_suite_is_found(tmp_path):
         np.testing.assert_array_equal(full.arrays[k], joined.arrays[k])
 
 
+def test_interrupted_run_resumes_and_a_changed_track_file_is_converted_again(tmp_path, monkeypatch, capsys):
+    h5py = need("h5py")
+    src = write_libero(tmp_path / "a_demo.hdf5", demos=2, F=4, size=SIZE)
+    folder = write_released(tmp_path / "rel", src)
+    convert = P.ReleasedTracks.episode_tracks
+
+    def interrupted(self, ep, **kw):
+        if ep["images"].shape[0] == 5:  # demo_1
+            raise KeyboardInterrupt
+        return convert(self, ep, **kw)
+
+    for out, change in (("same", False), ("changed", True)):
+        run = ["libero", src, "--tracks-from", tmp_path / "rel", "--no-progress", "--out", tmp_path / out]
+        monkeypatch.setattr(P.ReleasedTracks, "episode_tracks", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            P.main(run)
+        monkeypatch.setattr(P.ReleasedTracks, "episode_tracks", convert)
+        if change:  # demo_0's track file changed meanwhile: its episode is converted again
+            with h5py.File(folder / "demo_0.hdf5", "a") as t:
+                t["root/agentview/tracks"][0, 1, 0] += 1.0  # +1 px in x and y
+        capsys.readouterr()
+        assert P.main(run) == 0
+        assert ("resumed: 1 of 2" in capsys.readouterr().err) == (not change)
+        tracks = amplify.load_dataset(str(tmp_path / out)).arrays["tracks"]
+        np.testing.assert_allclose(tracks[0, 0, 1, 0] - tracks[0, 0, 0, 0], [2 / 128 * change] * 2, atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # Refusals: one line, expected vs found, nothing written
 
