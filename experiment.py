@@ -508,8 +508,10 @@ def run_jobs(steps, jobs, cores):
     {job name: [(step, estimated seconds), ...]} for `schedule`."""
     names = [j.name for j in jobs]
     missing = {d for j in jobs for d in j.deps} - set(names)
-    if missing or len(set(names)) != len(names):
-        raise ValueError(f"run_jobs: expected distinct job names and deps among them, found missing {missing}")
+    twice = {n for n in names if names.count(n) > 1}
+    if missing or twice:
+        raise ValueError(f"run_jobs: expected distinct job names and deps among them, found deps missing "
+                         f"{sorted(missing)} and names twice {sorted(twice)}")
     if steps.plan:
         planned = {}
         for j in jobs:
