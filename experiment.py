@@ -813,7 +813,6 @@ def score_inverse(data, probe, models, sources, unseen, samples=SCORE_WINDOWS):
     models: {label: (policy dir, inverse checkpoint file, codes)}, codes "true" (the dir's tokenizer
     on the true tracks), "pred" (the dir's forward model) or None. Also the gripper command (the last
     action dimension) in the sources' training actions: the share of steps < -0.05, near 0, > 0.05."""
-    import numpy as np
     import torch
 
     import amplify
@@ -1180,8 +1179,8 @@ def scale_table(args, steps, partial=False):
              f"inverse model on true codes ({N} steps), fine-tuned on forward-predicted codes ({F}); both "
              f"baselines the same inverse model without codes for {N + F} steps, the goal-conditioned one also "
              f"reading the task text.", "",
-             f"| unseen task | same-scene source | AMPLIFY | BC (no codes) | goal-conditioned BC | AMPLIFY - BC "
-             f"(points) [95%] | AMPLIFY - goal-conditioned BC [95%] |", "|---|---|---|---|---|---|---|"]
+             "| unseen task | same-scene source | AMPLIFY | BC (no codes) | goal-conditioned BC | AMPLIFY - BC "
+             "(points) [95%] | AMPLIFY - goal-conditioned BC [95%] |", "|---|---|---|---|---|---|---|"]
     rows, per_seed = scale_closed_loop_rows(args, partial)
     lines += rows + ["", "Success (successes/episodes) [95% Wilson interval], pooled over seeds (and tasks in the "
                          "last row). Differences: paired bootstrap (10000 resamples of episode pairs within seed x "
