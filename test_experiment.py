@@ -34,9 +34,9 @@ STEPS = ["data-videos-raw", "data-videos", "data-demos", "tokenizer", "tokenizer
          "diagnostics", *POLICY_STEPS, "tracker-bench"]
 
 
-def run_experiment(out, *extra):
+def run_experiment(out, *extra, flags=TINY):
     env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(HERE / "experiment.py"), "--out", str(out), *TINY, *extra],
+    return subprocess.run([sys.executable, str(HERE / "experiment.py"), "--out", str(out), *flags, *extra],
                           capture_output=True, text=True, timeout=1500, cwd=HERE, env=env)
 
 
@@ -50,10 +50,10 @@ def first_run(tmp_path_factory):
     return out, proc
 
 
-def table_of(stdout):
-    """The printed table: from its first line to the line before the closing summary."""
-    start = stdout.index("AMPLIFY vs BC on Meta-World")
-    return stdout[start:stdout.index("ran ", start)].strip()
+def table_of(stdout, title="AMPLIFY vs BC on Meta-World", end="ran "):
+    """The printed table: from its first line (`title`) to the line before the closing summary."""
+    start = stdout.index(title)
+    return stdout[start:stdout.index(end, start)].strip()
 
 
 def test_runs_every_step_and_prints_the_table(first_run):
@@ -346,9 +346,7 @@ SCALE_STEPS = ["data-videos-raw", "data-videos", "data-demos", "data-probe", "to
 
 
 def run_scale(out, *extra):
-    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(HERE / "experiment.py"), "--out", str(out), *TINY_SCALE, *extra],
-                          capture_output=True, text=True, timeout=1500, cwd=HERE, env=env)
+    return run_experiment(out, *extra, flags=TINY_SCALE)
 
 
 @pytest.fixture(scope="module")
@@ -361,8 +359,7 @@ def scale_run(tmp_path_factory):
 
 
 def scale_table_of(stdout):
-    start = stdout.index("Zero-shot at scale on Meta-World")
-    return stdout[start:stdout.index("\nran ", start)].strip()
+    return table_of(stdout, "Zero-shot at scale on Meta-World", "\nran ")
 
 
 def test_scale_runs_every_step_with_the_right_data(scale_run):
