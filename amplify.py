@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -1800,6 +1801,8 @@ def resolve(train, run):
     run = run or RunConfig()
     if run.vis and importlib.util.find_spec("PIL") is None:
         raise UserError("--vis draws PNGs with Pillow: expected it installed (pip install pillow), found none")
+    if run.log_to not in ("", "tensorboard", "wandb"):
+        raise UserError(f"--log-to: expected tensorboard or wandb, found '{run.log_to}'")
     if run.resume and run.overwrite:
         raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: "
                         "expected one, found both")
@@ -1831,9 +1834,9 @@ class Prefetcher:
         pin = device.type == "cuda"
         self.make = lambda step: {k: torch.as_tensor(v).pin_memory() if pin and isinstance(v, np.ndarray) else v
                                   for k, v in make(step).items()}
-        self.steps, self.depth, self.wait = iter(steps), depth, 0.0
+        self.steps, self.wait = iter(steps), 0.0
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending = [self.pool.submit(self.make, s) for _, s in zip(range(depth), self.steps)]
+        self.pending = [self.pool.submit(self.make, s) for s in itertools.islice(self.steps, depth)]
 
     def next(self):
         t0 = time.perf_counter()
@@ -1841,7 +1844,7 @@ class Prefetcher:
             item = self.pending.pop(0).result()  # an error of the worker is raised here
         finally:
             self.wait += time.perf_counter() - t0
-        self.pending += [self.pool.submit(self.make, s) for _, s in zip(range(1), self.steps)]
+        self.pending += [self.pool.submit(self.make, s) for s in itertools.islice(self.steps, 1)]
         return item
 
     def __enter__(self):
@@ -1874,8 +1877,6 @@ class Tracker:
             self.wandb = wandb
             self.run = wandb.init(project="amplify", name=label, group=os.path.basename(os.path.abspath(out)),
                                   dir=out, config=config, mode=os.environ.get("WANDB_MODE", "offline"))
-        elif kind:
-            raise UserError(f"--log-to: expected tensorboard or wandb, found '{kind}'")
 
     def scalars(self, prefix, row, step):
         values = {f"{prefix}/{k}": float(v) for k, v in row.items() if k != "step"}
@@ -1918,10 +1919,12 @@ DOWNSTREAM = {"tokenizer": ("forward", "inverse", "inverse_ft"), "forward": ("in
 def check_outputs(out, labels, run):
     """Refuse, before any work, to train a stage into a directory that holds its checkpoint unless
     the user said what to do with it: --resume continues it, --overwrite replaces it."""
-    for label in labels if not (run.resume or run.overwrite) else []:
-        if os.path.exists(os.path.join(out, label + ".pt")):
-            raise UserError(f"{os.path.join(out, label + '.pt')} exists: expected --resume to continue it or "
-                            f"--overwrite to replace it (and remove what was trained on it); nothing was changed")
+    if run.resume or run.overwrite:
+        return
+    for path in (os.path.join(out, label + ".pt") for label in labels):
+        if os.path.exists(path):
+            raise UserError(f"{path} exists: expected --resume to continue it or --overwrite to replace it "
+                            f"(and remove what was trained on it); nothing was changed")
 
 
 def clear_outputs(out, label, run):
@@ -1942,9 +1945,10 @@ def clear_outputs(out, label, run):
 def start_jsonl(path, resumed_step):
     """A metrics file holds one run: a fresh run starts it empty; a resumed run keeps the rows up to
     the step it resumed from (rows written after that checkpoint are replaced by the rerun)."""
-    rows = [r for r in read_jsonl(path) if 0 < resumed_step and r.get("step", 0) <= resumed_step]
-    if os.path.exists(path):
-        atomic_write(path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_jsonl(path) if r.get("step", 0) <= resumed_step] if resumed_step else []
+    atomic_write(path, lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(path, row):
@@ -2355,7 +2359,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     trained_with = {}
     if cfg.use_codes:
         source = tok_ckpt if codes == "true" else fwd_ckpt
-        cfg = cfg if init_ckpt else replace(cfg, codebook_size=source["config"]["codebook_size"])
+        cfg = cfg if init_ckpt is not None else replace(cfg, codebook_size=source["config"]["codebook_size"])
         trained_with["tokenizer"] = (weights_hash(tok_ckpt) if codes == "true"
                                      else fwd_ckpt.get("trained_with", {}).get("tokenizer"))
     if codes == "pred":
@@ -2363,7 +2367,8 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     if init_ckpt is not None:  # the forward model must speak the codes the inverse model learnt
         speaks = {"tokenizer": (trained_with["tokenizer"], f"{fwd_path} predicts the codes of")}
         check_trained_with(init_ckpt, init, speaks, "retrain one of them on the other's tokenizer")
-        trained_with = {**init_ckpt.get("trained_with", {}), **trained_with, "init": weights_hash(init_ckpt)}
+        known = {k: v for k, v in trained_with.items() if v is not None}  # an older forward model records none
+        trained_with = {**init_ckpt.get("trained_with", {}), **known, "init": weights_hash(init_ckpt)}
     train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "inverse (episodes with actions)", True)
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
@@ -2667,9 +2672,9 @@ def configs_from_args(args):
     """The preset's configs with the flags' values in their fields: {stage: model config, "train": ..., "run": ...}."""
     given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     configs = {**PRESETS[args.preset], "run": RunConfig()}
+    vision = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith("vision.")}
     for name, cfg in configs.items():
         mine = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(name + ".")}
-        vision = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith("vision.")}
         if vision and name in ("forward", "inverse"):  # the ResNet flags set both models'
             mine["vision"] = replace(cfg.vision, **vision)
         configs[name] = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in mine.items()})
