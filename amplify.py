@@ -177,7 +177,7 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig(ModelConfig):
-    """n_layer encoder layers and as many decoder layers."""
+    """n_layer encoder layers, half as many decoder layers (at least one), as published."""
     window: int = 15  # W: the decoder classifies each step into W x W pixel moves
     head_hidden: int = 128  # hidden width of the decoder's per-(view, step, point) MLP (published code: 256)
     grid: int = 20
@@ -185,6 +185,9 @@ class TokenizerConfig(ModelConfig):
     # weights third-person 0.9 and wrist 0.1: a wrist camera moves with the hand, so nearly all of its
     # points move and would otherwise dominate the loss (docs/MOTION_CODES.md).
     view_weights: tuple = ()
+    # How decoded tracks are read out of the window distributions: "argmax" (published) or "mean",
+    # the expected move, which keeps sub-pixel motion (measured in docs/MOTION_CODES.md).
+    readout: str = "argmax"
 
 
 @dataclass
@@ -194,6 +197,7 @@ class VisionConfig:
     widths: tuple = (16, 32, 64, 128)
     blocks: tuple = (1, 1, 1, 1)
     upsample: int = 0  # resize images to this before the CNN (published code: 128 -> 224, a 7x7 map); 0 = off
+    # The published code feeds the ResNet frames in [0, 1] without ImageNet normalization (so does this).
     weights: str = ""  # "" (train from scratch), "torchvision", "timm", or a path to a ResNet-18 state dict
     # Frozen: the ResNet is not trained (the published code's default; with pretrained weights the
     # paper's setting, whose ablation finds frozen and fine-tuned equal). Its features then depend
@@ -204,9 +208,9 @@ class VisionConfig:
 @dataclass
 class ForwardConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text_encoder: str = "hash"  # "hash": hashed bag of words trained from scratch; else a Hugging Face model name/path
+    text_encoder: str = "hash"  # "hash": fixed random vectors of the words; else a Hugging Face model (t5-small)
     text_buckets: int = 4096
-    text_dim: int = 0  # width of the pretrained text embedding (set when the model is first built)
+    text_dim: int = 512  # width of the frozen text embedding (T5-small's 512; a Hugging Face model's own width)
 
 
 @dataclass
@@ -224,9 +228,8 @@ class InverseConfig(ModelConfig):
     diffusion_sample_steps: int = 16
     unet_dims: tuple = (32, 64, 128)  # U-Net channels per level (Diffusion Policy's: 256, 512, 1024)
     flow_steps: int = 10  # flow matching: midpoint steps per chunk (the paper's 10)
-    # gaussian: a fixed std in normalized action units, so the loss is the mean's squared error,
-    # scaled (the published default, 0.1); 0 = a learned std per dimension and step. Measured: the
-    # learned std left the mean 4x worse on held-out actions (docs/MOTION_CODES.md).
+    # gaussian: the fixed std in normalized action units (the published 0.1). A learned std per
+    # dimension and step, measured earlier, left the mean 4x worse on held-out actions (docs/MOTION_CODES.md).
     gaussian_std: float = 0.1
     dit_layers: int = 2  # flow matching: DiT blocks, D wide
     action_dim: int = 7
@@ -336,18 +339,19 @@ class FSQ(nn.Module):
 
 
 class CodeInput(nn.Module):
-    """Motion-code indices (..., L) -> model inputs (..., L, D): the FSQ code vectors through a linear map.
+    """Motion-code indices (..., L) -> model inputs (..., L, D): the FSQ code vectors through the
+    tokenizer's `code_out` (FSQ's project_out), frozen, as the published code reads them.
 
-    This is how the forward and inverse models read codes, as in the published code. A code is a
-    point on the FSQ grid, so codes one level apart are nearby inputs, and a code seen rarely in a
-    few demonstrations still lands beside its neighbours; an nn.Embedding of indices would give
-    every code its own random vector that only training on that very code can move.
+    The forward and inverse models read codes this way: a code is a point on the FSQ grid, so codes
+    one level apart are nearby inputs, and a code seen rarely in a few demonstrations still lands
+    beside its neighbours. `proj` holds the tokenizer's weights (copied in when training starts), so
+    every model reads a code as the tokenizer's decoder does.
     """
 
     def __init__(self, codebook_size, d):
         super().__init__()
         self.fsq = FSQ(fsq_levels(codebook_size))
-        self.proj = nn.Linear(len(self.fsq.levels), d)
+        self.proj = nn.Linear(len(self.fsq.levels), d).requires_grad_(False)
 
     def forward(self, indices):
         return self.proj(self.fsq.indices_to_codes(indices))
@@ -390,53 +394,92 @@ def classes_to_tracks(start, classes, img_size, window=15):
 
 
 # -----------------------------------------------------------------------------
-# Transformer parts shared by the three models (pre-LayerNorm, scaled_dot_product_attention)
+# Transformer parts shared by the three models, as the published code builds them (nanoGPT-style:
+# pre-LayerNorm, no biases in any attention, MLP or LayerNorm, scaled_dot_product_attention)
 
 
 class Attention(nn.Module):
-    def __init__(self, d, n_head, dropout):
+    """Multi-head attention. Self-attention projects q, k, v with one matrix (`qkv`); cross-attention
+    projects the queries (`q`) and the memory's keys and values (`kv`)."""
+
+    def __init__(self, d, n_head, dropout, cross=False):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
-        self.q = nn.Linear(d, d)
-        self.kv = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, d)
+        if cross:
+            self.q, self.kv = nn.Linear(d, d, bias=False), nn.Linear(d, 2 * d, bias=False)
+        else:
+            self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x, context=None, mask=None, cache=None):
-        """x (B, Lq, D) attends to context (B, S, D) (x itself when None).
+        """x (B, Lq, D) attends to context (B, S, D) (cross-attention) or to itself.
 
         mask: bool (Lq, S), True = may attend. cache: a dict that keeps this layer's keys and values
         across calls, so during sampling each new token costs one row instead of the whole prefix.
         """
-        context = x if context is None else context
-        q = rearrange(self.q(x), "b l (nh hs) -> b nh l hs", nh=self.n_head)  # (B, nh, Lq, hs)
-        k, v = rearrange(self.kv(context), "b s (two nh hs) -> two b nh s hs", two=2, nh=self.n_head)
+        if context is None:
+            q, k, v = rearrange(self.qkv(x), "b l (three nh hs) -> three b nh l hs", three=3, nh=self.n_head)
+        else:
+            q = rearrange(self.q(x), "b l (nh hs) -> b nh l hs", nh=self.n_head)  # (B, nh, Lq, hs)
+            k, v = rearrange(self.kv(context), "b s (two nh hs) -> two b nh s hs", two=2, nh=self.n_head)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(rearrange(y, "b nh l hs -> b l (nh hs)"))
+        return self.drop(self.out(rearrange(y, "b nh l hs -> b l (nh hs)")))
+
+
+def mlp(d, dropout):
+    return nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.GELU(), nn.Linear(4 * d, d, bias=False), nn.Dropout(dropout))
 
 
 class Block(nn.Module):
-    """Self-attention, cross-attention to a context, MLP (the first two optional); pre-normed, residual."""
+    """Encoder block: self-attention, MLP. Decoder block (cross=True): self-attention, MLP,
+    cross-attention to a memory, a second MLP. Each sublayer pre-normed and residual."""
 
-    def __init__(self, d, n_head, dropout, cross=False, self_attn=True):
+    def __init__(self, d, n_head, dropout, cross=False):
         super().__init__()
-        self.ln1 = nn.LayerNorm(d) if self_attn else None
-        self.attn = Attention(d, n_head, dropout) if self_attn else None
-        self.ln_cross = nn.LayerNorm(d) if cross else None
-        self.cross = Attention(d, n_head, dropout) if cross else None
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.drop = nn.Dropout(dropout)
+        self.ln1, self.attn = nn.LayerNorm(d, bias=False), Attention(d, n_head, dropout)
+        self.ln2, self.mlp = nn.LayerNorm(d, bias=False), mlp(d, dropout)
+        if cross:
+            self.ln3, self.cross = nn.LayerNorm(d, bias=False), Attention(d, n_head, dropout, cross=True)
+            self.ln4, self.mlp2 = nn.LayerNorm(d, bias=False), mlp(d, dropout)
+        self.is_decoder = cross
 
     def forward(self, x, mask=None, context=None, cache=None):
-        if self.attn is not None:
-            x = x + self.drop(self.attn(self.ln1(x), mask=mask, cache=cache))
-        if self.cross is not None:
-            x = x + self.drop(self.cross(self.ln_cross(x), context=context))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
+        x = x + self.mlp(self.ln2(x))
+        if self.is_decoder:
+            x = x + self.cross(self.ln3(x), context=context)
+            x = x + self.mlp2(self.ln4(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """Learned positions added to the input sequence (never to a cross-attention memory), dropout,
+    n_layer blocks, a final LayerNorm: the published TransformerEncoder (cross=False) and
+    TransformerDecoder (cross=True). Weights start as nanoGPT's: N(0, 0.02), the output matrix of
+    every residual branch N(0, 0.02 / sqrt(2 n_layer))."""
+
+    def __init__(self, seq_len, d, n_layer, n_head, dropout, cross=False):
+        super().__init__()
+        self.pos = nn.Parameter(0.02 * torch.randn(seq_len, d))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d, n_head, dropout, cross) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        for name, p in self.blocks.named_parameters():
+            if p.dim() == 2:
+                residual_out = name.endswith(("out.weight", "mlp.2.weight", "mlp2.2.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer) if residual_out else 0.02)
+
+    def forward(self, x, mask=None, context=None, caches=None, start=0):
+        """x (B, S, D) at positions start..start+S-1 -> (B, S, D). caches: one dict per block (sampling)."""
+        x = self.drop(x + self.pos[start:start + x.shape[1]])
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, context=context, cache=None if caches is None else caches[i])
+        return self.ln_f(x)
 
 
 # -----------------------------------------------------------------------------
@@ -518,57 +561,54 @@ class MotionTokenizer(nn.Module):
         V, N, L, D = cfg.views, cfg.grid ** 2, cfg.T - 1, cfg.d_model
         if cfg.view_weights and len(cfg.view_weights) != V:
             raise UserError(f"tokenizer view weights: expected one per view ({V}), found {list(cfg.view_weights)}")
+        if cfg.readout not in ("argmax", "mean"):
+            raise UserError(f"tokenizer readout: expected 'argmax' or 'mean', found {cfg.readout!r}")
         self.fsq = FSQ(fsq_levels(cfg.codebook_size))
         n_levels = len(self.fsq.levels)
         # Encoder: one token per time step holding every point of every view, so the views are
         # tokenized together into one code sequence of length L = T-1.
         self.vel_in = nn.Linear(V * N * 2, D)
-        self.enc_pos = nn.Parameter(0.02 * torch.randn(L, D))
-        self.encoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
-        self.enc_ln = nn.LayerNorm(D)
+        with torch.no_grad():  # scaled at init for velocities in pixels (the one init that is not the published one):
+            # the inputs are normalized velocities, 2 / size per pixel of motion, and with PyTorch's default
+            # init the moves hardly reached the codes. test_tokenizer_overfits_and_reconstructs, 600 steps:
+            # 9.98 px error on moving points (= "nothing moves") with the default init, 0.31 px with this one.
+            self.vel_in.weight.mul_(torch.tensor(cfg.img_size[::-1], dtype=torch.float).repeat(V * N) / 2)
+        self.encoder = Transformer(L, D, cfg.n_layer, cfg.n_head, cfg.dropout)
+        self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
+        # FSQ's project_in and project_out: D -> one value per level, and a code back to D. The
+        # forward and inverse models read codes through a frozen copy of code_out (CodeInput).
         self.to_latent = nn.Linear(D, n_levels)
-        # Decoder, as in the published code: L learned step queries attend to each other and to the
-        # codes, giving one D-wide feature per step; a small MLP per (view, step, point) reads that
-        # point's move out of its step's feature, its point embedding and its view embedding, and a
-        # head shared by all of them classifies the move. Measured against one query per point that
-        # must hold all L steps in one D-wide vector (docs/MOTION_CODES.md, "The tokenizer's decoder").
-        self.code_in = nn.Linear(n_levels, D)
-        self.dec_pos = nn.Parameter(0.02 * torch.randn(L, D))
-        self.step_queries = nn.Parameter(0.02 * torch.randn(L, D))
-        self.decoder = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
-        self.dec_ln = nn.LayerNorm(D)
-        self.point_emb = nn.Parameter(0.02 * torch.randn(N, D))
-        self.view_emb = nn.Parameter(0.02 * torch.randn(V, D))
+        self.code_out = nn.Linear(n_levels, D)
+        # Decoder: L step queries (their positions alone) attend to each other and to the codes,
+        # giving one D-wide feature per step. It has half the encoder's layers, and the codes carry no
+        # positions: the decoder tells them apart by value. A small MLP per (view, step, point) then
+        # reads that point's move out of its step's feature, its point embedding and its view
+        # embedding, added to the step feature, and a head shared by all classifies the move.
+        self.decoder = Transformer(L, D, max(1, cfg.n_layer // 2), cfg.n_head, cfg.dropout, cross=True)
+        self.point_emb = nn.Parameter(torch.randn(N, D))
+        self.view_emb = nn.Parameter(torch.randn(V, D))
         # The MLP's first layer on [step feature, point embedding, view embedding] is computed as a
         # sum of three linear maps (the same function), so no (B, V, L, N, 3D) tensor is built.
         self.mlp_step = nn.Linear(D, cfg.head_hidden)
         self.mlp_point = nn.Linear(D, cfg.head_hidden, bias=False)
         self.mlp_view = nn.Linear(D, cfg.head_hidden, bias=False)
         self.mlp_out = nn.Linear(cfg.head_hidden, D)
-        self.head_ln = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.window ** 2)
-        self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
 
     def encode(self, tracks):
-        """tracks (B, V, T, N, 2) normalized -> codes (B, L, n_levels), indices (B, L)."""
-        h, w = self.cfg.img_size
-        vel = (tracks[:, :, 1:] - tracks[:, :, :-1]) * tracks.new_tensor([w, h]) / 2  # (B, V, L, N, 2) in pixels: O(1) inputs
-        x = self.vel_in(rearrange(vel, "b v l n xy -> b l (v n xy)")) + self.enc_pos  # (B, L, D)
-        for block in self.encoder:
-            x = block(x, mask=self.causal)  # causal: code l summarizes motion up to step l only
-        return self.fsq(self.to_latent(self.enc_ln(x)))
+        """tracks (B, V, T, N, 2) normalized -> codes (B, L, n_levels) in [-1, 1], indices (B, L)."""
+        vel = tracks[:, :, 1:] - tracks[:, :, :-1]  # (B, V, L, N, 2), in normalized units as published
+        x = self.encoder(self.vel_in(rearrange(vel, "b v l n xy -> b l (v n xy)")), mask=self.causal)  # (B, L, D)
+        return self.fsq(self.to_latent(x))  # causal: code l summarizes motion up to step l only
 
     def decode_features(self, codes):
         """codes (B, L, n_levels) in [-1, 1] -> (B, V, L, N, D) features, one row per view, step and point."""
-        memory = self.code_in(codes) + self.dec_pos  # (B, L, D)
-        x = repeat(self.step_queries, "l d -> b l d", b=codes.shape[0])
-        for block in self.decoder:
-            x = block(x, context=memory)
-        x = rearrange(self.dec_ln(x), "b l d -> b 1 l 1 d")
+        memory = self.code_out(codes)  # (B, L, D)
+        x = self.decoder(torch.zeros_like(memory), context=memory)  # queries: zeros + step positions
+        x = rearrange(x, "b l d -> b 1 l 1 d")
         hidden = (self.mlp_step(x) + rearrange(self.mlp_view(self.view_emb), "v e -> 1 v 1 1 e")
                   + rearrange(self.mlp_point(self.point_emb), "n e -> 1 1 1 n e"))  # (B, V, L, N, head_hidden)
-        y = x + self.mlp_out(F.relu(hidden))  # (B, V, L, N, D)
-        return self.head_ln(y)
+        return x + self.mlp_out(F.relu(hidden))  # (B, V, L, N, D)
 
     def decode_logits(self, codes):
         """codes (B, L, n_levels) in [-1, 1] -> window logits (B, V, L, N, Cw)."""
@@ -601,14 +641,15 @@ class MotionTokenizer(nn.Module):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         return ce.view(target.shape).mean((0, 2, 3))  # (V,)
 
-    def decode(self, indices, start, readout="mean"):
+    def decode(self, indices, start, readout=None):
         """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2), each step's move summed up.
 
-        readout "mean": the expected move under the step's window distribution, so sub-pixel motion
-        survives; "argmax": the most likely move, as the published code reads it out. A point moving
-        0.3 px a step moves by one pixel in about a third of its steps, so "stay" is every step's
-        most likely class and argmax decodes it as still (docs/MOTION_CODES.md).
+        readout (default: cfg.readout) "argmax": the most likely move, as the published code reads
+        it out; "mean": the expected move under the step's window distribution, so sub-pixel motion
+        survives. A point moving 0.3 px a step moves by one pixel in about a third of its steps, so
+        "stay" is every step's most likely class and argmax decodes it as still (docs/MOTION_CODES.md).
         """
+        readout = readout or self.cfg.readout
         probs = self.decode_logits(self.fsq.indices_to_codes(indices)).float().softmax(-1)  # (B, V, L, N, W*W)
         moves = window_moves(self.cfg.window).to(probs.device)
         if readout == "mean":
@@ -616,7 +657,7 @@ class MotionTokenizer(nn.Module):
         elif readout == "argmax":
             moves = moves[probs.argmax(-1)]
         else:
-            raise UserError(f"tokenizer readout: expected 'mean' or 'argmax', found {readout!r}")
+            raise UserError(f"tokenizer readout: expected 'argmax' or 'mean', found {readout!r}")
         return moves_to_tracks(start, moves, self.cfg.img_size)
 
     def start_points(self, batch, device=None):
@@ -665,9 +706,6 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def load_resnet18_weights(resnet, source):
     """Copy pretrained ResNet-18 weights into `resnet` (imported lazily; needs the weights locally)."""
     if tuple(resnet.layer1[0].conv1.weight.shape[:1]) != (64,) or len(resnet.layer1) != 2:
@@ -690,14 +728,15 @@ def load_resnet18_weights(resnet, source):
 
 
 class VisionEncoder(nn.Module):
-    """uint8 images (B, V, H, W, 3) -> tokens (B, V*h*w, D): one token per cell of the CNN feature map.
+    """uint8 images (B, V, H, W, 3) -> ResNet feature maps (B, V, C, h, w); the models project them.
 
-    Also takes the ResNet's features of the images, float (B, V, C, h, w) from `features`, in
-    their place: a frozen encoder's features are computed once (cached, or shared between the
-    forward and the inverse model of a policy) and only the projection runs per step.
+    As published: the frames as floats in [0, 1], resized (bilinear, no antialias) to `upsample`
+    pixels when set (128 -> 224 gives a 7x7 map), no ImageNet normalization. Float input is taken
+    to be these features already: a frozen encoder's features are computed once (cached, or shared
+    between the forward and the inverse model of a policy) and only the projection runs per step.
     """
 
-    def __init__(self, cfg: VisionConfig, views, img_size, d_model):
+    def __init__(self, cfg: VisionConfig, views, img_size):
         super().__init__()
         self.cfg = cfg
         with torch.random.fork_rng(devices=[]):
@@ -707,15 +746,10 @@ class VisionEncoder(nn.Module):
         if cfg.weights:
             load_resnet18_weights(self.resnet, cfg.weights)
         self.resnet.requires_grad_(not cfg.frozen)
-        self.proj = nn.Linear(self.resnet.out_channels, d_model)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         with torch.no_grad():
             h, w = self.resnet.eval()(torch.zeros(1, 3, *self._input_size(img_size))).shape[-2:]
         self.resnet.train(not cfg.frozen)
         self.feature_shape = (views, self.resnet.out_channels, h, w)  # (V, C, h, w)
-        self.n_tokens = views * h * w
-        self.pos = nn.Parameter(0.02 * torch.randn(self.n_tokens, d_model))  # per view and cell
 
     def train(self, mode=True):
         super().train(mode)
@@ -732,13 +766,10 @@ class VisionEncoder(nn.Module):
         x = rearrange(images, "b v h w c -> (b v) c h w").float() / 255
         if self.cfg.upsample:
             x = F.interpolate(x, size=(self.cfg.upsample,) * 2, mode="bilinear", align_corners=False)
-        feats = self.resnet((x - self.mean) / self.std)  # (B*V, C, h, w)
-        return rearrange(feats, "(b v) c h w -> b v c h w", b=B)
+        return rearrange(self.resnet(x), "(b v) c h w -> b v c h w", b=B)  # (B, V, C, h, w)
 
     def forward(self, images):
-        feats = self.features(images) if images.dtype == torch.uint8 else images  # (B, V, C, h, w)
-        tokens = self.proj(rearrange(feats, "b v c h w -> b (v h w) c").to(self.proj.weight.dtype))  # (B, V*h*w, D)
-        return tokens + self.pos
+        return self.features(images) if images.dtype == torch.uint8 else images
 
 
 def task_words(task):
@@ -746,23 +777,24 @@ def task_words(task):
 
 
 class TextEncoder(nn.Module):
-    """Task text -> one (B, D) token.
+    """Task text -> one (B, D) token: a frozen text embedding (text_dim wide) and a trained projection,
+    as the published code projects T5-small's first token.
 
-    Default ("hash"): words hashed into buckets and averaged, trained from scratch. Instructions
-    that share words share parameters, so an unseen instruction is not a blank. Otherwise a frozen
-    Hugging Face encoder (e.g. "t5-base", the paper's choice) is mean-pooled once per distinct
-    task and the result cached; only a linear projection is trained.
+    Default ("hash"): the words hashed into `buckets` fixed random vectors and averaged: no weights
+    to download, and instructions that share words share their vectors. Otherwise a frozen Hugging
+    Face encoder (e.g. "t5-small", the published choice) embeds each distinct task once, its first
+    token's state as published, and the result is cached (and saved in the checkpoint).
     """
 
-    def __init__(self, d_model, name="hash", buckets=4096, text_dim=0):
+    def __init__(self, d_model, name="hash", buckets=4096, text_dim=512):
         super().__init__()
         self.name, self.buckets = name, buckets
         self.cache = {}  # task -> embedding; for a pretrained encoder, saved in the checkpoint
         self._hf = None
-        if self.name == "hash":
-            self.bag = nn.EmbeddingBag(buckets, d_model, mode="mean")
-        else:
-            self.proj = nn.Linear(text_dim, d_model)
+        if name == "hash":  # fixed by the seed, so it is not saved
+            table = torch.randn(buckets, text_dim, generator=torch.Generator().manual_seed(0))
+            self.register_buffer("table", table, persistent=False)
+        self.proj = nn.Linear(text_dim, d_model)
 
     def _hf_embed(self, tasks):
         if self._hf is None:
@@ -775,22 +807,20 @@ class TextEncoder(nn.Module):
         with torch.no_grad():
             batch = tokenizer(list(tasks), return_tensors="pt", padding=True)
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            return (hidden * mask).sum(1) / mask.sum(1)  # mean over real tokens
+            return hidden[:, 0]  # the first token's state, as published
 
     def forward(self, tasks):
-        device = next(self.parameters()).device
+        device = self.proj.weight.device
         if self.name == "hash":
-            ids, offsets = [], []
-            for task in tasks:
-                offsets.append(len(ids))
-                ids.extend(zlib.crc32(wd.encode()) % self.buckets for wd in (task_words(task) or [""]))
-            return self.bag(torch.tensor(ids, device=device), torch.tensor(offsets, device=device))
-        missing = sorted({t for t in tasks if t not in self.cache})
-        if missing:
-            for task, emb in zip(missing, self._hf_embed(missing)):
-                self.cache[task] = emb.float().cpu()
-        return self.proj(torch.stack([self.cache[t] for t in tasks]).to(device))
+            ids = [[zlib.crc32(wd.encode()) % self.buckets for wd in (task_words(task) or [""])] for task in tasks]
+            emb = torch.stack([self.table[torch.tensor(i, device=device)].mean(0) for i in ids])  # (B, text_dim)
+        else:
+            missing = sorted({t for t in tasks if t not in self.cache})
+            if missing:
+                for task, e in zip(missing, self._hf_embed(missing)):
+                    self.cache[task] = e.float().cpu()
+            emb = torch.stack([self.cache[t] for t in tasks]).to(device)
+        return self.proj(emb.to(self.proj.weight.dtype))
 
 
 def pretrained_text_dim(name):
@@ -827,32 +857,31 @@ class ForwardDynamics(nn.Module):
     def __init__(self, cfg: ForwardConfig):
         super().__init__()
         self.cfg = cfg
-        D, K, L = cfg.d_model, int(np.prod(fsq_levels(cfg.codebook_size))), cfg.T - 1
-        self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
+        D, L = cfg.d_model, cfg.T - 1
+        self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size)
+        V, C, h, w = self.vision.feature_shape
+        self.img_proj = nn.Linear(C, D)  # one token per view and feature-map cell
         self.text = TextEncoder(D, cfg.text_encoder, cfg.text_buckets, cfg.text_dim)
-        self.n_cond = self.vision.n_tokens + 1
-        self.code_in = CodeInput(cfg.codebook_size, D)
-        self.start = nn.Parameter(0.02 * torch.randn(D))  # the token before the first code
-        self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(D)
-        self.head = nn.Linear(D, K)
-        self.K, self.L = K, L
+        self.n_cond = V * h * w + 1
+        self.code_in = CodeInput(cfg.codebook_size, D)  # the tokenizer's code_out, frozen
+        self.sos = nn.Parameter(torch.randn(D))  # the token before the first code
+        self.trunk = Transformer(self.n_cond + L, D, cfg.n_layer, cfg.n_head, cfg.dropout)  # positions on every token
+        # One class per FSQ index up to the codebook size, as published: 2048 for levels (8, 8, 6, 5),
+        # whose 1920 codes leave 128 classes that no target uses (a sampled one wraps, FSQ.indices_to_codes).
+        self.K, self.L = cfg.codebook_size, L
+        self.head = nn.Linear(D, self.K)
         self.register_buffer("mask", block_causal_mask(self.n_cond, L), persistent=False)
 
     def condition(self, images, tasks):
-        """(B, n_cond, D): vision tokens then one text token."""
-        return torch.cat([self.vision(images), self.text(tasks).unsqueeze(1)], dim=1)
+        """(B, n_cond, D): vision tokens (view by view, each map row-major) then one text token."""
+        tokens = self.img_proj(rearrange(self.vision(images), "b v c h w -> b (v h w) c").to(self.img_proj.weight.dtype))
+        return torch.cat([tokens, self.text(tasks).unsqueeze(1)], dim=1)
 
     def logits(self, cond, prefix):
         """cond (B, n_cond, D), prefix codes (B, j), j < L -> logits for codes 1..j+1, (B, j+1, K)."""
-        start = self.start.expand(cond.shape[0], 1, -1)
-        seq = torch.cat([start, self.code_in(prefix)], dim=1)  # (B, j+1, D)
-        x = torch.cat([cond, seq + self.code_pos[: seq.shape[1]]], dim=1)
+        x = torch.cat([cond, self.sos.expand(cond.shape[0], 1, -1), self.code_in(prefix)], dim=1)  # (B, n_cond+j+1, D)
         S = x.shape[1]
-        for block in self.blocks:
-            x = block(x, mask=self.mask[:S, :S])
-        return self.head(self.ln_f(x[:, self.n_cond:]))
+        return self.head(self.trunk(x, mask=self.mask[:S, :S])[:, self.n_cond:])
 
     def loss(self, images, tasks, codes):
         """Teacher-forced cross-entropy on the frozen tokenizer's codes (B, L) -> (loss, {"code_acc"})."""
@@ -871,17 +900,14 @@ class ForwardDynamics(nn.Module):
                 nxt = sample_logits(self.logits(cond, codes)[:, -1], temperature, top_k, generator)
                 codes = torch.cat([codes, nxt[:, None]], dim=1)
             return codes
-        caches = [{} for _ in self.blocks]
-        x = torch.cat([cond, self.start.expand(B, 1, -1) + self.code_pos[:1]], dim=1)
-        mask = self.mask[: x.shape[1], : x.shape[1]]  # the prefix keeps its block-causal mask
+        caches = [{} for _ in self.trunk.blocks]
+        x = torch.cat([cond, self.sos.expand(B, 1, -1)], dim=1)
+        S, mask = x.shape[1], self.mask[: x.shape[1], : x.shape[1]]  # the prefix keeps its block-causal mask
         for i in range(self.L):
-            for block, cache in zip(self.blocks, caches):
-                x = block(x, mask=mask, cache=cache)
-            nxt = sample_logits(self.head(self.ln_f(x[:, -1])), temperature, top_k, generator)
+            y = self.trunk(x, mask=mask, caches=caches, start=S - x.shape[1])
+            nxt = sample_logits(self.head(y[:, -1]), temperature, top_k, generator)
             codes = torch.cat([codes, nxt[:, None]], dim=1)
-            if i + 1 < self.L:
-                x = self.code_in(nxt[:, None]) + self.code_pos[i + 1]  # (B, 1, D): one new token
-                mask = None  # it may see everything cached so far
+            x, S, mask = self.code_in(nxt[:, None]), S + 1, None  # (B, 1, D): one new token, it sees all cached
         return codes
 
 
@@ -893,43 +919,41 @@ class InverseDynamics(nn.Module):
     def __init__(self, cfg: InverseConfig):
         super().__init__()
         self.cfg = cfg
-        D, L = cfg.d_model, cfg.T - 1
-        self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size, D)
-        self.proprio_in = nn.Linear(cfg.proprio_dim, D)
-        if cfg.use_codes:
-            self.code_in = CodeInput(cfg.codebook_size, D)
-            self.code_pos = nn.Parameter(0.02 * torch.randn(L, D))
+        D = cfg.d_model
+        self.vision = VisionEncoder(cfg.vision, cfg.views, cfg.img_size)
+        V, C, h, w = self.vision.feature_shape
+        self.img_proj = nn.Linear(V * C, D)  # one token per feature-map cell, the views side by side in it
         if cfg.goal:
             self.text = TextEncoder(D)
-        self.memory_ln = nn.LayerNorm(D)
-        self.queries = nn.Parameter(0.02 * torch.randn(cfg.T, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(D)
+        self.proprio_proj = nn.Linear(cfg.proprio_dim, D)
+        if cfg.use_codes:
+            self.code_in = CodeInput(cfg.codebook_size, D)  # the tokenizer's code_out, frozen
+        self.latents = nn.Parameter(torch.randn(cfg.T, D))  # one query per step of the chunk
+        self.decoder = Transformer(cfg.T, D, cfg.n_layer, cfg.n_head, cfg.dropout, cross=True)
         self.head = build_head(cfg)
 
     def tokens(self, images, proprio, codes=None, tasks=None):
         """images (B, V, H, W_img, 3) uint8, proprio (B, P) normalized, codes (B, L), tasks (B strings,
-        read only with cfg.goal) -> one token per step (B, T, D)."""
-        memory = [self.vision(images), self.proprio_in(proprio).unsqueeze(1)]
-        if self.cfg.use_codes:
-            memory.append(self.code_in(codes) + self.code_pos)
+        read only with cfg.goal) -> one token per step (B, T, D).
+
+        The memory holds no positions and no LayerNorm, as published: [image cells, (task), proprio, codes]."""
+        cells = rearrange(self.vision(images), "b v c h w -> b (h w) (v c)").to(self.img_proj.weight.dtype)
+        memory = [self.img_proj(cells)]  # (B, h*w, D)
         if self.cfg.goal:
             memory.append(self.text(tasks).unsqueeze(1))
-        memory = self.memory_ln(torch.cat(memory, dim=1))  # (B, S, D)
-        x = repeat(self.queries, "t d -> b t d", b=images.shape[0])
-        for block in self.blocks:
-            x = block(x, context=memory)
-        return self.ln_f(x)
+        memory.append(self.proprio_proj(proprio).unsqueeze(1))
+        if self.cfg.use_codes:
+            memory.append(self.code_in(codes))  # (B, L, D)
+        memory = torch.cat(memory, dim=1)  # (B, S, D)
+        return self.decoder(self.latents.expand(images.shape[0], -1, -1), context=memory)
 
     def forward(self, images, proprio, codes=None, generator=None, tasks=None):
         """-> an action chunk (B, T, A), normalized: the Gaussian's mean, or a sample of the other heads."""
         return self.head.sample(self.tokens(images, proprio, codes, tasks), generator)
 
     def loss(self, images, proprio, codes, actions, valid, tasks=None):
-        """sum_k gamma^k l(a_{t+k}), averaged over the batch, l the head's per-step loss -> (loss, metrics).
-
-        valid (B, T) masks steps past the episode end.
-        """
+        """sum_k gamma^k l(a_{t+k}) as the head weighs it -> (loss, metrics). valid (B, T) masks steps
+        past the episode end."""
         discount = self.cfg.gamma ** torch.arange(self.cfg.T, device=actions.device, dtype=actions.dtype)
         return self.head.loss(self.tokens(images, proprio, codes, tasks), actions, discount * valid)
 
@@ -968,34 +992,31 @@ def timestep_embedding(t, dim, max_period=10_000):
 
 
 # -----------------------------------------------------------------------------
-# Gaussian head (the default): a_k ~ N(mu_k, diag sigma_k^2); loss sum_k gamma^k NLL(a_k); acts on mu
+# Gaussian head (the default, as published): a_k ~ N(tanh(W x_k), 0.1^2) truncated to [-1, 1]; acts on the mean
 
 
 class GaussianHead(nn.Linear):
-    """One linear map to the mean and log-std of every action dimension at every step; with a fixed
-    std > 0, to the mean alone."""
+    """One linear map to each action dimension's mean, squashed by tanh into [-1, 1] (actions are
+    scaled to [-1, 1], `Normalizer`); the std is fixed. The loss is the negative log-likelihood of
+    the normal truncated to [-1, 1], weighted per step, averaged over batch, steps and dimensions."""
 
-    def __init__(self, d, action_dim, std=0.0):
-        super().__init__(d, action_dim if std > 0 else 2 * action_dim)
+    def __init__(self, d, action_dim, std=0.1):
+        super().__init__(d, action_dim)
+        if std <= 0:
+            raise UserError(f"gaussian head: expected a std > 0, found {std}")
         self.std = std
 
-    def forward(self, tokens):
-        if self.std > 0:
-            mean = super().forward(tokens)
-            return mean, torch.full_like(mean, math.log(self.std))
-        mean, log_std = super().forward(tokens).chunk(2, dim=-1)  # (B, T, A) each
-        return mean, log_std.clamp(-7.0, 2.0)
-
     def loss(self, tokens, actions, weights):
-        mean, log_std = self(tokens)
-        nll = -torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)  # (B, T)
+        mean, s = self.sample(tokens), self.std
+        mass = torch.special.ndtr((1 - mean) / s) - torch.special.ndtr((-1 - mean) / s)  # inside [-1, 1]
+        nll = -torch.distributions.Normal(mean, s).log_prob(actions) + torch.log(mass + 1e-6)  # (B, T, A)
         valid = (weights > 0).float()
         mse = (((mean - actions) ** 2).mean(-1) * valid).sum() / valid.sum().clamp(min=1)  # the mean's error
-        return discounted_sum(nll, weights), {"action_mse_norm": mse.detach()}
+        return (nll * weights[..., None]).mean(), {"action_mse_norm": mse.detach()}
 
     def sample(self, tokens, generator=None):
         """The mean: the policy acts on the mode, so the generator goes unused."""
-        return self(tokens)[0]
+        return torch.tanh(super().forward(tokens))
 
 
 # -----------------------------------------------------------------------------
@@ -1009,7 +1030,7 @@ class GaussianHead(nn.Linear):
 # the U-Net's features at step t (average-pooled as the U-Net halves the time axis). Diffusion Policy feeds
 # one pooled observation vector instead; here the inverse transformer has already made one token per step.
 
-DIFFUSION_CLIP = 5.0  # |x0_hat| bound. Diffusion Policy clips to 1 on min-max scaled actions; ours are z-scored
+DIFFUSION_CLIP = 1.0  # |x0_hat| bound: actions are scaled to [-1, 1] (Normalizer), as Diffusion Policy clips them
 
 
 def cosine_alpha_bar(K):
@@ -1130,7 +1151,7 @@ class DiffusionHead(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, d, n_head, dropout):
         super().__init__()
-        self.attn, self.cross = Attention(d, n_head, dropout), Attention(d, n_head, dropout)
+        self.attn, self.cross = Attention(d, n_head, dropout), Attention(d, n_head, dropout, cross=True)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
         self.norms = nn.ModuleList(nn.LayerNorm(d, elementwise_affine=False) for _ in range(3))
         self.ada = nn.Linear(d, 9 * d)  # (shift, scale, gate) for each of the three sublayers
@@ -1459,24 +1480,34 @@ def select_episodes(corpus, episodes, need_actions=False, shots=0, only_tasks=()
 
 
 class Normalizer:
-    """Zero mean, unit std per dimension, from training data; kept in the checkpoint."""
+    """Per-dimension affine scaling fitted on the training rows, kept in the checkpoint (as stats)."""
 
-    def __init__(self, mean, std):
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.std = np.maximum(np.asarray(std, dtype=np.float32), 1e-3)  # constant dims stay finite
+    def __init__(self, center, scale):
+        self.center = np.asarray(center, dtype=np.float32)
+        self.scale = np.maximum(np.asarray(scale, dtype=np.float32), 1e-3)  # constant dims stay finite
 
     @classmethod
-    def from_stats(cls, stats):
-        """From array_stats (or a checkpoint's stats): mean and std; min and max, when present, are not used."""
+    def from_stats(cls, stats, to="std"):
+        """to="std": zero mean, unit std; to="range": the rows' [min, max] onto [-1, 1]."""
         if stats is None:
             raise DataError("normalizer: expected at least one row without NaN, found none")
+        if to == "range":
+            lo, hi = np.asarray(stats["min"]), np.asarray(stats["max"])
+            return cls((lo + hi) / 2, (hi - lo) / 2)
         return cls(stats["mean"], stats["std"])
 
     def __call__(self, x):
-        return (x - self.mean) / self.std
+        return (x - self.center) / self.scale
 
     def inverse(self, x):
-        return x * self.std + self.mean
+        return x * self.scale + self.center
+
+
+def normalizers(stats):
+    """(actions, proprio) normalizers of an inverse checkpoint's stats. Actions go onto [-1, 1], where
+    the Gaussian head's tanh mean lives (the published code trains on LIBERO's actions, which span
+    it already; Diffusion Policy scales to it too); proprio to zero mean and unit std."""
+    return Normalizer.from_stats(stats["actions"], to="range"), Normalizer.from_stats(stats["proprio"])
 
 
 # -----------------------------------------------------------------------------
@@ -1630,8 +1661,9 @@ def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 15
 # Checkpoints: weights + config + stats + step, plain types only, written atomically
 
 # Bumped when a model's parameters change meaning, so an old file is refused instead of misread.
-CHECKPOINT_FORMAT = 2
-FORMAT_CHANGES = {1: "motion codes read through an nn.Embedding of indices, tokenizer decoder of one query per point"}
+CHECKPOINT_FORMAT = 3
+FORMAT_CHANGES = {1: "motion codes read through an nn.Embedding of indices, tokenizer decoder of one query per point",
+                  2: "the models before they became the published architecture, layer for layer"}
 
 
 def save_checkpoint(path, payload):
@@ -1711,6 +1743,230 @@ def check_trained_with(ckpt, name, others, fix):
         recorded = ckpt.get("trained_with", {}).get(stage)
         if recorded is not None and found is not None and recorded != found:
             raise DataError(f"{name} was trained with {stage} {recorded}, but {what} {stage} {found}: {fix}")
+
+
+# -----------------------------------------------------------------------------
+# The published code's checkpoints (pairlab/AMPLIFY) -> ours: `--import-official`
+#
+# The models above are the published ones layer for layer (docs/PUBLISHED_ARCHITECTURE.md), so a
+# conversion renames weights and bridges two conventions: the published tracks are (row, col) and
+# their points column-major over the grid, ours (x, y) and row-major. A stage checkpoint holds
+# `model` (a state dict) and `config` (the resolved training YAML); a bundle holds all three models
+# with their ResNet-18 under `model` and the stage configs under `config`. The forward and inverse
+# stage checkpoints hold neither the ResNet-18 nor the tokenizer config they depend on: give the
+# tokenizer checkpoint beside them, and the ResNet weights with --vision-weights.
+
+OFFICIAL_BLOCK = {"ln_1": "ln1", "ln_2": "ln2", "ln_3": "ln3", "ln_4": "ln4", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2",
+                  "mlp_2.c_fc": "mlp2.0", "mlp_2.c_proj": "mlp2.2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out",
+                  "self_attn.c_attn": "attn.qkv", "self_attn.c_proj": "attn.out", "cross_attn.q_proj": "cross.q",
+                  "cross_attn.kv_proj": "cross.kv", "cross_attn.c_proj": "cross.out"}
+OFFICIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+RESNET18 = dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2))
+
+
+def official_transformer(state, src, dst):
+    """Their TransformerEncoder/Decoder's weights under prefix `src` -> our Transformer's under `dst`."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(src + "transformer.") or key.endswith("attn_mask"):  # masks are rebuilt, not loaded
+            continue
+        key = key[len(src + "transformer."):]
+        if key == "pos_emb.weight":
+            out[dst + "pos"] = value
+        elif key.startswith("h."):
+            _, i, rest = key.split(".", 2)
+            name, param = rest.rsplit(".", 1)
+            out[f"{dst}blocks.{i}.{OFFICIAL_BLOCK.get(name, name)}.{param}"] = value  # an unknown name fails to load
+        else:
+            out[dst + key] = value  # ln_f
+    return out
+
+
+def official_point_order(grid):
+    """Our point n (row-major: n = row * grid + col) is the published point col * grid + row."""
+    n = torch.arange(grid * grid)
+    return (n % grid) * grid + n // grid
+
+
+def official_get(config, key, where, expected=None):
+    if key not in config:
+        raise DataError(f"{where}: expected key '{key}' in the published config, found none")
+    if expected is not None and config[key] != expected:
+        raise DataError(f"{where}: expected {key}={expected!r} (what this implementation can express), "
+                        f"found {config[key]!r}")
+    return config[key]
+
+
+def official_tokenizer(state, config, where):
+    """-> (TokenizerConfig, view names, our state dict)."""
+    get = lambda key, expected=None: official_get(config, key, where, expected)  # noqa: E731
+    for key, value in (("per_view", False), ("cond_on_img", False), ("causal_encoder", True), ("point_dim", 2)):
+        get(key, value)
+    T, N, views = get("true_horizon"), get("num_tracks"), list(get("cond_cameraviews"))
+    get("track_pred_horizon", T)
+    grid, window = math.isqrt(N), get("loss")["rel_cls_img_size"]
+    if grid * grid != N or window[0] != window[1] or get("num_layers") < 2:
+        raise DataError(f"{where}: expected a square grid of points, a square window and at least 2 layers, found "
+                        f"num_tracks={N}, rel_cls_img_size={window}, num_layers={get('num_layers')}")
+    weights = get("loss").get("loss_weights", {})
+    cfg = TokenizerConfig(d_model=get("hidden_dim"), n_layer=get("num_layers"), n_head=get("num_heads"),
+                          dropout=get("attn_pdrop"), codebook_size=get("codebook_size"), views=len(views),
+                          img_size=tuple(get("img_shape")), T=T, window=window[0],
+                          head_hidden=get("decoder_mlp_hidden_dim"), grid=grid,
+                          view_weights=tuple(float(weights.get(v, 1.0)) for v in views), readout="argmax")
+    D, perm = cfg.d_model, official_point_order(grid)
+    vel_in = rearrange(state["encoder.encoder_proj.weight"], "d (v n rc) -> d v n rc", v=len(views), rc=2)
+    mlp_in = state["decoder.decoder_mlp.0.weight"]  # (hidden, 3D): [step feature, point, view]
+    ours = {"vel_in.weight": rearrange(vel_in[:, :, perm].flip(-1), "d v n xy -> d (v n xy)"),  # (row, col) -> (x, y)
+            "vel_in.bias": state["encoder.encoder_proj.bias"],
+            "to_latent.weight": state["quantize.project_in.weight"], "to_latent.bias": state["quantize.project_in.bias"],
+            "code_out.weight": state["quantize.project_out.weight"], "code_out.bias": state["quantize.project_out.bias"],
+            "point_emb": state["decoder.track_pos_emb.weight"][perm], "view_emb": state["decoder.view_emb.weight"],
+            "mlp_step.weight": mlp_in[:, :D], "mlp_point.weight": mlp_in[:, D:2 * D], "mlp_view.weight": mlp_in[:, 2 * D:],
+            "mlp_step.bias": state["decoder.decoder_mlp.0.bias"],
+            "mlp_out.weight": state["decoder.decoder_mlp.2.weight"], "mlp_out.bias": state["decoder.decoder_mlp.2.bias"],
+            "head.weight": state["decoder.decoder_proj.weight"], "head.bias": state["decoder.decoder_proj.bias"]}
+    ours.update(official_transformer(state, "encoder.encoder.", "encoder."))
+    ours.update(official_transformer(state, "decoder.decoder.", "decoder."))
+    return cfg, views, ours
+
+
+def official_vision(n_tokens, where):
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise DataError(f"{where}: expected a square map of image tokens per view, found {n_tokens}")
+    return VisionConfig(**RESNET18, upsample=32 * side, frozen=True)  # ResNet-18 maps 32 px to one cell
+
+
+def official_forward(state, config, tok: TokenizerConfig, where):
+    config = official_get(config, "forward_dynamics", where)
+    trunk, text = official_get(config, "transformer", where), official_get(config, "text_encoder", where)
+    official_get(trunk, "bias", where, False)
+    n_img = (state["trunk.transformer.pos_emb.weight"].shape[0] - tok.T) // tok.views  # pos: images, text, sos, L-1 codes
+    cfg = ForwardConfig(d_model=tok.d_model, n_layer=trunk["n_layer"], n_head=trunk["n_head"], dropout=trunk["dropout"],
+                        codebook_size=tok.codebook_size, views=tok.views, img_size=tok.img_size, T=tok.T,
+                        vision=official_vision(n_img, where), text_encoder=f"t5-{text.get('size', 'small')}",
+                        text_dim=state["text_proj.weight"].shape[1])
+    ours = {"sos": state["sos_token"].reshape(-1), "head.weight": state["unembed.weight"], "head.bias": state["unembed.bias"],
+            **{f"{a}.{p}": state[f"{b}.{p}"] for a, b in (("code_in.proj", "quantize.project_out"),
+                                                          ("img_proj", "img_proj"), ("text.proj", "text_proj"))
+               for p in ("weight", "bias")}}
+    ours.update(official_transformer(state, "trunk.", "trunk."))
+    return cfg, ours
+
+
+def official_inverse(state, config, tok: TokenizerConfig, code_out, where):
+    get = lambda key, expected=None: official_get(config, key, where, expected)  # noqa: E731
+    for key, value in (("type", "gaussian"), ("action_squash", True), ("action_squash_scale", 1.0), ("cond_on_img", True),
+                       ("cond_on_proprio", True), ("cond_on_text", False)):
+        get(key, value)
+    if config.get("action_horizon") not in (None, tok.T):
+        raise DataError(f"{where}: expected action_horizon {tok.T} (the tokenizer's horizon), found {config['action_horizon']}")
+    cfg = InverseConfig(d_model=tok.d_model, n_layer=get("num_layers"), n_head=get("num_heads"), dropout=get("attn_pdrop"),
+                        codebook_size=tok.codebook_size, views=tok.views, img_size=tok.img_size, T=tok.T,
+                        vision=official_vision(get("num_img_tokens"), where), gamma=get("action_loss_discount"),
+                        use_codes=get("cond_on_tracks"), head="gaussian", gaussian_std=get("std"),
+                        action_dim=get("action_dim"), proprio_dim=get("proprio_dim"))
+    ours = {"latents": state["head.latents"].reshape(tok.T, -1), "head.weight": state["head.action_proj.weight"],
+            "head.bias": state["head.action_proj.bias"],
+            **{f"{k}.{p}": state[f"{k}.{p}"] for k in ("img_proj", "proprio_proj") for p in ("weight", "bias")}}
+    if cfg.use_codes:  # the published inverse model reads codes through the tokenizer's project_out, not saved with it
+        ours.update({"code_in.proj.weight": code_out["weight"], "code_in.proj.bias": code_out["bias"]})
+    ours.update(official_transformer(state, "head.decoder.", "decoder."))
+    return cfg, ours
+
+
+def official_resnet(state, prefix="img_encoder.model."):
+    """timm's ResNet-18 as the published vision encoder holds it (model.0 = conv1, ...) -> our ResNet's names."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            out[f"{OFFICIAL_RESNET.get(index, index)}.{rest}"] = value
+    return out
+
+
+def import_official(paths, out, vision_weights="", overwrite=False):
+    """Published checkpoint(s) -> our tokenizer.pt, forward.pt, inverse.pt (and policy.pt when all three
+    are there) in `out`. Every model is built and loaded strictly before anything is written."""
+    found = {}
+    for path in paths:
+        if not os.path.exists(path):
+            raise UserError(f"--import-official: path does not exist: {path}")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(f"--import-official {path}: could not read it as a torch checkpoint ({type(e).__name__})") from None
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
+            raise DataError(f"--import-official {path}: expected a published AMPLIFY checkpoint (a dict with 'model' "
+                            f"and 'config'), found {sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile'd training
+        if "motion_tokenizer_cfg" in ckpt["config"]:  # a bundle: the three models and the ResNet-18
+            c = ckpt["config"]
+            for stage, prefix, key in (("tokenizer", "motion_tokenizer.", "motion_tokenizer_cfg"),
+                                       ("forward", "forward_dynamics.", "forward_dynamics_cfg"),
+                                       ("inverse", "inverse_dynamics.", "inverse_dynamics_cfg")):
+                found[stage] = ({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, c[key], path)
+            found["resnet"] = official_resnet(state)
+        else:
+            stage = ("tokenizer" if "encoder.encoder_proj.weight" in state else "forward" if "sos_token" in state
+                     else "inverse" if "head.latents" in state else None)
+            if stage is None:
+                raise DataError(f"--import-official {path}: expected the weights of a published motion tokenizer, "
+                                f"forward or (Gaussian) inverse model, found keys {sorted(state)[:4]}")
+            if stage in found:
+                raise UserError(f"--import-official: two {stage} checkpoints given ({found[stage][2]}, {path})")
+            found[stage] = (state, ckpt["config"], path)
+    if "tokenizer" not in found:
+        raise UserError("--import-official: the forward and inverse models take their width, codes and views from "
+                        "the tokenizer: give its checkpoint too")
+    state, config, path = found["tokenizer"]
+    tok_cfg, views, tok_state = official_tokenizer(state, config, path)
+    converted = {"tokenizer": (tok_cfg, tok_state)}
+    if "forward" in found:
+        converted["forward"] = official_forward(*found["forward"][:2], tok_cfg, found["forward"][2])
+    if "inverse" in found:
+        code_out = {p: tok_state[f"code_out.{p}"] for p in ("weight", "bias")}
+        converted["inverse"] = official_inverse(*found["inverse"][:2], tok_cfg, code_out, found["inverse"][2])
+    resnet = found.get("resnet")
+    if resnet is None and set(converted) - {"tokenizer"}:
+        if not vision_weights:
+            raise UserError("--import-official: published forward and inverse checkpoints hold no ResNet-18 (the "
+                            "published code uses timm's ImageNet weights): give --vision-weights timm, torchvision or a path")
+        r = ResNet(**RESNET18)
+        load_resnet18_weights(r, vision_weights)
+        resnet = r.state_dict()
+    data = {"views": views, "img_size": list(tok_cfg.img_size), "T": tok_cfg.T, "grid": tok_cfg.grid}
+    payloads = {}
+    for stage, (cfg, state) in converted.items():
+        if stage != "tokenizer":
+            state = {**state, **{f"vision.resnet.{k}": v for k, v in resnet.items()}}
+        try:
+            model = build_model(stage, cfg, state)  # strict: a missing or left-over weight is an error
+        except RuntimeError as e:
+            raise DataError(f"--import-official {found[stage][2]}: the {stage} weights do not fit the published "
+                            f"architecture ({str(e).splitlines()[0]} ...)") from None
+        payloads[stage] = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0,
+                           "config": asdict(cfg), "data": data, "imported_from": os.path.abspath(found[stage][2])}
+    tok_hash = weights_hash(payloads["tokenizer"])
+    for stage in set(payloads) - {"tokenizer"}:
+        payloads[stage]["trained_with"] = {"tokenizer": tok_hash} if stage == "forward" or converted[stage][0].use_codes else {}
+    payloads["tokenizer"]["trained_with"] = {}
+    if "inverse" in payloads:  # the published code trains on LIBERO's actions and proprio as they are
+        unit = lambda n, lo: {"mean": [0.0] * n, "std": [1.0] * n, "min": [lo] * n, "max": [1.0] * n}  # noqa: E731
+        cfg = converted["inverse"][0]
+        payloads["inverse"].update(stats={"actions": unit(cfg.action_dim, -1.0), "proprio": unit(cfg.proprio_dim, -1.0)},
+                                   action_layout=None, predicted_codes=False, codes_protocol=None)
+    targets = {stage: os.path.join(out, stage + ".pt") for stage in payloads}
+    taken = [p for p in targets.values() if os.path.exists(p)]
+    if taken and not overwrite:
+        raise UserError(f"--import-official: {taken[0]} exists; --overwrite replaces it")
+    for stage, payload in payloads.items():
+        save_checkpoint(targets[stage], payload)
+        log(f"imported {stage}: {payload['imported_from']} -> {targets[stage]} ({n_params(build_model(stage, payload['config'], payload['model']))})")
+    if len(payloads) == 3:
+        log(f"policy: {write_policy(out)}")
+    return targets
 
 
 # -----------------------------------------------------------------------------
@@ -2280,10 +2536,11 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
     tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus, run.device)
     cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                   codebook_size=tok_ckpt["config"]["codebook_size"])
-    if cfg.text_encoder != "hash" and not cfg.text_dim:
+    if cfg.text_encoder != "hash":
         cfg = replace(cfg, text_dim=pretrained_text_dim(cfg.text_encoder))
     train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "forward")
     model = ForwardDynamics(cfg)
+    model.code_in.proj.load_state_dict(tokenizer.code_out.state_dict())  # codes read as the tokenizer reads them
     log(f"forward | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
         f"tokenizer {tok_path}")
     features = frozen_features(corpus, model.vision, out, run) if cfg.vision.frozen else None
@@ -2380,8 +2637,11 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
         action_layout = corpus.action_layout(train_eps)
         cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
-    act_norm, prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
+    act_norm, prop_norm = normalizers(stats)
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
+    if cfg.use_codes and init_ckpt is None:  # codes read as the tokenizer reads them (the forward model holds a copy)
+        code_out = tok_model.code_out if tok_model is not None else fwd_model.code_in.proj
+        model.code_in.proj.load_state_dict(code_out.state_dict())
     baseline = "goal-conditioned" if cfg.goal else "inverse-only"
     codes_from = (f"none ({baseline} baseline)" if not cfg.use_codes else "true tracks" if codes == "true"
                   else f"forward-predicted, {'from scratch' if init_ckpt is None else 'fine-tuning ' + init}")
@@ -2440,12 +2700,13 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
     def reference():
-        """Predicting the training episodes' mean action at every step (zero in normalized units)."""
+        """Predicting the training episodes' mean action at every step."""
         if not len(val):
             return None
         actions, valid = corpus.action_chunks(val, cfg.T)  # (B, T, A), (B, T)
-        return "mean action", {"action_mse_norm": float((act_norm(actions)[valid] ** 2).mean()),
-                               "action_mse": float(((actions - act_norm.mean)[valid] ** 2).mean())}
+        mean = np.asarray(stats["actions"]["mean"], dtype=np.float32)
+        return "mean action", {"action_mse_norm": float(((act_norm(actions) - act_norm(mean))[valid] ** 2).mean()),
+                               "action_mse": float(((actions - mean)[valid] ** 2).mean())}
 
     # stats: mean and std (the normalizers) and min and max per dimension of the training rows;
     # action_layout: the dataset's meta["action_layout"] (e.g. xyz_gripper), so a robot can refuse a
@@ -2571,7 +2832,7 @@ class Policy:
         self.views, self.img_size, self.horizon = list(data["views"]), tuple(data["img_size"]), cfg.T
         self.action_dim, self.proprio_dim = cfg.action_dim, cfg.proprio_dim
         stats = inverse_ckpt["stats"]
-        self.act_norm, self.prop_norm = Normalizer.from_stats(stats["actions"]), Normalizer.from_stats(stats["proprio"])
+        self.act_norm, self.prop_norm = normalizers(stats)
         # What a robot checks before it lets the policy move it: the units of the actions. The layout
         # is the dataset's meta["action_layout"] (None when it recorded none); ranges are per-dimension
         # {"min", "max"} of the training rows (None for checkpoints written before they were kept).
@@ -2768,8 +3029,12 @@ def build_parser():
     p = Parser(description="AMPLIFY: train the motion tokenizer, forward and inverse dynamics.",
                formatter_class=HelpFormatter)
     # what to run
-    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"], required=True,
+    p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"],
                    help="which model to train; 'all' trains the three in order and writes OUT/policy.pt")
+    p.add_argument("--import-official", nargs="+", metavar="CKPT", help="convert published AMPLIFY checkpoints "
+                   "(pairlab/AMPLIFY: a bundle, or stage checkpoints with their tokenizer's) into OUT/<stage>.pt "
+                   "(and OUT/policy.pt when all three are given); forward and inverse stage checkpoints need "
+                   "--vision-weights")
     p.add_argument("--data", nargs="+", help="dataset(s): .npz or directory; several are concatenated "
                    "(e.g. robot demos + action-free video); required unless --count-params")
     p.add_argument("--out", default="runs/amplify", help="directory for checkpoints, metrics and images")
@@ -2859,6 +3124,11 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     # Args error checking: what the configs cannot know (each config checks its own values when made).
+    if args.import_official:
+        return cli(import_official, args.import_official, args.out, getattr(args, "vision.weights") or "",
+                   getattr(args, "run.overwrite"))
+    if not args.stage:
+        p.error("the following arguments are required: --stage (or --import-official)")
     if not args.count_params and not args.data:
         p.error("--data is required unless --count-params")
     if args.count_params and args.stage == "all":
@@ -2875,16 +3145,22 @@ def main(argv=None):
                 "start); use --protocol paper")
     callers_group = in_distributed_group()  # a program that calls main() in its own job keeps its group
     try:
-        run(args)
+        cli(run, args)
+    finally:
+        if not callers_group:
+            leave_distributed()
+
+
+def cli(fn, *args):
+    """Run fn(*args) as a command: bad input is one `error:` line and exit 2, no traceback."""
+    try:
+        return fn(*args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: checkpoints on disk are whole; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    finally:
-        if not callers_group:
-            leave_distributed()
 
 
 if __name__ == "__main__":

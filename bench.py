@@ -305,7 +305,8 @@ def bench(args):
     # and, where bf16 is on, the same step forced to bf16 and to fp32.
     data = {"views": [f"view{v}" for v in range(S.V)], "img_size": list(S.size), "T": S.tok_cfg.T,
             "grid": S.tok_cfg.grid}
-    stats = {"actions": {"mean": [0.0] * S.A, "std": [1.0] * S.A}, "proprio": {"mean": [0.0] * S.P, "std": [1.0] * S.P}}
+    unit = lambda n: {"mean": [0.0] * n, "std": [1.0] * n, "min": [-1.0] * n, "max": [1.0] * n}  # noqa: E731
+    stats = {"actions": unit(S.A), "proprio": unit(S.P)}
 
     def ckpt(stage, m):
         return {"stage": stage, "format": A.CHECKPOINT_FORMAT, "config": asdict(m.cfg), "model": m.state_dict(),

@@ -782,8 +782,7 @@ def inverse_errors(corpus, frames, ckpt, inverse, codes_from, batch=32):
 
     import amplify
 
-    stats = ckpt["stats"]
-    act, prop = amplify.Normalizer.from_stats(stats["actions"]), amplify.Normalizer.from_stats(stats["proprio"])
+    act, prop = amplify.normalizers(ckpt["stats"])
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(frames), batch):
