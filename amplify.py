@@ -2256,9 +2256,10 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         check_trained_with(ckpt, out_path, {k: (v, "this run uses") for k, v in extra["trained_with"].items()},
                            "--overwrite to retrain it on the new one")  # its inputs must not have changed since
         model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:  # an imported checkpoint (--import-official) starts with a fresh optimizer
+            opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"])  # dropout continues the same random stream
         step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng"])  # dropout continues the same random stream
         log(f"{label} | resumed from {out_path} at step {step}")
     out_dir = os.path.dirname(out_path)
     metrics_path, log_path = (os.path.join(out_dir, f"{label}_{kind}.jsonl") for kind in ("metrics", "log"))
@@ -2485,6 +2486,16 @@ def load_stage(path, stage, corpus, device):
     return ckpt, model_from_checkpoint(ckpt).to(device)
 
 
+def resumed_checkpoint(path, stage, corpus, run: RunConfig):
+    """The checkpoint --resume continues, or None. Its model config (and the inverse model's
+    normalization) is the run's, whatever the preset and flags say: a resumed model is that model."""
+    if not (run.resume and os.path.exists(path)):
+        return None
+    ckpt = load_checkpoint(path, stage)
+    check_data_matches(ckpt, corpus, path)
+    return ckpt
+
+
 def n_params(model):
     return f"{sum(p.numel() for p in model.parameters()):,} params"
 
@@ -2494,6 +2505,8 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
     (views, img_size, T, grid) are taken from the corpus."""
     train, run = resolve(train, run)
     cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T, grid=corpus.grid)
+    resumed = resumed_checkpoint(os.path.join(out, "tokenizer.pt"), "tokenizer", corpus, run)
+    cfg = cfg if resumed is None else config_from_dict(TokenizerConfig, resumed["config"])
     train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "tokenizer")
     model = MotionTokenizer(cfg)
     log(f"tokenizer | {n_params(model)} | {len(train_eps)} train episodes, {len(val_eps)} held out | "
@@ -2536,7 +2549,10 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
     tok_ckpt, tokenizer = load_stage(tok_path, "tokenizer", corpus, run.device)
     cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                   codebook_size=tok_ckpt["config"]["codebook_size"])
-    if cfg.text_encoder != "hash":
+    resumed = resumed_checkpoint(os.path.join(out, "forward.pt"), "forward", corpus, run)
+    if resumed is not None:
+        cfg = config_from_dict(ForwardConfig, resumed["config"])
+    elif cfg.text_encoder != "hash":
         cfg = replace(cfg, text_dim=pretrained_text_dim(cfg.text_encoder))
     train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "forward")
     model = ForwardDynamics(cfg)
@@ -2637,6 +2653,10 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
         action_layout = corpus.action_layout(train_eps)
         cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
                       action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
+    resumed = resumed_checkpoint(os.path.join(out, name + ".pt"), "inverse", corpus, run)
+    if resumed is not None:
+        cfg, stats = config_from_dict(InverseConfig, resumed["config"]), resumed["stats"]
+        action_layout = resumed.get("action_layout")
     act_norm, prop_norm = normalizers(stats)
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
     if cfg.use_codes and init_ckpt is None:  # codes read as the tokenizer reads them (the forward model holds a copy)

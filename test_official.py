@@ -200,3 +200,33 @@ def test_a_config_the_format_cannot_express_is_refused(published, tmp_path):
         A.import_official([published["tokenizer"], str(tmp_path / "diffusion.pt")], str(tmp_path / "out"),
                           published["resnet"])
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_imported_models_train_on_and_resume(published, tmp_path):
+    """An imported tokenizer and inverse model continue training on data of their shape with --resume
+    (their config, not the preset's; the optimizer starts afresh), and the inverse model keeps the
+    published normalization (actions as they are)."""
+    import json
+
+    import numpy as np
+
+    import testdata
+    arrays, meta = testdata.synthetic_dataset(episodes=2, frames=20, img_size=128, grid=4, action_dim=7, proprio_dim=9)
+    meta["views"] = ["agentview", "eye_in_hand"]
+    arrays["actions"] = np.clip(arrays["actions"], -1, 1)
+    np.savez(tmp_path / "data.npz", meta_json=np.array(json.dumps(meta)), **arrays)
+    out = tmp_path / "run"
+    A.import_official([published[s] for s in ("tokenizer", "forward", "inverse")], str(out), published["resnet"])
+    before = A.load_checkpoint(str(out / "inverse.pt"), "inverse")
+    for stage in ("inverse", "tokenizer"):  # the inverse model first: it reads the imported tokenizer's codes
+        proc = run_cli("--stage", stage, "--data", str(tmp_path / "data.npz"), "--out", str(out), "--resume",
+                       "--steps", "2", "--eval-every", "2", "--val-episodes", "0", "--threads", "1")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resumed from" in proc.stdout + proc.stderr
+    for stage in ("tokenizer", "inverse"):
+        ckpt = A.load_checkpoint(str(out / f"{stage}.pt"), stage)
+        assert ckpt["step"] == 2 and "optimizer" in ckpt and ckpt["config"]["d_model"] == 32  # the imported model
+    after = A.load_checkpoint(str(out / "inverse.pt"), "inverse")
+    assert after["stats"] == before["stats"]
+    moved = max(max_diff(after["model"][k], before["model"][k]) for k in before["model"] if before["model"][k].is_floating_point())
+    assert moved > 0  # it trained
