@@ -568,7 +568,7 @@ class MotionTokenizer(nn.Module):
         # Encoder: one token per time step holding every point of every view, so the views are
         # tokenized together into one code sequence of length L = T-1.
         self.vel_in = nn.Linear(V * N * 2, D)
-        with torch.no_grad():  # scaled at init for velocities in pixels (the one init that is not the published one):
+        with torch.no_grad():  # scaled at init for velocities in pixels (an init that is not the published one):
             # the inputs are normalized velocities, 2 / size per pixel of motion, and with PyTorch's default
             # init the moves hardly reached the codes. test_tokenizer_overfits_and_reconstructs, 600 steps:
             # 9.98 px error on moving points (= "nothing moves") with the default init, 0.31 px with this one.
@@ -805,7 +805,7 @@ class TextEncoder(nn.Module):
             self._hf = (AutoTokenizer.from_pretrained(self.name), model.eval())
         tokenizer, model = self._hf
         with torch.no_grad():
-            batch = tokenizer(list(tasks), return_tensors="pt", padding=True)
+            batch = tokenizer(list(tasks), return_tensors="pt", padding=True, truncation=True, max_length=32)
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             return hidden[:, 0]  # the first token's state, as published
 
@@ -965,8 +965,9 @@ class InverseDynamics(nn.Module):
 # Each is a module with the same two methods:
 #   loss(tokens, actions, weights) -> (loss, metrics)   weights (B, T) = gamma^k * valid_k
 #   sample(tokens, generator) -> chunk (B, T, A)         reproducible with a torch.Generator
-# Every loss is sum_k w_k l_k averaged over the batch, l_k the step's term summed over action
-# dimensions (NLL, noise error, velocity error): the discount weights all three alike.
+# Each loss weights step k by w_k (the discount, 0 past the episode end). The Gaussian head averages
+# over batch, steps and action dims as published; diffusion and flow sum each step's error over
+# action dims and the weighted steps, averaged over the batch (their loss is on a T*A larger scale).
 
 
 def build_head(cfg: InverseConfig):
@@ -1963,7 +1964,9 @@ def import_official(paths, out, vision_weights="", overwrite=False):
         raise UserError(f"--import-official: {taken[0]} exists; --overwrite replaces it")
     for stage, payload in payloads.items():
         save_checkpoint(targets[stage], payload)
-        log(f"imported {stage}: {payload['imported_from']} -> {targets[stage]} ({n_params(build_model(stage, payload['config'], payload['model']))})")
+        log(f"imported {stage}: {payload['imported_from']} -> {targets[stage]} ({n_params(build_model(stage, payload['config'], payload['model']))})"
+            + (" | text: t5-small's first token, as published (the Hugging Face weights are needed to embed a task)"
+               if stage == "forward" else ""))
     if len(payloads) == 3:
         log(f"policy: {write_policy(out)}")
     return targets
@@ -2853,6 +2856,7 @@ class Policy:
         self.action_dim, self.proprio_dim = cfg.action_dim, cfg.proprio_dim
         stats = inverse_ckpt["stats"]
         self.act_norm, self.prop_norm = normalizers(stats)
+        self.action_stats = {k: np.asarray(v, dtype=np.float32) for k, v in stats["actions"].items()}  # mean, std, ...
         # What a robot checks before it lets the policy move it: the units of the actions. The layout
         # is the dataset's meta["action_layout"] (None when it recorded none); ranges are per-dimension
         # {"min", "max"} of the training rows (None for checkpoints written before they were kept).
@@ -3122,7 +3126,7 @@ def build_parser():
     p.add_argument("--diffusion-sample-steps", type=integer(1), dest="inverse.diffusion_sample_steps",
                    help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
     p.add_argument("--gaussian-std", type=float, dest="inverse.gaussian_std", help="gaussian head: its fixed std "
-                   "in normalized action units, 0 = learned (default: the preset's, 0.1 as published)")
+                   "in normalized action units, > 0 (default: the preset's, 0.1 as published)")
     p.add_argument("--flow-steps", type=integer(1), dest="inverse.flow_steps",
                    help="flow head: midpoint steps per chunk (default: the preset's, 10)")
     p.add_argument("--no-codes", action="store_false", default=None, dest="inverse.use_codes",
@@ -3135,8 +3139,11 @@ def build_parser():
     p.add_argument("--frozen-vision", action="store_true", default=None, dest="vision.frozen", help="do not train "
                    "the ResNet (the published default; meant with --vision-weights): its features are computed once "
                    "per frame and cached in OUT/features")
-    p.add_argument("--text-encoder", dest="forward.text_encoder",
-                   help="'hash' (default, from scratch) or a Hugging Face encoder such as t5-base")
+    p.add_argument("--text-encoder", dest="forward.text_encoder", help="'hash' (default: fixed random vectors of "
+                   "the words, nothing to download) or a Hugging Face encoder, its first token as published: t5-small")
+    p.add_argument("--readout", choices=["argmax", "mean"], dest="tokenizer.readout", help="how decoded tracks are "
+                   "read out of the window distributions: argmax (published) or the expected move (keeps sub-pixel "
+                   "motion; docs/MOTION_CODES.md)")
     return p
 
 

@@ -1229,7 +1229,7 @@ def check_policy(policy, cfg: Config):
     that can be absolute positions (metres) in this workspace, rotation vectors near robot.home's
     and a gripper in [0, 1].
 
-    The range comes from the normalization statistics in the checkpoint (`policy.act_norm`: mean
+    The range comes from the action statistics in the checkpoint (`policy.action_stats`: mean
     and std per action dimension of the training data). A policy trained on normalized actions,
     deltas or joint angles has position means near 0 or spreads wider than the box, and "clamp"
     would otherwise drive the arm into a corner of the box."""
@@ -1248,11 +1248,11 @@ def check_policy(policy, cfg: Config):
     if recorded is not None and recorded != layout:
         raise ConfigError(f"config error: control.action: expected the policy's action layout "
                           f"'{recorded}', found '{layout}'")
-    norm = getattr(policy, "act_norm", None)
-    if norm is None:
-        raise ConfigError("policy: expected action statistics in the checkpoint (act_norm: mean, std), "
+    stats = getattr(policy, "action_stats", None)
+    if stats is None:
+        raise ConfigError("policy: expected action statistics in the checkpoint (action_stats: mean, std), "
                           "found none: its action units cannot be checked against the workspace")
-    mean, std = np.asarray(norm.mean, np.float64), np.asarray(norm.std, np.float64)
+    mean, std = np.asarray(stats["mean"], np.float64), np.asarray(stats["std"], np.float64)
     lo, hi = np.asarray(cfg.safety.workspace_min), np.asarray(cfg.safety.workspace_max)
     bad = [f"{axis}: mean {mean[i]:.3g} std {std[i]:.3g}" for i, axis in enumerate("xyz")
            if not (lo[i] <= mean[i] <= hi[i]) or std[i] > hi[i] - lo[i]]

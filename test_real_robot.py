@@ -141,16 +141,16 @@ class FakeGripper:
 
 class FakePolicy:
     """The amplify.Policy interface (docs/CONTRACTS.md); `fn(step, images, proprio) -> action`.
-    `act_norm`: the action statistics of its training data, by default metres in the test box."""
+    `action_stats`: the action statistics of its training data, by default metres in the test box."""
 
     def __init__(self, fn, views=("front", "left"), img_size=(32, 32), action_dim=4, clock=None,
                  compute_s=0.0, act_mean=None, act_std=None):
         self.fn, self.views, self.img_size = fn, list(views), img_size
         self.action_dim = self.proprio_dim = action_dim
         rot = [0.0, 3.14, 0.0] if action_dim == 7 else []
-        self.act_norm = SimpleNamespace(
-            mean=np.array(act_mean if act_mean is not None else [0.0, -0.5, 0.2] + rot + [0.5]),
-            std=np.array(act_std if act_std is not None else [0.05] * 3 + [0.1] * len(rot) + [0.5]))
+        self.action_stats = {
+            "mean": np.array(act_mean if act_mean is not None else [0.0, -0.5, 0.2] + rot + [0.5]),
+            "std": np.array(act_std if act_std is not None else [0.05] * 3 + [0.1] * len(rot) + [0.5])}
         self.horizon, self.device, self.last_tracks = 16, "cpu", None
         self.clock, self.compute_s = clock, compute_s
         self.calls, self.resets, self.seen = 0, 0, []
