@@ -1921,14 +1921,19 @@ def import_official(paths, out, vision_weights="", overwrite=False):
     if "tokenizer" not in found:
         raise UserError("--import-official: the forward and inverse models take their width, codes and views from "
                         "the tokenizer: give its checkpoint too")
-    state, config, path = found["tokenizer"]
-    tok_cfg, views, tok_state = official_tokenizer(state, config, path)
-    converted = {"tokenizer": (tok_cfg, tok_state)}
-    if "forward" in found:
-        converted["forward"] = official_forward(*found["forward"][:2], tok_cfg, found["forward"][2])
-    if "inverse" in found:
-        code_out = {p: tok_state[f"code_out.{p}"] for p in ("weight", "bias")}
-        converted["inverse"] = official_inverse(*found["inverse"][:2], tok_cfg, code_out, found["inverse"][2])
+    stage = "tokenizer"
+    try:  # a weight or config key the published code always writes, missing: another model's checkpoint
+        tok_cfg, views, tok_state = official_tokenizer(*found["tokenizer"])
+        converted = {"tokenizer": (tok_cfg, tok_state)}
+        if "forward" in found:
+            stage = "forward"
+            converted["forward"] = official_forward(*found["forward"][:2], tok_cfg, found["forward"][2])
+        if "inverse" in found:
+            stage, code_out = "inverse", {p: tok_state[f"code_out.{p}"] for p in ("weight", "bias")}
+            converted["inverse"] = official_inverse(*found["inverse"][:2], tok_cfg, code_out, found["inverse"][2])
+    except (KeyError, TypeError) as e:
+        raise DataError(f"--import-official {found[stage][2]}: expected a published {stage} checkpoint, "
+                        f"found no {e}") from None
     resnet = found.get("resnet")
     if resnet is None and set(converted) - {"tokenizer"}:
         if not vision_weights:

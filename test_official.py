@@ -230,3 +230,13 @@ def test_imported_models_train_on_and_resume(published, tmp_path):
     assert after["stats"] == before["stats"]
     moved = max(max_diff(after["model"][k], before["model"][k]) for k in before["model"] if before["model"][k].is_floating_point())
     assert moved > 0  # it trained
+
+
+def test_a_checkpoint_missing_a_published_weight_is_refused_in_one_line(published, tmp_path):
+    ckpt = torch.load(published["tokenizer"], weights_only=True)
+    del ckpt["model"]["decoder.view_emb.weight"]
+    torch.save(ckpt, tmp_path / "broken.pt")
+    proc = run_cli("--import-official", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "expected a published tokenizer checkpoint, found no 'decoder.view_emb.weight'" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")
