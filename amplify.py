@@ -1757,10 +1757,10 @@ def check_trained_with(ckpt, name, others, fix):
 # stage checkpoints hold neither the ResNet-18 nor the tokenizer config they depend on: give the
 # tokenizer checkpoint beside them, and the ResNet weights with --vision-weights.
 
-OFFICIAL_BLOCK = {"ln_1": "ln1", "ln_2": "ln2", "ln_3": "ln3", "ln_4": "ln4", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.2",
-                  "mlp_2.c_fc": "mlp2.0", "mlp_2.c_proj": "mlp2.2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.out",
-                  "self_attn.c_attn": "attn.qkv", "self_attn.c_proj": "attn.out", "cross_attn.q_proj": "cross.q",
-                  "cross_attn.kv_proj": "cross.kv", "cross_attn.c_proj": "cross.out"}
+OFFICIAL_BLOCK = {"ln_1": "ln1", "ln_2": "ln2", "ln_3": "ln3", "ln_4": "ln4", "mlp.c_fc": "mlp.0",
+                  "mlp.c_proj": "mlp.2", "mlp_2.c_fc": "mlp2.0", "mlp_2.c_proj": "mlp2.2", "attn.c_attn": "attn.qkv",
+                  "attn.c_proj": "attn.out", "self_attn.c_attn": "attn.qkv", "self_attn.c_proj": "attn.out",
+                  "cross_attn.q_proj": "cross.q", "cross_attn.kv_proj": "cross.kv", "cross_attn.c_proj": "cross.out"}
 OFFICIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 RESNET18 = dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2))
 
@@ -1781,6 +1781,11 @@ def official_transformer(state, src, dst):
         else:
             out[dst + key] = value  # ln_f
     return out
+
+
+def official_linears(state, names):
+    """{our Linear: the published Linear} -> our weights and biases, taken from theirs."""
+    return {f"{ours}.{p}": state[f"{theirs}.{p}"] for ours, theirs in names.items() for p in ("weight", "bias")}
 
 
 def official_point_order(grid):
@@ -1820,13 +1825,11 @@ def official_tokenizer(state, config, where):
     mlp_in = state["decoder.decoder_mlp.0.weight"]  # (hidden, 3D): [step feature, point, view]
     ours = {"vel_in.weight": rearrange(vel_in[:, :, perm].flip(-1), "d v n xy -> d (v n xy)"),  # (row, col) -> (x, y)
             "vel_in.bias": state["encoder.encoder_proj.bias"],
-            "to_latent.weight": state["quantize.project_in.weight"], "to_latent.bias": state["quantize.project_in.bias"],
-            "code_out.weight": state["quantize.project_out.weight"], "code_out.bias": state["quantize.project_out.bias"],
             "point_emb": state["decoder.track_pos_emb.weight"][perm], "view_emb": state["decoder.view_emb.weight"],
-            "mlp_step.weight": mlp_in[:, :D], "mlp_point.weight": mlp_in[:, D:2 * D], "mlp_view.weight": mlp_in[:, 2 * D:],
-            "mlp_step.bias": state["decoder.decoder_mlp.0.bias"],
-            "mlp_out.weight": state["decoder.decoder_mlp.2.weight"], "mlp_out.bias": state["decoder.decoder_mlp.2.bias"],
-            "head.weight": state["decoder.decoder_proj.weight"], "head.bias": state["decoder.decoder_proj.bias"]}
+            "mlp_step.weight": mlp_in[:, :D], "mlp_point.weight": mlp_in[:, D:2 * D],
+            "mlp_view.weight": mlp_in[:, 2 * D:], "mlp_step.bias": state["decoder.decoder_mlp.0.bias"],
+            **official_linears(state, {"to_latent": "quantize.project_in", "code_out": "quantize.project_out",
+                                       "mlp_out": "decoder.decoder_mlp.2", "head": "decoder.decoder_proj"})}
     ours.update(official_transformer(state, "encoder.encoder.", "encoder."))
     ours.update(official_transformer(state, "decoder.decoder.", "decoder."))
     return cfg, views, ours
@@ -1843,34 +1846,35 @@ def official_forward(state, config, tok: TokenizerConfig, where):
     config = official_get(config, "forward_dynamics", where)
     trunk, text = official_get(config, "transformer", where), official_get(config, "text_encoder", where)
     official_get(trunk, "bias", where, False)
-    n_img = (state["trunk.transformer.pos_emb.weight"].shape[0] - tok.T) // tok.views  # pos: images, text, sos, L-1 codes
-    cfg = ForwardConfig(d_model=tok.d_model, n_layer=trunk["n_layer"], n_head=trunk["n_head"], dropout=trunk["dropout"],
-                        codebook_size=tok.codebook_size, views=tok.views, img_size=tok.img_size, T=tok.T,
-                        vision=official_vision(n_img, where), text_encoder=f"t5-{text.get('size', 'small')}",
-                        text_dim=state["text_proj.weight"].shape[1])
-    ours = {"sos": state["sos_token"].reshape(-1), "head.weight": state["unembed.weight"], "head.bias": state["unembed.bias"],
-            **{f"{a}.{p}": state[f"{b}.{p}"] for a, b in (("code_in.proj", "quantize.project_out"),
-                                                          ("img_proj", "img_proj"), ("text.proj", "text_proj"))
-               for p in ("weight", "bias")}}
+    # positions: the image tokens, text, sos and L-1 codes (L + 1 = T of them besides the images)
+    n_img = (state["trunk.transformer.pos_emb.weight"].shape[0] - tok.T) // tok.views
+    cfg = ForwardConfig(d_model=tok.d_model, n_layer=trunk["n_layer"], n_head=trunk["n_head"],
+                        dropout=trunk["dropout"], codebook_size=tok.codebook_size, views=tok.views,
+                        img_size=tok.img_size, T=tok.T, vision=official_vision(n_img, where),
+                        text_encoder=f"t5-{text.get('size', 'small')}", text_dim=state["text_proj.weight"].shape[1])
+    ours = {"sos": state["sos_token"].reshape(-1),
+            **official_linears(state, {"head": "unembed", "code_in.proj": "quantize.project_out",
+                                       "img_proj": "img_proj", "text.proj": "text_proj"})}
     ours.update(official_transformer(state, "trunk.", "trunk."))
     return cfg, ours
 
 
 def official_inverse(state, config, tok: TokenizerConfig, code_out, where):
     get = lambda key, expected=None: official_get(config, key, where, expected)  # noqa: E731
-    for key, value in (("type", "gaussian"), ("action_squash", True), ("action_squash_scale", 1.0), ("cond_on_img", True),
-                       ("cond_on_proprio", True), ("cond_on_text", False)):
+    for key, value in (("type", "gaussian"), ("action_squash", True), ("action_squash_scale", 1.0),
+                       ("cond_on_img", True), ("cond_on_proprio", True), ("cond_on_text", False)):
         get(key, value)
     if config.get("action_horizon") not in (None, tok.T):
-        raise DataError(f"{where}: expected action_horizon {tok.T} (the tokenizer's horizon), found {config['action_horizon']}")
-    cfg = InverseConfig(d_model=tok.d_model, n_layer=get("num_layers"), n_head=get("num_heads"), dropout=get("attn_pdrop"),
-                        codebook_size=tok.codebook_size, views=tok.views, img_size=tok.img_size, T=tok.T,
-                        vision=official_vision(get("num_img_tokens"), where), gamma=get("action_loss_discount"),
-                        use_codes=get("cond_on_tracks"), head="gaussian", gaussian_std=get("std"),
-                        action_dim=get("action_dim"), proprio_dim=get("proprio_dim"))
-    ours = {"latents": state["head.latents"].reshape(tok.T, -1), "head.weight": state["head.action_proj.weight"],
-            "head.bias": state["head.action_proj.bias"],
-            **{f"{k}.{p}": state[f"{k}.{p}"] for k in ("img_proj", "proprio_proj") for p in ("weight", "bias")}}
+        raise DataError(f"{where}: expected action_horizon {tok.T} (the tokenizer's horizon), "
+                        f"found {config['action_horizon']}")
+    cfg = InverseConfig(d_model=tok.d_model, n_layer=get("num_layers"), n_head=get("num_heads"),
+                        dropout=get("attn_pdrop"), codebook_size=tok.codebook_size, views=tok.views,
+                        img_size=tok.img_size, T=tok.T, vision=official_vision(get("num_img_tokens"), where),
+                        gamma=get("action_loss_discount"), use_codes=get("cond_on_tracks"), head="gaussian",
+                        gaussian_std=get("std"), action_dim=get("action_dim"), proprio_dim=get("proprio_dim"))
+    ours = {"latents": state["head.latents"].reshape(tok.T, -1),
+            **official_linears(state, {"head": "head.action_proj", "img_proj": "img_proj",
+                                       "proprio_proj": "proprio_proj"})}
     if cfg.use_codes:  # the published inverse model reads codes through the tokenizer's project_out, not saved with it
         ours.update({"code_in.proj.weight": code_out["weight"], "code_in.proj.bias": code_out["bias"]})
     ours.update(official_transformer(state, "head.decoder.", "decoder."))
@@ -1897,10 +1901,12 @@ def import_official(paths, out, vision_weights="", overwrite=False):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise DataError(f"--import-official {path}: could not read it as a torch checkpoint ({type(e).__name__})") from None
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
+            raise DataError(f"--import-official {path}: could not read it as a torch checkpoint "
+                            f"({type(e).__name__})") from None
+        if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "config"))):
+            found_keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise DataError(f"--import-official {path}: expected a published AMPLIFY checkpoint (a dict with 'model' "
-                            f"and 'config'), found {sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+                            f"and 'config'), found {found_keys}")
         state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile'd training
         if "motion_tokenizer_cfg" in ckpt["config"]:  # a bundle: the three models and the ResNet-18
             c = ckpt["config"]
@@ -1938,12 +1944,13 @@ def import_official(paths, out, vision_weights="", overwrite=False):
     if resnet is None and set(converted) - {"tokenizer"}:
         if not vision_weights:
             raise UserError("--import-official: published forward and inverse checkpoints hold no ResNet-18 (the "
-                            "published code uses timm's ImageNet weights): give --vision-weights timm, torchvision or a path")
+                            "published code uses timm's ImageNet weights): give --vision-weights timm, torchvision "
+                            "or a path")
         r = ResNet(**RESNET18)
         load_resnet18_weights(r, vision_weights)
         resnet = r.state_dict()
     data = {"views": views, "img_size": list(tok_cfg.img_size), "T": tok_cfg.T, "grid": tok_cfg.grid}
-    payloads = {}
+    payloads, sizes = {}, {}
     for stage, (cfg, state) in converted.items():
         if stage != "tokenizer":
             state = {**state, **{f"vision.resnet.{k}": v for k, v in resnet.items()}}
@@ -1953,15 +1960,17 @@ def import_official(paths, out, vision_weights="", overwrite=False):
             raise DataError(f"--import-official {found[stage][2]}: the {stage} weights do not fit the published "
                             f"architecture ({str(e).splitlines()[0]} ...)") from None
         payloads[stage] = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0,
-                           "config": asdict(cfg), "data": data, "imported_from": os.path.abspath(found[stage][2])}
+                           "config": asdict(cfg), "data": data, "imported_from": os.path.abspath(found[stage][2]),
+                           "trained_with": {}}
+        sizes[stage] = n_params(model)
     tok_hash = weights_hash(payloads["tokenizer"])
-    for stage in set(payloads) - {"tokenizer"}:
-        payloads[stage]["trained_with"] = {"tokenizer": tok_hash} if stage == "forward" or converted[stage][0].use_codes else {}
-    payloads["tokenizer"]["trained_with"] = {}
+    for stage in set(payloads) - {"tokenizer"}:  # provenance: the codes they read are this tokenizer's
+        if stage == "forward" or converted[stage][0].use_codes:
+            payloads[stage]["trained_with"] = {"tokenizer": tok_hash}
     if "inverse" in payloads:  # the published code trains on LIBERO's actions and proprio as they are
-        unit = lambda n, lo: {"mean": [0.0] * n, "std": [1.0] * n, "min": [lo] * n, "max": [1.0] * n}  # noqa: E731
+        unit = lambda n: {"mean": [0.0] * n, "std": [1.0] * n, "min": [-1.0] * n, "max": [1.0] * n}  # noqa: E731
         cfg = converted["inverse"][0]
-        payloads["inverse"].update(stats={"actions": unit(cfg.action_dim, -1.0), "proprio": unit(cfg.proprio_dim, -1.0)},
+        payloads["inverse"].update(stats={"actions": unit(cfg.action_dim), "proprio": unit(cfg.proprio_dim)},
                                    action_layout=None, predicted_codes=False, codes_protocol=None)
     targets = {stage: os.path.join(out, stage + ".pt") for stage in payloads}
     taken = [p for p in targets.values() if os.path.exists(p)]
@@ -1969,9 +1978,9 @@ def import_official(paths, out, vision_weights="", overwrite=False):
         raise UserError(f"--import-official: {taken[0]} exists; --overwrite replaces it")
     for stage, payload in payloads.items():
         save_checkpoint(targets[stage], payload)
-        log(f"imported {stage}: {payload['imported_from']} -> {targets[stage]} ({n_params(build_model(stage, payload['config'], payload['model']))})"
-            + (" | text: t5-small's first token, as published (the Hugging Face weights are needed to embed a task)"
-               if stage == "forward" else ""))
+        log(f"imported {stage}: {payload['imported_from']} -> {targets[stage]} ({sizes[stage]})" + (
+            " | text: t5-small's first token, as published (the Hugging Face weights are needed to embed a task)"
+            if stage == "forward" else ""))
     if len(payloads) == 3:
         log(f"policy: {write_policy(out)}")
     return targets
