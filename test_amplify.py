@@ -482,6 +482,23 @@ def test_code_inputs_are_continuous_in_the_levels(stage):
     assert near.max() < far.mean(), (near.max(), far.mean())
 
 
+def test_inverse_memory_layernorm_is_an_option_beside_the_published_memory():
+    """The published inverse memory has no LayerNorm (the default); --memory-layernorm adds one, so
+    memory tokens of any scale reach the cross-attention alike."""
+    cfg = A.InverseConfig(d_model=16, n_head=2, n_layer=1, codebook_size=256, views=1, img_size=(16, 16), action_dim=2,
+                          proprio_dim=2, T=4, vision=A.VisionConfig(widths=(4, 4, 4, 4), blocks=(1, 1, 1, 1)))
+    published, normed = A.InverseDynamics(cfg).eval(), A.InverseDynamics(replace(cfg, memory_ln=True)).eval()
+    assert not any("memory_ln" in k for k in published.state_dict())
+    assert set(normed.state_dict()) - set(published.state_dict()) == {"memory_ln.weight", "memory_ln.bias"}
+    normed.load_state_dict({**published.state_dict(), "memory_ln.weight": torch.ones(16), "memory_ln.bias": torch.zeros(16)})
+    x, p, codes = torch.zeros(1, 1, 16, 16, 3, dtype=torch.uint8), torch.randn(1, 2), torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        scaled = {m: m.tokens(x, 1000 * p, codes) for m in (published, normed)}  # proprio 1000x larger
+        plain = {m: m.tokens(x, p, codes) for m in (published, normed)}
+    assert (scaled[published] - plain[published]).abs().max() > 1e-3  # the published memory feels the scale
+    assert (scaled[normed] - plain[normed]).abs().max() < 0.5 * (scaled[published] - plain[published]).abs().max()
+
+
 def test_inverse_loss_discounts_and_masks():
     cfg = A.InverseConfig(d_model=16, n_head=2, n_layer=1, codebook_size=256, views=1, img_size=(16, 16), action_dim=2,
                           proprio_dim=2, T=4, vision=A.VisionConfig(widths=(4, 4, 4, 4), blocks=(1, 1, 1, 1)))
