@@ -255,7 +255,8 @@ class TrainConfig:
     eval_samples: int = 64  # held-out windows scored per evaluation
 
 
-PAPER_VISION = VisionConfig(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), upsample=224)
+RESNET18 = dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2))
+PAPER_VISION = VisionConfig(**RESNET18, upsample=224)
 PRESETS = {
     # Trains each stage in minutes on 2 CPU cores; big enough to overfit the built-in data.
     "cpu": {
@@ -818,8 +819,12 @@ class TextEncoder(nn.Module):
     def forward(self, tasks):
         device = self.proj.weight.device
         if self.name == "hash":
-            ids = [[zlib.crc32(wd.encode()) % self.buckets for wd in (task_words(task) or [""])] for task in tasks]
-            emb = torch.stack([self.table[torch.tensor(i, device=device)].mean(0) for i in ids])  # (B, text_dim)
+            ids, offsets = [], []
+            for task in tasks:
+                offsets.append(len(ids))
+                ids.extend(zlib.crc32(wd.encode()) % self.buckets for wd in (task_words(task) or [""]))
+            emb = F.embedding_bag(torch.tensor(ids, device=device), self.table, torch.tensor(offsets, device=device),
+                                  mode="mean")  # (B, text_dim): the mean of each task's word vectors
         else:
             missing = sorted({t for t in tasks if t not in self.cache})
             if missing:
@@ -1772,7 +1777,6 @@ OFFICIAL_BLOCK = {"ln_1": "ln1", "ln_2": "ln2", "ln_3": "ln3", "ln_4": "ln4", "m
                   "attn.c_proj": "attn.out", "self_attn.c_attn": "attn.qkv", "self_attn.c_proj": "attn.out",
                   "cross_attn.q_proj": "cross.q", "cross_attn.kv_proj": "cross.kv", "cross_attn.c_proj": "cross.out"}
 OFFICIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
-RESNET18 = dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2))
 
 
 def official_transformer(state, src, dst):
@@ -2258,7 +2262,7 @@ class StageLoss(nn.Module):
 
 
 def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_batch, loss_fn, evaluate, out_path,
-        extra, label=None, reference=None):
+        extra, label=None, reference=None, resumed=None):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
     Each step draws a global batch of `train.batch_size` frames from `frames` with an RNG seeded by
@@ -2268,7 +2272,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
     float} scores the held-out frames `val` (without gradients, model in eval mode); `extra` goes into
     the checkpoint. `label` names the run in logs and files (default: the stage); `reference` = (name,
     {metric: value}) is what a trivial prediction scores on the same frames ("nothing moves"), printed
-    beside the final metrics. Writes OUT/<label>_metrics.jsonl (evaluations), <label>_log.jsonl
+    beside the final metrics. `resumed`: the checkpoint at out_path that --resume continues
+    (resumed_checkpoint), or None. Writes OUT/<label>_metrics.jsonl (evaluations), <label>_log.jsonl
     (progress) and, at the end, <label>_curves.png.
     """
     label, device = label or stage, run.device
@@ -2278,8 +2283,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=train.lr,
                             fused=device.type in ("cpu", "cuda"))  # one kernel, no parameter-sized temporaries
     step = 0
-    if run.resume and os.path.exists(out_path):
-        ckpt = load_checkpoint(out_path, stage)
+    if resumed is not None:
+        ckpt = resumed
         check_trained_with(ckpt, out_path, {k: (v, "this run uses") for k, v in extra["trained_with"].items()},
                            "--overwrite to retrain it on the new one")  # its inputs must not have changed since
         model.load_state_dict(ckpt["model"])
@@ -2564,7 +2569,7 @@ def train_tokenizer(corpus, cfg: TokenizerConfig, out, train: TrainConfig = None
     clear_outputs(out, "tokenizer", run)
     return fit(model, stage="tokenizer", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
                loss_fn=lambda model, b: model.loss(b["tracks"]), evaluate=evaluate,
-               out_path=os.path.join(out, "tokenizer.pt"), reference=no_motion_reference(corpus, val),
+               out_path=os.path.join(out, "tokenizer.pt"), reference=no_motion_reference(corpus, val), resumed=resumed,
                extra={"config": asdict(cfg), "data": data_shape(corpus), "trained_with": {}})
 
 
@@ -2616,7 +2621,7 @@ def train_forward(corpus, cfg: ForwardConfig, out, train: TrainConfig = None, ru
     clear_outputs(out, "forward", run)
     return fit(model, stage="forward", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
                loss_fn=loss_fn, evaluate=evaluate, out_path=os.path.join(out, "forward.pt"), extra=extra,
-               reference=no_motion_reference(corpus, val))
+               reference=no_motion_reference(corpus, val), resumed=resumed)
 
 
 def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, run: RunConfig = None, tokenizer=None,
@@ -2766,7 +2771,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     clear_outputs(out, name, run)
     return fit(model, stage="inverse", train=train, run=run, frames=frames, val=val, make_batch=make_batch,
                loss_fn=loss_fn, evaluate=evaluate, out_path=os.path.join(out, name + ".pt"), extra=extra, label=name,
-               reference=reference())
+               reference=reference(), resumed=resumed)
 
 
 # -----------------------------------------------------------------------------
