@@ -132,6 +132,23 @@ def atomic_write(path, write_fn, directory=False):
                 os.remove(leftover)
 
 
+def extras():
+    """amplify_extras.py, the optional helpers beside this file (pictures, --log-to, the chunked
+    cross-entropy), or None where it was left out."""
+    try:
+        import amplify_extras
+    except ImportError:
+        return None
+    return amplify_extras
+
+
+def write_png(path, image):
+    """Write uint8 (H, W_img, 3) as a PNG; atomic."""
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG"))
+
+
 def resize_images(images, size):
     """uint8 (..., H, W_img, 3) -> uint8 (..., h, w, 3), size = (h, w) or an int: antialiased bilinear.
 
@@ -490,74 +507,6 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Linear head + cross-entropy in row chunks: the tokenizer's logits are never held whole
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss *and* the gradients chunk by chunk (the loss is a scalar, so the
-    backward pass only has to scale them): one pass over the logits instead of the five that
-    linear + log_softmax + nll (+ their backward) make over a (M, G*C) tensor."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, chunk_rows, need_grad):
-        M, G = target.shape
-        C = weight.shape[0] // G
-        n = M * G
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype  # bf16 under autocast
-        acc = torch.promote_types(x.dtype, torch.float32)  # the softmax: fp32 at least
-        with torch.autocast(dev, enabled=False):
-            w, b = weight.to(dtype), bias.to(dtype)
-            total = torch.zeros((), dtype=acc, device=x.device)
-            if need_grad:
-                gx = torch.empty_like(x)
-                gw = torch.zeros(weight.shape, dtype=acc, device=x.device)
-                gb = torch.zeros(bias.shape, dtype=acc, device=x.device)
-            for i in range(0, M, chunk_rows):
-                xc, t = x[i:i + chunk_rows].to(dtype), target[i:i + chunk_rows, :, None]  # (m, D), (m, G, 1)
-                z = torch.addmm(b, xc, w.t()).to(acc).view(-1, G, C)  # (m, G, C) logits
-                z_true = z.gather(-1, t)
-                z_max = z.amax(-1, keepdim=True)
-                p = z.sub_(z_max).exp_()  # in place: the chunk's logits become unnormalized probabilities
-                s = p.sum(-1, keepdim=True)
-                total += (z_max + s.log() - z_true).sum()  # sum of -log softmax at the true class
-                if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n
-                    p.div_(s).scatter_add_(-1, t, p.new_full(t.shape, -1.0)).mul_(1.0 / n)
-                    g = p.view(-1, G * C)  # (m, G*C)
-                    gb += g.sum(0)
-                    g = g.to(dtype)
-                    gx[i:i + chunk_rows] = g @ w
-                    gw += g.t() @ xc
-        if need_grad:
-            ctx.save_for_backward(gx, gw.to(weight.dtype), gb.to(bias.dtype))
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx, gw, gb = ctx.saved_tensors
-        return gx * grad, gw * grad, gb * grad, None, None, None
-
-
-def chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows=None):
-    """Mean cross-entropy of the linear head `x @ weight.T + bias` against `target`, without ever
-    materialising the whole (M, G*C) logits tensor; loss and gradients equal the plain computation.
-
-    x (M, D) features; weight (G*C, D), bias (G*C,): each row of x is classified G times into C
-    classes (G = 1: an ordinary head); target (M,) or (M, G) long. Under autocast the matmuls run
-    in its dtype, the softmax in fp32. chunk_rows: rows per chunk (default: ~2 MB of logits on CPU).
-    """
-    target = target.reshape(x.shape[0], -1)  # (M, G)
-    M, G = target.shape
-    if weight.shape[0] % G or bias.shape != weight.shape[:1] or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"chunked_linear_cross_entropy: expected weight ({G}*C, {x.shape[1]}) and bias ({G}*C,), "
-                         f"found {tuple(weight.shape)} and {tuple(bias.shape)}")
-    budget = 2 ** 19 if x.device.type == "cpu" else 2 ** 26  # logits per chunk: cache-sized on CPU, big on GPUs
-    chunk_rows = chunk_rows or max(1, budget // weight.shape[0])
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(x, weight, bias, target, chunk_rows, need_grad)
-
-
-# -----------------------------------------------------------------------------
 # Motion tokenizer: tracks -> velocities -> causal encoder -> FSQ codes -> step decoder -> windows
 
 
@@ -640,10 +589,11 @@ class MotionTokenizer(nn.Module):
         Features narrower than the Cw = 225 classes (the cpu preset, D = 64): the (B V L N, Cw) logits
         would be the biggest tensor of the step, so they are computed in chunks (3x faster there). At
         the paper's D = 768 the features are the bigger tensor and the plain head is faster (1.4x in
-        bf16; docs/SCALE.md). Both give the same loss and gradients."""
-        if features.shape[-1] < self.head.out_features:
-            return [chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
-                                                 self.head.bias, target[:, v].flatten()) for v in range(features.shape[1])]
+        bf16; docs/SCALE.md). Both give the same loss and gradients; the chunked one is in amplify_extras."""
+        if features.shape[-1] < self.head.out_features and extras() is not None:
+            return [extras().chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
+                                                          self.head.bias, target[:, v].flatten())
+                    for v in range(features.shape[1])]
         logits = self.head(features).float()  # (B, V, L, N, Cw)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
         return ce.view(target.shape).mean((0, 2, 3))  # (V,)
@@ -976,35 +926,25 @@ class InverseDynamics(nn.Module):
 # -----------------------------------------------------------------------------
 # Action heads: the inverse transformer's T output tokens (B, T, D) -> action chunk (B, T, A)
 #
-# Appendix E of the paper compares three heads (Table 13); the published code ships all three.
-# Each is a module with the same two methods:
+# Appendix E of the paper compares three heads (Table 13). Each is a module with two methods:
 #   loss(tokens, actions, weights) -> (loss, metrics)   weights (B, T) = gamma^k * valid_k
 #   sample(tokens, generator) -> chunk (B, T, A)         reproducible with a torch.Generator
-# Each loss weights step k by w_k (the discount, 0 past the episode end). The Gaussian head averages
-# over batch, steps and action dims as published; diffusion and flow sum each step's error over
-# action dims and the weighted steps, averaged over the batch (their loss is on a T*A larger scale).
+# The Gaussian head, the published default, is below. Our diffusion (1-D U-Net, DDPM training, DDIM
+# sampling) and flow-matching (DiT, midpoint rule) heads are not the published ones (a transformer
+# and a cross-attention DiT): they live in amplify_extras.py, imported when a config asks for them.
 
 
 def build_head(cfg: InverseConfig):
     if cfg.head == "gaussian":
         return GaussianHead(cfg.d_model, cfg.action_dim, cfg.gaussian_std)
-    if cfg.head == "diffusion":
-        return DiffusionHead(cfg)
-    if cfg.head == "flow":
-        return FlowHead(cfg)
-    raise DataError(f"inverse config: expected head gaussian, diffusion or flow, found {cfg.head!r}")
-
-
-def discounted_sum(per_step, weights):
-    """per_step (B, T), weights (B, T) -> sum_k w_k l_k, averaged over the batch."""
-    return (per_step * weights).sum(1).mean()
-
-
-def timestep_embedding(t, dim, max_period=10_000):
-    """t (B,) noise level or flow time -> (B, dim) sinusoids, like positions in a Transformer."""
-    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = t.float()[:, None] * freqs  # (B, dim/2)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if cfg.head not in ("diffusion", "flow"):
+        raise DataError(f"inverse config: expected head gaussian, diffusion or flow, found {cfg.head!r}")
+    if extras() is None:
+        raise UserError(f"{cfg.head} head: expected amplify_extras.py (where it lives) beside amplify.py, found none")
+    if cfg.head == "diffusion" and not 1 <= cfg.diffusion_sample_steps <= cfg.diffusion_train_steps:
+        raise UserError(f"diffusion head: expected 1 to {cfg.diffusion_train_steps} DDIM steps (the training levels), "
+                        f"found {cfg.diffusion_sample_steps}")
+    return extras().DiffusionHead(cfg) if cfg.head == "diffusion" else extras().FlowHead(cfg, Attention)
 
 
 # -----------------------------------------------------------------------------
@@ -1033,193 +973,6 @@ class GaussianHead(nn.Linear):
     def sample(self, tokens, generator=None):
         """The mean: the policy acts on the mode, so the generator goes unused."""
         return torch.tanh(super().forward(tokens))
-
-
-# -----------------------------------------------------------------------------
-# Diffusion head (Diffusion Policy, Chi et al. 2023): a 1-D temporal U-Net predicts the noise in a chunk
-#   forward process  x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps,  eps ~ N(0, I),  k ~ U{0..K-1}
-#   loss             sum_t gamma^t || eps_theta(x_k, k, tokens)_t - eps_t ||^2        (DDPM, epsilon target)
-#   sampling (DDIM, deterministic), S of the K levels from the top down, k -> k':
-#                    x0_hat = clip((x_k - sqrt(1 - abar_k) eps_theta) / sqrt(abar_k))
-#                    x_k'   = sqrt(abar_k') x0_hat + sqrt(1 - abar_k') eps_theta       (after level 0: abar = 1)
-# Conditioning is per step: token t, with the noise-level embedding appended, sets a FiLM scale and shift of
-# the U-Net's features at step t (average-pooled as the U-Net halves the time axis). Diffusion Policy feeds
-# one pooled observation vector instead; here the inverse transformer has already made one token per step.
-
-DIFFUSION_CLIP = 1.0  # |x0_hat| bound: actions are scaled to [-1, 1] (Normalizer), as Diffusion Policy clips them
-
-
-def cosine_alpha_bar(K):
-    """squaredcos_cap_v2 (Nichol & Dhariwal 2021): f(s) = cos^2((s + 0.008) / 1.008 * pi / 2),
-    beta_k = min(1 - f((k+1)/K) / f(k/K), 0.999), abar_k = prod_{j<=k} (1 - beta_j). Returns abar (K,)."""
-    f = torch.cos((torch.arange(K + 1, dtype=torch.float64) / K + 0.008) / 1.008 * math.pi / 2) ** 2
-    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    return torch.cumprod(1 - betas, dim=0).float()
-
-
-def conv_block(c_in, c_out, kernel):
-    return nn.Sequential(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.GroupNorm(8, c_out), nn.Mish())
-
-
-class FiLMResBlock(nn.Module):
-    """conv -> FiLM (a scale and shift per step, from the condition) -> conv, plus a residual path."""
-
-    def __init__(self, c_in, c_out, d_cond, kernel=5):
-        super().__init__()
-        self.conv1, self.conv2 = conv_block(c_in, c_out, kernel), conv_block(c_out, c_out, kernel)
-        self.film = nn.Sequential(nn.Mish(), nn.Conv1d(d_cond, 2 * c_out, 1))
-        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x, cond):
-        """x (B, C_in, T'), cond (B, E, T') -> (B, C_out, T')"""
-        scale, shift = self.film(cond).chunk(2, dim=1)  # (B, C_out, T') each
-        return self.conv2(self.conv1(x) * (1 + scale) + shift) + self.skip(x)
-
-
-class UNet1D(nn.Module):
-    """Diffusion Policy's ConditionalUnet1D layout: per level two FiLM blocks, then halve T; mirrored back up."""
-
-    def __init__(self, action_dim, d_cond, dims):
-        super().__init__()
-        self.d_time = dims[0]
-        self.time_mlp = nn.Sequential(nn.Linear(dims[0], 4 * dims[0]), nn.Mish(), nn.Linear(4 * dims[0], dims[0]))
-        E = d_cond + dims[0]
-        levels = list(zip((action_dim,) + tuple(dims[:-1]), dims))  # (C_in, C_out) per level
-        self.down = nn.ModuleList(  # the deepest level keeps its length
-            nn.ModuleList([FiLMResBlock(c_in, c, E), FiLMResBlock(c, c, E),
-                           nn.Conv1d(c, c, 3, stride=2, padding=1) if i < len(dims) - 1 else nn.Identity()])
-            for i, (c_in, c) in enumerate(levels))
-        self.mid = nn.ModuleList([FiLMResBlock(dims[-1], dims[-1], E), FiLMResBlock(dims[-1], dims[-1], E)])
-        self.up = nn.ModuleList(
-            nn.ModuleList([FiLMResBlock(2 * c, c_in, E), FiLMResBlock(c_in, c_in, E),
-                           nn.ConvTranspose1d(c_in, c_in, 4, stride=2, padding=1)])
-            for c_in, c in reversed(levels[1:]))
-        self.out = nn.Sequential(conv_block(dims[0], dims[0], 5), nn.Conv1d(dims[0], action_dim, 1))
-        self.stride = 2 ** (len(dims) - 1)
-
-    def forward(self, x, k, tokens):
-        """x (B, T, A) noisy chunk, k (B,) noise levels, tokens (B, T, D) -> predicted noise (B, T, A)"""
-        T = x.shape[1]
-        temb = self.time_mlp(timestep_embedding(k, self.d_time))  # (B, Dt)
-        cond = torch.cat([tokens, repeat(temb, "b e -> b t e", t=T)], dim=-1)  # (B, T, E)
-        pad = -T % self.stride  # T is halved len(dims) - 1 times: pad it to a multiple, crop after
-        x = F.pad(rearrange(x, "b t a -> b a t"), (0, pad), mode="replicate")  # (B, A, T+pad)
-        cond = F.pad(rearrange(cond, "b t e -> b e t"), (0, pad), mode="replicate")  # (B, E, T+pad)
-        skips = []
-        for res1, res2, down in self.down:
-            x = res2(res1(x, cond), cond)
-            skips.append((x, cond))
-            if not isinstance(down, nn.Identity):
-                x, cond = down(x), F.avg_pool1d(cond, 2)
-        for res in self.mid:
-            x = res(x, cond)
-        for (res1, res2, up), (skip, c) in zip(self.up, reversed(skips[1:])):  # the top skip goes unused, as in DP
-            x = torch.cat([x, skip], dim=1)
-            x = up(res2(res1(x, c), c))
-        return rearrange(self.out(x)[..., :T], "b a t -> b t a")
-
-
-class DiffusionHead(nn.Module):
-    def __init__(self, cfg: InverseConfig):
-        super().__init__()
-        self.K, self.steps, self.action_dim = cfg.diffusion_train_steps, cfg.diffusion_sample_steps, cfg.action_dim
-        if not 1 <= self.steps <= self.K:
-            raise UserError(f"diffusion head: expected 1 to {self.K} DDIM steps (the training levels), "
-                            f"found {self.steps}")
-        self.unet = UNet1D(cfg.action_dim, cfg.d_model, cfg.unet_dims)
-        self.register_buffer("alpha_bar", cosine_alpha_bar(self.K), persistent=False)
-
-    def loss(self, tokens, actions, weights):
-        k = torch.randint(0, self.K, (actions.shape[0],), device=actions.device)
-        eps = torch.randn_like(actions)
-        ab = self.alpha_bar[k][:, None, None]  # (B, 1, 1)
-        err = ((self.unet(ab.sqrt() * actions + (1 - ab).sqrt() * eps, k, tokens) - eps) ** 2).sum(-1)  # (B, T)
-        return discounted_sum(err, weights), {"noise_mse": err.mean().detach() / self.action_dim}
-
-    @torch.no_grad()
-    def sample(self, tokens, generator=None, steps=None):
-        B, T = tokens.shape[:2]
-        S = steps or self.steps
-        # S levels K // S apart down to 0, as Diffusion Policy's DDIM scheduler spaces them (16 of 100: 90, 84, ..., 0).
-        # Starting below the top level matters: at K - 1, abar = 2e-7 and x0_hat would magnify errors 2000-fold.
-        levels = torch.arange(S - 1, -1, -1, device=tokens.device) * (self.K // S)
-        x = torch.randn(B, T, self.action_dim, device=tokens.device, generator=generator)
-        for i, k in enumerate(levels):
-            ab = self.alpha_bar[k]
-            ab_next = self.alpha_bar[levels[i + 1]] if i + 1 < S else torch.ones_like(ab)
-            eps = self.unet(x, k.expand(B), tokens)
-            x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-DIFFUSION_CLIP, DIFFUSION_CLIP)
-            x = ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps
-        return x
-
-
-# -----------------------------------------------------------------------------
-# Flow-matching head (rectified flow on the straight, optimal-transport path; Lipman et al. 2023)
-#   path      x_t = (1 - t) x_0 + t x_1,   x_0 ~ N(0, I) noise, x_1 the action chunk, t ~ U[0, 1]
-#   loss      sum_k gamma^k || v_theta(x_t, t, tokens)_k - (x_1 - x_0)_k ||^2
-#   sampling  dx/dt = v_theta from t = 0 to 1, midpoint rule, h = 1 / steps (the paper: 10 steps):
-#             x_{t+h} = x_t + h v_theta(x_t + h/2 v_theta(x_t, t), t + h/2)
-# v_theta is a small DiT over the chunk's T steps: self-attention, cross-attention to the inverse
-# transformer's T tokens, MLP. The flow time enters through adaptive LayerNorm: a shift, scale and
-# gate per sublayer, the gate starting at zero so each block starts as the identity (adaLN-Zero).
-
-
-class DiTBlock(nn.Module):
-    def __init__(self, d, n_head, dropout):
-        super().__init__()
-        self.attn, self.cross = Attention(d, n_head, dropout), Attention(d, n_head, dropout, cross=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
-        self.norms = nn.ModuleList(nn.LayerNorm(d, elementwise_affine=False) for _ in range(3))
-        self.ada = nn.Linear(d, 9 * d)  # (shift, scale, gate) for each of the three sublayers
-        nn.init.zeros_(self.ada.weight)
-        nn.init.zeros_(self.ada.bias)
-
-    def forward(self, x, tokens, temb):
-        """x (B, T, D) chunk features, tokens (B, T, D) to attend to, temb (B, D) flow-time embedding"""
-        mods = rearrange(self.ada(F.silu(temb)), "b (n three d) -> n three b 1 d", n=3, three=3)
-        sublayers = (self.attn, lambda h: self.cross(h, context=tokens), self.mlp)
-        for norm, f, (shift, scale, gate) in zip(self.norms, sublayers, mods):
-            x = x + gate * f(norm(x) * (1 + scale) + shift)
-        return x
-
-
-class FlowHead(nn.Module):
-    def __init__(self, cfg: InverseConfig):
-        super().__init__()
-        D, self.steps, self.action_dim = cfg.d_model, cfg.flow_steps, cfg.action_dim
-        self.inp = nn.Linear(cfg.action_dim, D)
-        self.pos = nn.Parameter(0.02 * torch.randn(cfg.T, D))
-        self.time_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
-        self.blocks = nn.ModuleList(DiTBlock(D, cfg.n_head, cfg.dropout) for _ in range(cfg.dit_layers))
-        self.ln_f = nn.LayerNorm(D)
-        self.out = nn.Linear(D, cfg.action_dim)
-
-    def velocity(self, x, t, tokens):
-        """x (B, T, A) a point on the path, t (B,) in [0, 1], tokens (B, T, D) -> v (B, T, A)"""
-        temb = self.time_mlp(timestep_embedding(1000 * t, self.pos.shape[1]))  # t on the scale of noise levels
-        h = self.inp(x) + self.pos  # (B, T, D)
-        for block in self.blocks:
-            h = block(h, tokens, temb)
-        return self.out(self.ln_f(h))
-
-    def loss(self, tokens, actions, weights):
-        x0 = torch.randn_like(actions)
-        t = torch.rand(actions.shape[0], device=actions.device)
-        xt = torch.lerp(x0, actions, t[:, None, None])  # (1 - t) x0 + t x1
-        err = ((self.velocity(xt, t, tokens) - (actions - x0)) ** 2).sum(-1)  # (B, T)
-        return discounted_sum(err, weights), {"velocity_mse": err.mean().detach() / self.action_dim}
-
-    @torch.no_grad()
-    def sample(self, tokens, generator=None, steps=None):
-        B, T = tokens.shape[:2]
-        steps = steps or self.steps
-        x = torch.randn(B, T, self.action_dim, device=tokens.device, generator=generator)
-        h = 1.0 / steps
-        for i in range(steps):
-            t = torch.full((B,), i * h, device=tokens.device)
-            x_mid = x + h / 2 * self.velocity(x, t, tokens)
-            x = x + h * self.velocity(x_mid, t + h / 2, tokens)
-        return x
 
 
 # -----------------------------------------------------------------------------
@@ -1576,104 +1329,6 @@ def track_report(pred, gt, img_size):
 
 
 # -----------------------------------------------------------------------------
-# Pictures of tracks (--vis, eval videos); Pillow is imported only when one is drawn
-
-
-def draw_tracks(image, tracks, color=None, fade=True, min_motion_px=1.0):
-    """image uint8 (H, W_img, 3), tracks (T, N, 2) normalized -> a copy with each track drawn as a polyline.
-
-    Colour follows the point's start position (hue by x) unless `color` is given; with `fade`,
-    older steps are dimmer so the direction of motion reads at a glance. Points that move less
-    than `min_motion_px` are not drawn: on a 20x20 grid they would cover the image.
-    """
-    from PIL import Image, ImageDraw
-
-    tracks = np.asarray(tracks, dtype=np.float32)
-    h, w = np.shape(image)[:2]
-    px = (tracks + 1) * np.array([w, h], dtype=np.float32) / 2 - 0.5  # (T, N, 2) pixel centres
-    moving = np.abs(px - px[:1]).max(axis=(0, 2)) >= min_motion_px
-    px = np.rint(px[:, moving])
-    T, N = px.shape[:2]
-    if color is None:
-        hue = (tracks[0, moving, 0] + 1) / 2
-        colors = np.stack([np.clip(np.abs(hue * 6 - 3) - 1, 0, 1), np.clip(2 - np.abs(hue * 6 - 2), 0, 1),
-                           np.clip(2 - np.abs(hue * 6 - 4), 0, 1)], -1) * 255  # (N, 3) hue wheel
-    else:
-        colors = np.tile(np.asarray(color, dtype=np.float32), (N, 1))
-    canvas = Image.fromarray(np.array(image, dtype=np.uint8))
-    pen = ImageDraw.Draw(canvas)
-    for t in range(T - 1):
-        strength = (0.4 + 0.6 * (t + 1) / (T - 1)) if fade else 1.0
-        for n in range(N):
-            pen.line([tuple(px[t, n]), tuple(px[t + 1, n])], fill=tuple(int(c) for c in colors[n] * strength))
-    return np.asarray(canvas)
-
-
-def write_png(path, image):
-    """Write uint8 (H, W_img, 3) as a PNG; atomic."""
-    from PIL import Image
-
-    atomic_write(path, lambda tmp: Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG"))
-
-
-def label_image(image, text, height=12):
-    """uint8 (H, W_img, 3) -> the same with a black strip of `height` px on top holding `text`."""
-    from PIL import Image, ImageDraw
-
-    image = np.asarray(image, dtype=np.uint8)
-    strip = Image.new("RGB", (image.shape[1], height))
-    ImageDraw.Draw(strip).text((2, 0), text, fill=(255, 255, 255))
-    return np.concatenate([np.asarray(strip), image], axis=0)
-
-
-def plot_curves(path, title, log_rows, eval_rows, reference=None, panel=(300, 150)):
-    """The training loss and each held-out metric against the step, one small panel each, as a PNG
-    (Pillow only). `reference` = (name, {metric: value}) draws the trivial score as an orange line.
-    Returns the path, or None when there is nothing to plot."""
-    from PIL import Image, ImageDraw
-
-    series = [("train loss", [r["step"] for r in log_rows], [r["loss"] for r in log_rows], None)]
-    ref_name, ref = reference or ("", {})
-    for key in (eval_rows[0] if eval_rows else {}):
-        if key != "step":
-            series.append((f"held-out {key}", [r["step"] for r in eval_rows], [r[key] for r in eval_rows], ref.get(key)))
-    series = [s for s in series if len(s[1])]
-    if not series:
-        return None
-    cols = 2 if len(series) > 1 else 1
-    rows = -(-len(series) // cols)
-    pw, ph = panel
-    canvas = Image.new("RGB", (cols * pw, 16 + rows * ph), "white")
-    pen = ImageDraw.Draw(canvas)
-    pen.text((4, 2), f"{title}: x = step" + (f"; orange line: {ref_name}" if ref else ""), fill="black")
-    for i, (name, xs, ys, ref_value) in enumerate(series):
-        x0, y0 = (i % cols) * pw, 16 + (i // cols) * ph
-        left, top, right, bottom = x0 + 46, y0 + 14, x0 + pw - 8, y0 + ph - 16
-        values = [v for v in list(ys) + [ref_value] if v is not None and math.isfinite(v)] or [0.0]
-        lo, hi = min(values), max(values)
-        if hi - lo <= 1e-6 * max(1.0, abs(lo)):  # a flat curve: centre it (lo + 1e-9 == lo for large lo)
-            pad = 0.01 * max(1.0, abs(lo))
-            lo, hi = lo - pad, hi + pad
-        sx = lambda x: left + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (right - left)  # noqa: E731
-        sy = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)  # noqa: E731
-        pen.rectangle([left, top, right, bottom], outline=(180, 180, 180))
-        pen.text((x0 + 4, y0 + 1), name, fill="black")
-        pen.text((x0 + 2, top - 2), f"{hi:.3g}", fill="black")
-        pen.text((x0 + 2, bottom - 10), f"{lo:.3g}", fill="black")
-        pen.text((left, bottom + 2), str(xs[0]), fill="black")
-        pen.text((right - 6 * len(str(xs[-1])), bottom + 2), str(xs[-1]), fill="black")
-        if ref_value is not None and math.isfinite(ref_value):
-            pen.line([(left, sy(ref_value)), (right, sy(ref_value))], fill=(230, 120, 0), width=2)
-        points = [(sx(x), sy(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
-        if len(points) > 1:
-            pen.line(points, fill=(30, 90, 200), width=2)
-        for x, y in points if len(points) <= 30 else points[-1:]:
-            pen.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 90, 200))
-    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-    return path
-
-
-# -----------------------------------------------------------------------------
 # Checkpoints: weights + config + stats + step, plain types only, written atomically
 
 # Bumped when a model's parameters change meaning, so an old file is refused instead of misread.
@@ -1759,245 +1414,6 @@ def check_trained_with(ckpt, name, others, fix):
         recorded = ckpt.get("trained_with", {}).get(stage)
         if recorded is not None and found is not None and recorded != found:
             raise DataError(f"{name} was trained with {stage} {recorded}, but {what} {stage} {found}: {fix}")
-
-
-# -----------------------------------------------------------------------------
-# The published code's checkpoints (pairlab/AMPLIFY) -> ours: `--import-official`
-#
-# The models above are the published ones layer for layer (docs/PUBLISHED_ARCHITECTURE.md), so a
-# conversion renames weights and bridges two conventions: the published tracks are (row, col) and
-# their points column-major over the grid, ours (x, y) and row-major. A stage checkpoint holds
-# `model` (a state dict) and `config` (the resolved training YAML); a bundle holds all three models
-# with their ResNet-18 under `model` and the stage configs under `config`. The forward and inverse
-# stage checkpoints hold neither the ResNet-18 nor the tokenizer config they depend on: give the
-# tokenizer checkpoint beside them, and the ResNet weights with --vision-weights.
-
-OFFICIAL_BLOCK = {"ln_1": "ln1", "ln_2": "ln2", "ln_3": "ln3", "ln_4": "ln4", "mlp.c_fc": "mlp.0",
-                  "mlp.c_proj": "mlp.2", "mlp_2.c_fc": "mlp2.0", "mlp_2.c_proj": "mlp2.2", "attn.c_attn": "attn.qkv",
-                  "attn.c_proj": "attn.out", "self_attn.c_attn": "attn.qkv", "self_attn.c_proj": "attn.out",
-                  "cross_attn.q_proj": "cross.q", "cross_attn.kv_proj": "cross.kv", "cross_attn.c_proj": "cross.out"}
-OFFICIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
-
-
-def official_transformer(state, src, dst):
-    """Their TransformerEncoder/Decoder's weights under prefix `src` -> our Transformer's under `dst`."""
-    out = {}
-    for key, value in state.items():
-        if not key.startswith(src + "transformer.") or key.endswith("attn_mask"):  # masks are rebuilt, not loaded
-            continue
-        key = key[len(src + "transformer."):]
-        if key == "pos_emb.weight":
-            out[dst + "pos"] = value
-        elif key.startswith("h."):
-            _, i, rest = key.split(".", 2)
-            name, param = rest.rsplit(".", 1)
-            out[f"{dst}blocks.{i}.{OFFICIAL_BLOCK.get(name, name)}.{param}"] = value  # an unknown name fails to load
-        else:
-            out[dst + key] = value  # ln_f
-    return out
-
-
-def official_linears(state, names):
-    """{our Linear: the published Linear} -> our weights and biases, taken from theirs."""
-    return {f"{ours}.{p}": state[f"{theirs}.{p}"] for ours, theirs in names.items() for p in ("weight", "bias")}
-
-
-def official_point_order(grid):
-    """Our point n (row-major: n = row * grid + col) is the published point col * grid + row."""
-    n = torch.arange(grid * grid)
-    return (n % grid) * grid + n // grid
-
-
-def official_get(config, key, where, expected=None):
-    if key not in config:
-        raise DataError(f"{where}: expected key '{key}' in the published config, found none")
-    if expected is not None and config[key] != expected:
-        raise DataError(f"{where}: expected {key}={expected!r} (what this implementation can express), "
-                        f"found {config[key]!r}")
-    return config[key]
-
-
-def official_tokenizer(state, config, where):
-    """-> (TokenizerConfig, view names, our state dict)."""
-    get = lambda key, expected=None: official_get(config, key, where, expected)  # noqa: E731
-    for key, value in (("per_view", False), ("cond_on_img", False), ("causal_encoder", True), ("point_dim", 2)):
-        get(key, value)
-    T, N, views = get("true_horizon"), get("num_tracks"), list(get("cond_cameraviews"))
-    get("track_pred_horizon", T)
-    grid, window = math.isqrt(N), get("loss")["rel_cls_img_size"]
-    if grid * grid != N or window[0] != window[1] or get("num_layers") < 2:
-        raise DataError(f"{where}: expected a square grid of points, a square window and at least 2 layers, found "
-                        f"num_tracks={N}, rel_cls_img_size={window}, num_layers={get('num_layers')}")
-    weights = get("loss").get("loss_weights", {})
-    cfg = TokenizerConfig(d_model=get("hidden_dim"), n_layer=get("num_layers"), n_head=get("num_heads"),
-                          dropout=get("attn_pdrop"), codebook_size=get("codebook_size"), views=len(views),
-                          img_size=tuple(get("img_shape")), T=T, window=window[0],
-                          head_hidden=get("decoder_mlp_hidden_dim"), grid=grid,
-                          view_weights=tuple(float(weights.get(v, 1.0)) for v in views), readout="argmax")
-    D, perm = cfg.d_model, official_point_order(grid)
-    vel_in = rearrange(state["encoder.encoder_proj.weight"], "d (v n rc) -> d v n rc", v=len(views), rc=2)
-    mlp_in = state["decoder.decoder_mlp.0.weight"]  # (hidden, 3D): [step feature, point, view]
-    ours = {"vel_in.weight": rearrange(vel_in[:, :, perm].flip(-1), "d v n xy -> d (v n xy)"),  # (row, col) -> (x, y)
-            "vel_in.bias": state["encoder.encoder_proj.bias"],
-            "point_emb": state["decoder.track_pos_emb.weight"][perm], "view_emb": state["decoder.view_emb.weight"],
-            "mlp_step.weight": mlp_in[:, :D], "mlp_point.weight": mlp_in[:, D:2 * D],
-            "mlp_view.weight": mlp_in[:, 2 * D:], "mlp_step.bias": state["decoder.decoder_mlp.0.bias"],
-            **official_linears(state, {"to_latent": "quantize.project_in", "code_out": "quantize.project_out",
-                                       "mlp_out": "decoder.decoder_mlp.2", "head": "decoder.decoder_proj"})}
-    ours.update(official_transformer(state, "encoder.encoder.", "encoder."))
-    ours.update(official_transformer(state, "decoder.decoder.", "decoder."))
-    return cfg, views, ours
-
-
-def official_vision(n_tokens, where):
-    side = math.isqrt(n_tokens)
-    if side * side != n_tokens:
-        raise DataError(f"{where}: expected a square map of image tokens per view, found {n_tokens}")
-    return VisionConfig(**RESNET18, upsample=32 * side, frozen=True)  # ResNet-18 maps 32 px to one cell
-
-
-def official_forward(state, config, tok: TokenizerConfig, where):
-    config = official_get(config, "forward_dynamics", where)
-    trunk, text = official_get(config, "transformer", where), official_get(config, "text_encoder", where)
-    official_get(trunk, "bias", where, False)
-    # positions: the image tokens, text, sos and L-1 codes (L + 1 = T of them besides the images)
-    n_img = (state["trunk.transformer.pos_emb.weight"].shape[0] - tok.T) // tok.views
-    cfg = ForwardConfig(d_model=tok.d_model, n_layer=trunk["n_layer"], n_head=trunk["n_head"],
-                        dropout=trunk["dropout"], codebook_size=tok.codebook_size, views=tok.views,
-                        img_size=tok.img_size, T=tok.T, vision=official_vision(n_img, where),
-                        text_encoder=f"t5-{text.get('size', 'small')}", text_dim=state["text_proj.weight"].shape[1])
-    ours = {"sos": state["sos_token"].reshape(-1),
-            **official_linears(state, {"head": "unembed", "code_in.proj": "quantize.project_out",
-                                       "img_proj": "img_proj", "text.proj": "text_proj"})}
-    ours.update(official_transformer(state, "trunk.", "trunk."))
-    return cfg, ours
-
-
-def official_inverse(state, config, tok: TokenizerConfig, code_out, where):
-    get = lambda key, expected=None: official_get(config, key, where, expected)  # noqa: E731
-    for key, value in (("type", "gaussian"), ("action_squash", True), ("action_squash_scale", 1.0),
-                       ("cond_on_img", True), ("cond_on_proprio", True), ("cond_on_text", False)):
-        get(key, value)
-    if config.get("action_horizon") not in (None, tok.T):
-        raise DataError(f"{where}: expected action_horizon {tok.T} (the tokenizer's horizon), "
-                        f"found {config['action_horizon']}")
-    cfg = InverseConfig(d_model=tok.d_model, n_layer=get("num_layers"), n_head=get("num_heads"),
-                        dropout=get("attn_pdrop"), codebook_size=tok.codebook_size, views=tok.views,
-                        img_size=tok.img_size, T=tok.T, vision=official_vision(get("num_img_tokens"), where),
-                        gamma=get("action_loss_discount"), use_codes=get("cond_on_tracks"), head="gaussian",
-                        gaussian_std=get("std"), action_dim=get("action_dim"), proprio_dim=get("proprio_dim"))
-    ours = {"latents": state["head.latents"].reshape(tok.T, -1),
-            **official_linears(state, {"head": "head.action_proj", "img_proj": "img_proj",
-                                       "proprio_proj": "proprio_proj"})}
-    if cfg.use_codes:  # the published inverse model reads codes through the tokenizer's project_out, not saved with it
-        ours.update({"code_in.proj.weight": code_out["weight"], "code_in.proj.bias": code_out["bias"]})
-    ours.update(official_transformer(state, "head.decoder.", "decoder."))
-    return cfg, ours
-
-
-def official_resnet(state, prefix="img_encoder.model."):
-    """timm's ResNet-18 as the published vision encoder holds it (model.0 = conv1, ...) -> our ResNet's names."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
-            out[f"{OFFICIAL_RESNET.get(index, index)}.{rest}"] = value
-    return out
-
-
-def import_official(paths, out, vision_weights="", overwrite=False):
-    """Published checkpoint(s) -> our tokenizer.pt, forward.pt, inverse.pt (and policy.pt when all three
-    are there) in `out`. Every model is built and loaded strictly before anything is written."""
-    found = {}
-    for path in paths:
-        if not os.path.exists(path):
-            raise UserError(f"--import-official: path does not exist: {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(f"--import-official {path}: could not read it as a torch checkpoint "
-                            f"({type(e).__name__})") from None
-        if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "config"))):
-            found_keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise DataError(f"--import-official {path}: expected a published AMPLIFY checkpoint (a dict with 'model' "
-                            f"and 'config'), found {found_keys}")
-        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile'd training
-        if "motion_tokenizer_cfg" in ckpt["config"]:  # a bundle: the three models and the ResNet-18
-            c = ckpt["config"]
-            for stage, prefix, key in (("tokenizer", "motion_tokenizer.", "motion_tokenizer_cfg"),
-                                       ("forward", "forward_dynamics.", "forward_dynamics_cfg"),
-                                       ("inverse", "inverse_dynamics.", "inverse_dynamics_cfg")):
-                found[stage] = ({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, c[key], path)
-            found["resnet"] = official_resnet(state)
-        else:
-            stage = ("tokenizer" if "encoder.encoder_proj.weight" in state else "forward" if "sos_token" in state
-                     else "inverse" if "head.latents" in state else None)
-            if stage is None:
-                raise DataError(f"--import-official {path}: expected the weights of a published motion tokenizer, "
-                                f"forward or (Gaussian) inverse model, found keys {sorted(state)[:4]}")
-            if stage in found:
-                raise UserError(f"--import-official: two {stage} checkpoints given ({found[stage][2]}, {path})")
-            found[stage] = (state, ckpt["config"], path)
-    if "tokenizer" not in found:
-        raise UserError("--import-official: the forward and inverse models take their width, codes and views from "
-                        "the tokenizer: give its checkpoint too")
-    stage = "tokenizer"
-    try:  # a weight or config key the published code always writes, missing: another model's checkpoint
-        tok_cfg, views, tok_state = official_tokenizer(*found["tokenizer"])
-        converted = {"tokenizer": (tok_cfg, tok_state)}
-        if "forward" in found:
-            stage = "forward"
-            converted["forward"] = official_forward(*found["forward"][:2], tok_cfg, found["forward"][2])
-        if "inverse" in found:
-            stage, code_out = "inverse", {p: tok_state[f"code_out.{p}"] for p in ("weight", "bias")}
-            converted["inverse"] = official_inverse(*found["inverse"][:2], tok_cfg, code_out, found["inverse"][2])
-    except (KeyError, TypeError) as e:
-        raise DataError(f"--import-official {found[stage][2]}: expected a published {stage} checkpoint, "
-                        f"found no {e}") from None
-    resnet = found.get("resnet")
-    if resnet is None and set(converted) - {"tokenizer"}:
-        if not vision_weights:
-            raise UserError("--import-official: published forward and inverse checkpoints hold no ResNet-18 (the "
-                            "published code uses timm's ImageNet weights): give --vision-weights timm, torchvision "
-                            "or a path")
-        r = ResNet(**RESNET18)
-        load_resnet18_weights(r, vision_weights)
-        resnet = r.state_dict()
-    data = {"views": views, "img_size": list(tok_cfg.img_size), "T": tok_cfg.T, "grid": tok_cfg.grid}
-    payloads, sizes = {}, {}
-    for stage, (cfg, state) in converted.items():
-        if stage != "tokenizer":
-            state = {**state, **{f"vision.resnet.{k}": v for k, v in resnet.items()}}
-        try:
-            model = build_model(stage, cfg, state)  # strict: a missing or left-over weight is an error
-        except RuntimeError as e:
-            raise DataError(f"--import-official {found[stage][2]}: the {stage} weights do not fit the published "
-                            f"architecture ({str(e).splitlines()[0]} ...)") from None
-        payloads[stage] = {"stage": stage, "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 0,
-                           "config": asdict(cfg), "data": data, "imported_from": os.path.abspath(found[stage][2]),
-                           "trained_with": {}}
-        sizes[stage] = n_params(model)
-    tok_hash = weights_hash(payloads["tokenizer"])
-    for stage in set(payloads) - {"tokenizer"}:  # provenance: the codes they read are this tokenizer's
-        if stage == "forward" or converted[stage][0].use_codes:
-            payloads[stage]["trained_with"] = {"tokenizer": tok_hash}
-    if "inverse" in payloads:  # the published code trains on LIBERO's actions and proprio as they are
-        unit = lambda n: {"mean": [0.0] * n, "std": [1.0] * n, "min": [-1.0] * n, "max": [1.0] * n}  # noqa: E731
-        cfg = converted["inverse"][0]
-        payloads["inverse"].update(stats={"actions": unit(cfg.action_dim), "proprio": unit(cfg.proprio_dim)},
-                                   action_layout=None, predicted_codes=False, codes_protocol=None)
-    targets = {stage: os.path.join(out, stage + ".pt") for stage in payloads}
-    taken = [p for p in targets.values() if os.path.exists(p)]
-    if taken and not overwrite:
-        raise UserError(f"--import-official: {taken[0]} exists; --overwrite replaces it")
-    for stage, payload in payloads.items():
-        save_checkpoint(targets[stage], payload)
-        log(f"imported {stage}: {payload['imported_from']} -> {targets[stage]} ({sizes[stage]})" + (
-            " | text: t5-small's first token, as published (the Hugging Face weights are needed to embed a task)"
-            if stage == "forward" else ""))
-    if len(payloads) == 3:
-        log(f"policy: {write_policy(out)}")
-    return targets
 
 
 # -----------------------------------------------------------------------------
@@ -2090,6 +1506,8 @@ def resolve(train, run):
         raise UserError("--vis draws PNGs with Pillow: expected it installed (pip install pillow), found none")
     if run.log_to not in ("", "tensorboard", "wandb"):
         raise UserError(f"--log-to: expected tensorboard or wandb, found '{run.log_to}'")
+    if (run.vis or run.log_to) and extras() is None:
+        raise UserError("--vis and --log-to: expected amplify_extras.py beside amplify.py, found none")
     if run.resume and run.overwrite:
         raise UserError("--resume continues the checkpoints in --out and --overwrite replaces them: "
                         "expected one, found both")
@@ -2146,49 +1564,6 @@ class Prefetcher:
 def log(msg):
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
         print(msg, flush=True)
-
-
-class Tracker:
-    """--log-to: the JSONL's rows (train/...), the held-out metrics (val/...), the --vis pictures and
-    the curves, also sent to TensorBoard or Weights & Biases. The JSONL stays the source of truth;
-    the package is imported only when asked for. W&B runs offline (OUT/wandb; `wandb sync` uploads)
-    unless WANDB_MODE says otherwise, so a run never waits on the network or a login."""
-
-    def __init__(self, kind, out, label, config):
-        self.kind = kind
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(out, "tensorboard", label))
-        elif kind == "wandb":
-            import wandb
-            self.wandb = wandb
-            self.run = wandb.init(project="amplify", name=label, group=os.path.basename(os.path.abspath(out)),
-                                  dir=out, config=config, mode=os.environ.get("WANDB_MODE", "offline"))
-
-    def scalars(self, prefix, row, step):
-        values = {f"{prefix}/{k}": float(v) for k, v in row.items() if k != "step"}
-        if self.kind == "tensorboard":
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-        elif self.kind == "wandb":
-            self.run.log(values, step=step)
-
-    def image(self, name, path, step):
-        """A PNG this run wrote (a --vis picture, the curves), if it was written."""
-        if not self.kind or not os.path.exists(path):
-            return
-        from PIL import Image
-        image = np.asarray(Image.open(path).convert("RGB"))  # (H, W_img, 3)
-        if self.kind == "tensorboard":
-            self.writer.add_image(name, image, step, dataformats="HWC")
-        else:
-            self.run.log({name: self.wandb.Image(image)}, step=step)
-
-    def close(self):
-        if self.kind == "tensorboard":
-            self.writer.close()
-        elif self.kind == "wandb":
-            self.run.finish()
 
 
 def clock(seconds):
@@ -2288,7 +1663,7 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         check_trained_with(ckpt, out_path, {k: (v, "this run uses") for k, v in extra["trained_with"].items()},
                            "--overwrite to retrain it on the new one")  # its inputs must not have changed since
         model.load_state_dict(ckpt["model"])
-        if "optimizer" in ckpt:  # an imported checkpoint (--import-official) starts with a fresh optimizer
+        if "optimizer" in ckpt:  # an imported checkpoint (import_official.py) starts with a fresh optimizer
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"])  # dropout continues the same random stream
         step = int(ckpt["step"])
@@ -2299,8 +1674,9 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         os.makedirs(out_dir or ".", exist_ok=True)  # a stage called from Python may name a new directory
         for path in (metrics_path, log_path):
             start_jsonl(path, step)
-    tracker = Tracker(run.log_to if run.rank == 0 else "", out_dir or ".", label, {**extra.get("config", {}),
-                                                                                  "train": asdict(train)})
+    tracker = None  # --log-to
+    if run.log_to and run.rank == 0:
+        tracker = extras().Tracker(run.log_to, out_dir or ".", label, {**extra.get("config", {}), "train": asdict(train)})
     net = StageLoss(model, loss_fn)
     if run.world > 1:
         if train.batch_size % run.world:
@@ -2355,7 +1731,8 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
                     f"eta {clock(elapsed / (step - first_step) * (train.steps - step))}")
                 if run.rank == 0:
                     append_jsonl(log_path, row)
-                    tracker.scalars("train", row, step)
+                    if tracker:
+                        tracker.scalars("train", row, step)
                 t0, seen, wait0 = time.time(), 0, loader.wait
             if (step % train.eval_every == 0 or step == train.steps) and run.rank == 0:
                 save(step)
@@ -2365,21 +1742,26 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
                         metrics = evaluate(model, step)
                     log(f"{label} | eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                     append_jsonl(metrics_path, {"step": step, **metrics})
-                    tracker.scalars("val", metrics, step)
-                    tracker.image("vis", os.path.join(out_dir, f"vis_{label}_{step:06d}.png"), step)
+                    if tracker:
+                        tracker.scalars("val", metrics, step)
+                        tracker.image("vis", os.path.join(out_dir, f"vis_{label}_{step:06d}.png"), step)
     if run.rank == 0:
         if step == 0 or not os.path.exists(out_path):
             save(step)
         log(stage_summary(label, step - first_step, time.time() - start, metrics, reference, len(val)))
-        try:
-            curves = plot_curves(os.path.join(out_dir, f"{label}_curves.png"), label, read_jsonl(log_path),
-                                 read_jsonl(metrics_path), reference)
-        except ImportError:  # amplify.py needs torch, numpy and einops only; pictures need Pillow
-            curves = "not drawn (pip install pillow)"
-        if curves:
+        curves = os.path.join(out_dir, f"{label}_curves.png")
+        try:  # amplify.py needs torch, numpy and einops only; pictures need Pillow and amplify_extras.py
+            import amplify_extras
+            picture = amplify_extras.plot_curves(label, read_jsonl(log_path), read_jsonl(metrics_path), reference)
+        except ImportError:
+            picture = None
+            log(f"{label} | curves: not drawn (pip install pillow; amplify_extras.py beside amplify.py)")
+        if picture is not None:
+            write_png(curves, picture)
             log(f"{label} | curves: {curves}")
-        tracker.image("curves", os.path.join(out_dir, f"{label}_curves.png"), step)
-    tracker.close()
+        if tracker:
+            tracker.image("curves", curves, step)
+            tracker.close()
     if run.world > 1:
         check_ranks_agree(model, label)
     return model
@@ -2472,15 +1854,9 @@ def tracks_batch(corpus, frames):
 
 
 def vis_image(corpus, frame, pred, path):
-    """Left: true tracks; right: predicted; one row per view, each panel labelled with the view name;
-    upscaled so small images are legible."""
+    """--vis: true and predicted tracks of held-out window `frame` side by side, a row per view."""
     images, gt = corpus.gather("images", [frame])[0], tracks_batch(corpus, [frame])[0]
-    scale = max(1, 128 // images.shape[1])
-    up = lambda im: np.kron(im, np.ones((scale, scale, 1), dtype=np.uint8))  # noqa: E731
-    rows = [np.concatenate([label_image(up(draw_tracks(images[v], gt[v])), f"{view}: true"),
-                            label_image(up(draw_tracks(images[v], pred[v])), f"{view}: predicted")], axis=1)
-            for v, view in enumerate(corpus.views)]
-    write_png(path, np.concatenate(rows, axis=0))
+    write_png(path, extras().track_picture(images, gt, pred, corpus.views))
 
 
 def stage_episodes(corpus, run: RunConfig, train: TrainConfig, stage, need_actions=False):
@@ -3084,10 +2460,7 @@ def build_parser():
     # what to run
     p.add_argument("--stage", choices=["tokenizer", "forward", "inverse", "all"],
                    help="which model to train; 'all' trains the three in order and writes OUT/policy.pt")
-    p.add_argument("--import-official", nargs="+", metavar="CKPT", help="convert published AMPLIFY checkpoints "
-                   "(pairlab/AMPLIFY: a bundle, or stage checkpoints with their tokenizer's) into OUT/<stage>.pt "
-                   "(and OUT/policy.pt when all three are given); forward and inverse stage checkpoints need "
-                   "--vision-weights")
+    p.add_argument("--import-official", nargs="+", help=argparse.SUPPRESS)  # moved to import_official.py
     p.add_argument("--data", nargs="+", help="dataset(s): .npz or directory; several are concatenated "
                    "(e.g. robot demos + action-free video); required unless --count-params")
     p.add_argument("--out", default="runs/amplify", help="directory for checkpoints, metrics and images")
@@ -3184,10 +2557,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     # Args error checking: what the configs cannot know (each config checks its own values when made).
     if args.import_official:
-        return cli(import_official, args.import_official, args.out, getattr(args, "vision.weights") or "",
-                   getattr(args, "run.overwrite"))
+        p.error("published checkpoints are converted by import_official.py: python import_official.py CKPT... --out DIR")
     if not args.stage:
-        p.error("the following arguments are required: --stage (or --import-official)")
+        p.error("the following arguments are required: --stage")
     if not args.count_params and not args.data:
         p.error("--data is required unless --count-params")
     if args.count_params and args.stage == "all":

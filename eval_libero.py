@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 import amplify
+import amplify_extras
 import preprocess
 
 # -----------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def video_frame(images, tracks, min_height=128):
     H' >= min_height. The clean row keeps the scene readable when the predicted motion is dense."""
     k = -(-min_height // images.shape[1])  # ceil
     views = images.repeat(k, axis=1).repeat(k, axis=2)  # (V, H', W', 3)
-    drawn = views if tracks is None else np.stack([amplify.draw_tracks(im, tr) for im, tr in zip(views, tracks)])
+    drawn = views if tracks is None else np.stack([amplify_extras.draw_tracks(im, tr) for im, tr in zip(views, tracks)])
     return np.concatenate([np.concatenate(list(views), axis=1), np.concatenate(list(drawn), axis=1)], axis=0)
 
 

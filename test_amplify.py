@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import amplify as A
+import amplify_extras as E
 import preprocess
 import testdata
 from conftest import need
@@ -291,7 +292,7 @@ def test_chunked_cross_entropy_equals_the_plain_computation(groups, chunk_rows):
     target = torch.randint(0, C, (M, groups), generator=g)
     results = []
     for fn in (lambda: F.cross_entropy((x @ weight.T + bias).view(M * groups, C), target.view(-1)),
-               lambda: A.chunked_linear_cross_entropy(x, weight, bias, target.view(-1), chunk_rows)):
+               lambda: E.chunked_linear_cross_entropy(x, weight, bias, target.view(-1), chunk_rows)):
         loss = fn()
         (3 * loss).backward()  # a scaled upstream gradient reaches every input
         results.append([loss.detach()] + [t.grad.clone() for t in (x, weight, bias)])
@@ -300,7 +301,7 @@ def test_chunked_cross_entropy_equals_the_plain_computation(groups, chunk_rows):
     for name, a, b in zip(("loss", "x", "weight", "bias"), results[1], results[0]):
         assert rel_diff(a, b) < 1e-5, name
     with torch.no_grad():  # evaluation: the same loss, no gradients kept
-        assert rel_diff(A.chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows), results[0][0]) < 1e-5
+        assert rel_diff(E.chunked_linear_cross_entropy(x, weight, bias, target, chunk_rows), results[0][0]) < 1e-5
 
 
 @pytest.mark.parametrize("width", [32, 256])  # narrower than the 225 window classes (chunked head) and wider (plain)
@@ -643,7 +644,7 @@ def test_flow_10_midpoint_steps_approach_the_ode_solution():
 
 
 def test_diffusion_schedule_and_odd_horizons():
-    ab = A.cosine_alpha_bar(100)
+    ab = E.cosine_alpha_bar(100)
     assert ab.shape == (100,) and (ab[1:] < ab[:-1]).all()
     assert 0.99 < ab[0] < 1 and ab[-1] < 1e-3  # from almost clean to almost pure noise
     head = make_head("diffusion", T=7)  # the U-Net halves T: 7 is padded and cropped back
@@ -758,9 +759,9 @@ def test_curves_plot_flat_huge_and_missing_values(tmp_path):
     # One evaluation of a diverging run: flat at 2e7 (lo + 1e-9 == lo), a NaN metric, a NaN reference.
     log_rows = [{"step": 1, "loss": 12.9}]
     eval_rows = [{"step": 1, "val_nll": 2.1e7, "moving_px": float("nan")}]
-    path = A.plot_curves(str(tmp_path / "c.png"), "inverse", log_rows, eval_rows,
-                         reference=("mean action", {"val_nll": float("nan")}))
-    assert Image.open(path).size == (600, 16 + 2 * 150)
+    picture = E.plot_curves("inverse", log_rows, eval_rows, reference=("mean action", {"val_nll": float("nan")}))
+    A.write_png(str(tmp_path / "c.png"), picture)
+    assert Image.open(tmp_path / "c.png").size == (600, 16 + 2 * 150)
 
 
 def test_draw_tracks_and_png(tmp_path):
@@ -768,7 +769,7 @@ def test_draw_tracks_and_png(tmp_path):
     img = np.zeros((20, 20, 3), np.uint8)
     tracks = np.zeros((4, 2, 2), np.float32)
     tracks[:, 0, 0] = np.linspace(-0.5, 0.5, 4)  # point 0 moves right, point 1 stays
-    out = A.draw_tracks(img, tracks)
+    out = E.draw_tracks(img, tracks)
     assert out[10, 5:15].any() and not out[:8].any() and img.sum() == 0
     A.write_png(str(tmp_path / "x.png"), out)
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

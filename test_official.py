@@ -3,7 +3,7 @@
 official/fixture.pt holds the three published models (pairlab/AMPLIFY f4bcc46) at a small config
 with random weights, the inputs they were run on and what they returned (official/README.md). The
 published checkpoints are rebuilt from it as its training scripts save them (`model` + `config`),
-and as a bundle; `--import-official` converts them, and our models must give the published outputs
+and as a bundle; import_official.py converts them, and our models must give the published outputs
 on the same inputs: codes, decoder logits, forward logits and greedy codes, the inverse model's
 action mean and loss, the vision tokens. The published code is not needed to run this.
 """
@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 
 import amplify as A
+import import_official as I
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = torch.load(os.path.join(HERE, "official", "fixture.pt"), weights_only=True)
@@ -50,7 +51,7 @@ def published(tmp_path_factory):
         torch.save({"model": FIXTURE[stage]["state_dict"], "config": FIXTURE[stage]["config"], "epoch": 3}, paths[stage])
     resnet = resnet_weights()
     paths["resnet"] = str(d / "resnet18.pt")
-    torch.save(A.official_resnet(resnet, prefix="model."), paths["resnet"])
+    torch.save(I.official_resnet(resnet, prefix="model."), paths["resnet"])
     model = {f"img_encoder.{k}": v for k, v in resnet.items()}
     for stage, prefix in (("tokenizer", "motion_tokenizer."), ("forward", "forward_dynamics."),
                           ("inverse", "inverse_dynamics.")):
@@ -67,22 +68,22 @@ def imported(request, published, tmp_path_factory):
     """Our checkpoints converted from the published stage checkpoints or from the bundle."""
     out = str(tmp_path_factory.mktemp("imported"))
     if request.param == "stages":
-        A.import_official([published[s] for s in ("tokenizer", "forward", "inverse")], out, published["resnet"])
+        I.import_official([published[s] for s in ("tokenizer", "forward", "inverse")], out, published["resnet"])
     else:
-        A.import_official([published["bundle"]], out)
+        I.import_official([published["bundle"]], out)
     return {s: A.load_checkpoint(os.path.join(out, s + ".pt"), s) for s in ("tokenizer", "forward", "inverse")}, out
 
 
 def our_tracks(traj, grid):
     """Published tracks (..., N, (row, col)), points column-major -> ours (..., N, (x, y)), row-major."""
-    return traj[..., A.official_point_order(grid), :].flip(-1)
+    return traj[..., I.official_point_order(grid), :].flip(-1)
 
 
 def test_tokenizer_gives_the_published_codes_logits_tracks_and_loss(imported):
     ckpts, _ = imported
     model = A.model_from_checkpoint(ckpts["tokenizer"])
     fx, grid = FIXTURE["tokenizer"], ckpts["tokenizer"]["config"]["grid"]
-    tracks, perm = our_tracks(fx["inputs"]["traj"], grid), A.official_point_order(grid)
+    tracks, perm = our_tracks(fx["inputs"]["traj"], grid), I.official_point_order(grid)
     with torch.no_grad():
         codes, indices = model.encode(tracks)
         logits = model.decode_logits(codes)  # (B, V, L, N, Cw), our points
@@ -150,7 +151,7 @@ def test_vision_encoder_gives_the_published_tokens():
     fx = FIXTURE["vision"]
     images = fx["inputs"]["images"]  # (1, V, 128, 128, 3) uint8
     enc = A.VisionEncoder(A.VisionConfig(**A.RESNET18, upsample=224, frozen=True), images.shape[1], (128, 128))
-    enc.resnet.load_state_dict(A.official_resnet(resnet_weights(), prefix="model."))
+    enc.resnet.load_state_dict(I.official_resnet(resnet_weights(), prefix="model."))
     with torch.no_grad():
         tokens = rearrange(enc.eval()(images), "b v c h w -> (b v) (h w) c")
     theirs = fx["outputs"]["tokens"]
@@ -168,14 +169,14 @@ def test_imported_checkpoints_make_a_policy_and_keep_the_published_config(import
     assert inv["stats"]["actions"]["min"] == [-1.0] * 7 and inv["trained_with"]["tokenizer"] == A.weights_hash(ckpts["tokenizer"])
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "amplify.py"), *args], capture_output=True, text=True,
+def run_cli(*args, script="amplify.py"):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
                           timeout=300)
 
 
 def test_cli_imports_and_refuses_bad_input_in_one_line(published, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("--import-official", published["tokenizer"], "--out", str(out))
+    proc = run_cli(published["tokenizer"], "--out", str(out), script="import_official.py")
     assert proc.returncode == 0, proc.stderr
     assert "imported tokenizer" in proc.stderr + proc.stdout and os.listdir(out) == ["tokenizer.pt"]
     before = (out / "tokenizer.pt").read_bytes()
@@ -187,7 +188,7 @@ def test_cli_imports_and_refuses_bad_input_in_one_line(published, tmp_path):
         ((str(tmp_path / "missing.pt"),), "path does not exist"),
     ]
     for paths, message in cases:
-        proc = run_cli("--import-official", *paths, "--out", str(out))
+        proc = run_cli(*paths, "--out", str(out), script="import_official.py")
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert os.listdir(out) == ["tokenizer.pt"] and (out / "tokenizer.pt").read_bytes() == before
 
@@ -197,7 +198,7 @@ def test_a_config_the_format_cannot_express_is_refused(published, tmp_path):
     ckpt["config"] = {**ckpt["config"], "type": "diffusion"}
     torch.save(ckpt, tmp_path / "diffusion.pt")
     with pytest.raises(A.DataError, match="expected type='gaussian'"):
-        A.import_official([published["tokenizer"], str(tmp_path / "diffusion.pt")], str(tmp_path / "out"),
+        I.import_official([published["tokenizer"], str(tmp_path / "diffusion.pt")], str(tmp_path / "out"),
                           published["resnet"])
     assert not os.path.exists(tmp_path / "out")
 
@@ -216,7 +217,7 @@ def test_imported_models_train_on_and_resume(published, tmp_path):
     arrays["actions"] = np.clip(arrays["actions"], -1, 1)
     np.savez(tmp_path / "data.npz", meta_json=np.array(json.dumps(meta)), **arrays)
     out = tmp_path / "run"
-    A.import_official([published[s] for s in ("tokenizer", "forward", "inverse")], str(out), published["resnet"])
+    I.import_official([published[s] for s in ("tokenizer", "forward", "inverse")], str(out), published["resnet"])
     before = A.load_checkpoint(str(out / "inverse.pt"), "inverse")
     for stage in ("inverse", "tokenizer"):  # the inverse model first: it reads the imported tokenizer's codes
         proc = run_cli("--stage", stage, "--data", str(tmp_path / "data.npz"), "--out", str(out), "--resume",
@@ -236,7 +237,7 @@ def test_a_checkpoint_missing_a_published_weight_is_refused_in_one_line(publishe
     ckpt = torch.load(published["tokenizer"], weights_only=True)
     del ckpt["model"]["decoder.view_emb.weight"]
     torch.save(ckpt, tmp_path / "broken.pt")
-    proc = run_cli("--import-official", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "out"))
+    proc = run_cli(str(tmp_path / "broken.pt"), "--out", str(tmp_path / "out"), script="import_official.py")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "expected a published tokenizer checkpoint, found no 'decoder.view_emb.weight'" in proc.stderr
     assert not os.path.exists(tmp_path / "out")
