@@ -10,33 +10,19 @@ trained stages:
 At test time the forward model predicts the codes, the inverse model turns them into an action
 chunk, and chunks are blended with ACT-style temporal ensembling (`Policy`).
 
-Notable features
-  - Everything the method needs is here: FSQ, the local-window track codec, three transformers,
-    their losses, the track metrics, a memory-mapped dataset reader, three flat training loops,
-    the composed policy. Only torch, numpy and einops are imported at module level.
-  - `--preset cpu` trains in minutes on a laptop; `--preset paper` builds the Table 10 models.
-  - Self-describing, atomically written checkpoints (config, normalization stats, step), and
-    `--resume` continues a stage exactly where it stopped (batches are drawn from (seed, step)).
-  - Three action heads for the inverse model (`--action-head`): Gaussian, diffusion (1-D U-Net, DDPM
-    training, DDIM sampling) and flow matching (DiT, midpoint integration), sampled reproducibly.
-  - Forward-model sampling with a key/value cache; torchrun data parallelism; datasets larger
-    than memory (memory-mapped, validated in chunks).
-  - Trainable from Python too: train_tokenizer / train_forward / train_inverse take dataclass
-    configs, and the three models share one `loss(...) -> (loss, metrics)` contract.
+Everything the method needs is here, importing only torch, numpy and einops: FSQ, the local-window
+track codec, the three transformers as published (pairlab/AMPLIFY, layer for layer), their losses,
+the track metrics, a memory-mapped dataset reader, one training loop (resumable, bf16, torchrun),
+the composed policy. Around it: preprocess.py makes datasets, import_official.py converts published
+checkpoints, bench.py measures speed, eval_libero.py and real_robot.py run policies, and
+amplify_extras.py holds optional parts (other action heads, pictures, --log-to).
 
-Around this file: preprocess.py makes datasets (and writes them), bench.py measures speed,
-eval_libero.py and real_robot.py run policies; they share this file's atomic_write,
-resize_images, load_policy and UserError.
-
-Examples (DIR holds the checkpoints of all stages):
   python amplify.py --stage tokenizer --data data.npz --out DIR
   python amplify.py --stage forward   --data data.npz --out DIR       # uses DIR/tokenizer.pt
   python amplify.py --stage inverse   --data data.npz --out DIR       # codes of the true tracks
   python amplify.py --stage inverse   --data data.npz --out DIR --predicted-codes   # fine-tune
   python amplify.py --stage all       --data data.npz --out DIR       # all of it -> DIR/policy.pt
-  python amplify.py --stage all --data data.npz --out DIR --action-head diffusion   # or flow; default gaussian
   python amplify.py --stage forward --preset paper --count-params
-  python bench.py --preset paper                                     # throughput, memory, latency
   torchrun --nproc_per_node=4 amplify.py --stage all --data D --out DIR   # data-parallel, GPUs or CPU
 
 Shape legend (einops names in lower case)
@@ -198,28 +184,19 @@ class TokenizerConfig(ModelConfig):
     window: int = 15  # W: the decoder classifies each step into W x W pixel moves
     head_hidden: int = 128  # hidden width of the decoder's per-(view, step, point) MLP (published code: 256)
     grid: int = 20
-    # Loss weight of each view, in the data's view order; () = all views alike. The published code
-    # weights third-person 0.9 and wrist 0.1: a wrist camera moves with the hand, so nearly all of its
-    # points move and would otherwise dominate the loss (docs/MOTION_CODES.md).
-    view_weights: tuple = ()
-    # How decoded tracks are read out of the window distributions: "argmax" (published) or "mean",
-    # the expected move, which keeps sub-pixel motion (measured in docs/MOTION_CODES.md).
-    readout: str = "argmax"
+    view_weights: tuple = ()  # loss weight per view, data order; () = alike (published: 0.9 third-person, 0.1 wrist)
+    readout: str = "argmax"  # decoded moves: "argmax" (published) or "mean", which keeps sub-pixel motion
 
 
 @dataclass
 class VisionConfig:
-    # A ResNet with torchvision's module names, so ResNet-18 weights load into widths
-    # (64, 128, 256, 512) x blocks (2, 2, 2, 2). The cpu preset is the same design, thinner.
+    """A ResNet with torchvision's module names: ResNet-18 is widths (64, 128, 256, 512) x blocks (2, 2, 2, 2);
+    the cpu preset's is the same design, thinner."""
     widths: tuple = (16, 32, 64, 128)
     blocks: tuple = (1, 1, 1, 1)
     upsample: int = 0  # resize images to this before the CNN (published code: 128 -> 224, a 7x7 map); 0 = off
-    # The published code feeds the ResNet frames in [0, 1] without ImageNet normalization (so does this).
     weights: str = ""  # "" (train from scratch), "torchvision", "timm", or a path to a ResNet-18 state dict
-    # Frozen: the ResNet is not trained (the published code's default; with pretrained weights the
-    # paper's setting, whose ablation finds frozen and fine-tuned equal). Its features then depend
-    # on the frame alone, so training computes them once and reads them from a cache on disk.
-    frozen: bool = False
+    frozen: bool = False  # not trained (the published default): features are computed once and cached
 
 
 @dataclass
@@ -235,25 +212,16 @@ class InverseConfig(ModelConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)
     gamma: float = 0.99  # discount over the action chunk, of whichever head's loss
     use_codes: bool = True  # False: the "inverse only" behaviour-cloning baseline (no motion codes)
-    # True: the task text is one more memory token (hashed words). Not AMPLIFY's inverse model, which
-    # sees no goal: with use_codes False it is the goal-conditioned BC baseline (the paper's baselines,
-    # Diffusion Policy and BAKU, are goal-conditioned).
-    goal: bool = False
-    # True: a LayerNorm over the memory tokens (image cells, proprio, codes), as our models had before
-    # they became the published ones; the published memory has none, and its codes (through the
-    # tokenizer's frozen code_out) sit at another scale than the image cells. Measured in the
-    # few-shot setting: held-out action error with true codes 0.0305 vs 0.0367 (3 seeds; BC 0.0374):
-    # docs/EXPERIMENT.md, "The published architecture".
+    goal: bool = False  # the task text as one more memory token: with use_codes False, goal-conditioned BC
+    # A LayerNorm over the memory (not published; ours before #24): measured better few-shot,
+    # 0.0305 vs 0.0367 held-out action error with true codes (docs/EXPERIMENT.md)
     memory_ln: bool = False
     head: str = "gaussian"  # action head: gaussian | diffusion | flow (the paper's Table 13 compares the three)
-    # diffusion: noise levels in training and DDIM steps per chunk, as Diffusion Policy trains and runs on robots
-    diffusion_train_steps: int = 100
+    gaussian_std: float = 0.1  # fixed, in normalized action units (published; a learned one measured 4x worse)
+    diffusion_train_steps: int = 100  # noise levels in training, and DDIM steps per chunk, as Diffusion Policy's
     diffusion_sample_steps: int = 16
     unet_dims: tuple = (32, 64, 128)  # U-Net channels per level (Diffusion Policy's: 256, 512, 1024)
     flow_steps: int = 10  # flow matching: midpoint steps per chunk (the paper's 10)
-    # gaussian: the fixed std in normalized action units (the published 0.1). A learned std per
-    # dimension and step, measured earlier, left the mean 4x worse on held-out actions (docs/MOTION_CODES.md).
-    gaussian_std: float = 0.1
     dit_layers: int = 2  # flow matching: DiT blocks, D wide
     action_dim: int = 7
     proprio_dim: int = 9
@@ -364,13 +332,8 @@ class FSQ(nn.Module):
 
 class CodeInput(nn.Module):
     """Motion-code indices (..., L) -> model inputs (..., L, D): the FSQ code vectors through the
-    tokenizer's `code_out` (FSQ's project_out), frozen, as the published code reads them.
-
-    The forward and inverse models read codes this way: a code is a point on the FSQ grid, so codes
-    one level apart are nearby inputs, and a code seen rarely in a few demonstrations still lands
-    beside its neighbours. `proj` holds the tokenizer's weights (copied in when training starts), so
-    every model reads a code as the tokenizer's decoder does.
-    """
+    tokenizer's `code_out` (FSQ's project_out), frozen, as the published code reads them: codes one
+    level apart are nearby inputs, and every model reads a code as the tokenizer's decoder does."""
 
     def __init__(self, codebook_size, d):
         super().__init__()
@@ -524,10 +487,8 @@ class MotionTokenizer(nn.Module):
         # Encoder: one token per time step holding every point of every view, so the views are
         # tokenized together into one code sequence of length L = T-1.
         self.vel_in = nn.Linear(V * N * 2, D)
-        with torch.no_grad():  # scaled at init for velocities in pixels (an init that is not the published one):
-            # the inputs are normalized velocities, 2 / size per pixel of motion, and with PyTorch's default
-            # init the moves hardly reached the codes. test_tokenizer_overfits_and_reconstructs, 600 steps:
-            # 9.98 px error on moving points (= "nothing moves") with the default init, 0.31 px with this one.
+        with torch.no_grad():  # not published: scaled for velocities of 2 / size per pixel, which the
+            # default init hardly passes on to the codes (docs/PUBLISHED_ARCHITECTURE.md)
             self.vel_in.weight.mul_(torch.tensor(cfg.img_size[::-1], dtype=torch.float).repeat(V * N) / 2)
         self.encoder = Transformer(L, D, cfg.n_layer, cfg.n_head, cfg.dropout)
         self.register_buffer("causal", torch.ones(L, L, dtype=torch.bool).tril(), persistent=False)
@@ -584,15 +545,12 @@ class MotionTokenizer(nn.Module):
 
     def view_cross_entropy(self, features, target):
         """Each view's mean cross-entropy of the head on features (B, V, L, N, D) against window
-        classes (B, V, L, N): V losses.
-
-        Features narrower than the Cw = 225 classes (the cpu preset, D = 64): the (B V L N, Cw) logits
-        would be the biggest tensor of the step, so they are computed in chunks (3x faster there). At
-        the paper's D = 768 the features are the bigger tensor and the plain head is faster (1.4x in
-        bf16; docs/SCALE.md). Both give the same loss and gradients; the chunked one is in amplify_extras."""
+        classes (B, V, L, N): V losses. Features narrower than the Cw classes (the cpu preset) would
+        make the logits the step's biggest tensor: amplify_extras computes them in chunks (3x faster
+        there, the same loss and gradients; docs/SCALE.md)."""
         if features.shape[-1] < self.head.out_features and extras() is not None:
-            return [extras().chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"), self.head.weight,
-                                                          self.head.bias, target[:, v].flatten())
+            return [extras().chunked_linear_cross_entropy(rearrange(features[:, v], "b ... d -> (b ...) d"),
+                                                          self.head.weight, self.head.bias, target[:, v].flatten())
                     for v in range(features.shape[1])]
         logits = self.head(features).float()  # (B, V, L, N, Cw)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
@@ -601,11 +559,8 @@ class MotionTokenizer(nn.Module):
     def decode(self, indices, start, readout=None):
         """indices (B, L), start (B, V, N, 2) -> tracks (B, V, T, N, 2), each step's move summed up.
 
-        readout (default: cfg.readout) "argmax": the most likely move, as the published code reads
-        it out; "mean": the expected move under the step's window distribution, so sub-pixel motion
-        survives. A point moving 0.3 px a step moves by one pixel in about a third of its steps, so
-        "stay" is every step's most likely class and argmax decodes it as still (docs/MOTION_CODES.md).
-        """
+        readout (default: cfg.readout) "argmax": the most likely move, as published; "mean": the
+        expected move, so sub-pixel motion survives argmax's "stay" (docs/MOTION_CODES.md)."""
         readout = readout or self.cfg.readout
         probs = self.decode_logits(self.fsq.indices_to_codes(indices)).float().softmax(-1)  # (B, V, L, N, W*W)
         moves = window_moves(self.cfg.window).to(probs.device)
@@ -685,13 +640,9 @@ def load_resnet18_weights(resnet, source):
 
 
 class VisionEncoder(nn.Module):
-    """uint8 images (B, V, H, W, 3) -> ResNet feature maps (B, V, C, h, w); the models project them.
-
-    As published: the frames as floats in [0, 1], resized (bilinear, no antialias) to `upsample`
-    pixels when set (128 -> 224 gives a 7x7 map), no ImageNet normalization. Float input is taken
-    to be these features already: a frozen encoder's features are computed once (cached, or shared
-    between the forward and the inverse model of a policy) and only the projection runs per step.
-    """
+    """uint8 images (B, V, H, W, 3) -> ResNet feature maps (B, V, C, h, w), as published: frames in [0, 1],
+    resized (bilinear) to `upsample` when set, no ImageNet normalization. Float input is taken to be
+    these features already (a frozen encoder's, computed once: cached, or shared inside a Policy)."""
 
     def __init__(self, cfg: VisionConfig, views, img_size):
         super().__init__()
@@ -735,13 +686,9 @@ def task_words(task):
 
 class TextEncoder(nn.Module):
     """Task text -> one (B, D) token: a frozen text embedding (text_dim wide) and a trained projection,
-    as the published code projects T5-small's first token.
-
-    Default ("hash"): the words hashed into `buckets` fixed random vectors and averaged: no weights
-    to download, and instructions that share words share their vectors. Otherwise a frozen Hugging
-    Face encoder (e.g. "t5-small", the published choice) embeds each distinct task once, its first
-    token's state as published, and the result is cached (and saved in the checkpoint).
-    """
+    as the published code projects T5-small's first token. "hash" (default): the mean of fixed random
+    vectors of the words (nothing to download; shared words share vectors). Otherwise a frozen Hugging
+    Face encoder ("t5-small" as published) embeds each task once; the cache is saved in the checkpoint."""
 
     def __init__(self, d_model, name="hash", buckets=4096, text_dim=512):
         super().__init__()
@@ -1640,17 +1587,13 @@ def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_b
         extra, label=None, reference=None, resumed=None):
     """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
 
-    Each step draws a global batch of `train.batch_size` frames from `frames` with an RNG seeded by
-    (run.seed, step), so a resumed run replays exactly and every torchrun rank draws the same batch
-    and trains on its own slice of it. make_batch(frames) -> dict of arrays (run in a background
-    thread); loss_fn(model, batch) -> (loss, {name: scalar tensor}); evaluate(model, step) -> {name:
-    float} scores the held-out frames `val` (without gradients, model in eval mode); `extra` goes into
-    the checkpoint. `label` names the run in logs and files (default: the stage); `reference` = (name,
-    {metric: value}) is what a trivial prediction scores on the same frames ("nothing moves"), printed
-    beside the final metrics. `resumed`: the checkpoint at out_path that --resume continues
-    (resumed_checkpoint), or None. Writes OUT/<label>_metrics.jsonl (evaluations), <label>_log.jsonl
-    (progress) and, at the end, <label>_curves.png.
-    """
+    Step s trains on `train.batch_size` frames drawn with an RNG seeded by (run.seed, s), so a resumed
+    run replays exactly and every torchrun rank draws the same batch and trains on its slice of it.
+    make_batch(frames) -> dict of arrays (in a background thread); loss_fn(model, batch) -> (loss,
+    metrics); evaluate(model, step) -> {name: float} on the held-out frames `val`; `extra` goes into
+    the checkpoint; `reference` = (name, {metric: value}) is a trivial prediction's score, printed
+    beside the final one; `resumed` is the checkpoint --resume continues. Writes OUT/<label>_metrics.jsonl,
+    <label>_log.jsonl and <label>_curves.png (label: default the stage)."""
     label, device = label or stage, run.device
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
