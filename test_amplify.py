@@ -6,6 +6,7 @@ including every kind of bad input it must refuse.
 """
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -773,6 +774,52 @@ def test_draw_tracks_and_png(tmp_path):
     assert out[10, 5:15].any() and not out[:8].any() and img.sum() == 0
     A.write_png(str(tmp_path / "x.png"), out)
     assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def imported_modules(path):
+    """Top-level names of every module a file imports, wherever the import statement is."""
+    import ast
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_amplify_imports_no_project_module_but_its_optional_companion():
+    """amplify.py imports no file of this project except amplify_extras.py, lazily; that one imports none."""
+    project = {os.path.splitext(n)[0] for n in os.listdir(HERE) if n.endswith(".py")}
+    assert imported_modules(os.path.join(HERE, "amplify.py")) & project == {"amplify_extras"}
+    assert imported_modules(os.path.join(HERE, "amplify_extras.py")) & project == set()
+
+
+def test_amplify_runs_without_its_optional_companion(tmp_path):
+    """amplify.py copied alone trains the tokenizer on the plain loss head (the chunked one's loss, to
+    float rounding) and refuses what needs amplify_extras.py in one line."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "amplify.py"), alone)
+    arrays, meta = tiny_data(episodes=2, frames=18, img=32, grid=5)
+    preprocess.write_dataset(str(tmp_path / "data"), arrays, meta)
+    losses = {}
+    for where in (alone, HERE):  # the same seed and data: the first step's loss, plain head vs chunked
+        out = tmp_path / ("alone" if where == alone else "with") / "run"
+        proc = subprocess.run([sys.executable, os.path.join(where, "amplify.py"), "--stage", "tokenizer", "--data",
+                               str(tmp_path / "data"), "--out", str(out), "--steps", "1", "--log-every", "1", "--precision", "fp32"],
+                              capture_output=True, text=True, cwd=where, timeout=600, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[where] = [json.loads(r) for r in open(out / "tokenizer_log.jsonl")][0]["loss"]
+    assert losses[alone] == pytest.approx(losses[HERE], rel=1e-4)
+    refused = [["--stage", "tokenizer", "--log-to", "tensorboard"], ["--stage", "inverse", "--no-codes", "--action-head",
+                                                                      "diffusion"]] + [["--stage", "tokenizer", "--vis"]] * HAVE_PIL
+    for flags in refused:
+        proc = subprocess.run([sys.executable, os.path.join(alone, "amplify.py"), *flags, "--data", str(tmp_path / "data"),
+                               "--out", str(tmp_path / "refused"), "--steps", "1"], capture_output=True, text=True,
+                              cwd=alone, timeout=600, env=ENV)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+        assert "amplify_extras.py" in proc.stderr
 
 
 # -----------------------------------------------------------------------------
