@@ -36,6 +36,7 @@ Shape legend (einops names in lower case)
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -118,6 +119,7 @@ def atomic_write(path, write_fn, directory=False):
                 os.remove(leftover)
 
 
+@functools.cache  # looked up once: the tokenizer's loss asks on every step
 def extras():
     """amplify_extras.py, the optional helpers beside this file (pictures, --log-to, the chunked
     cross-entropy), or None where it was left out."""
