@@ -10,10 +10,10 @@ R=$(realpath "${R:-$HERE/runs/zeroshot-scale-published}")
 CODE=${CODE:-$HERE}  # the amplify.py to run (this session: a snapshot of 7d655d2)
 cd "$CODE"
 D="$R/data/videos $R/data/demos"
-ONLY=(--only-task reach --only-task "button press topdown" --only-task "door open" --only-task "drawer close"
-      --only-task "window open" --only-task "faucet open" --only-task "coffee pull" --only-task "handle press"
-      --only-task "plate slide" --only-task "door lock" --only-task "button press" --only-task push
-      --only-task "pick place" --only-task "lever pull" --only-task sweep --only-task hammer)
+# The setting's task lists, as experiment.py defines them (its default run: dose 16 = every source task)
+UNSEEN=$(python -c "import experiment as X; print(X.SCALE_UNSEEN)")
+mapfile -t ONLY < <(python -c "import experiment as X
+for t in X.SCALE_SOURCES.split(','): print('--only-task'); print(X.task_text(t))")
 COMMON=(--batch-size 8 --device cpu --threads 1 --resume --eval-every 400 --memory-layernorm "${ONLY[@]}")
 P=$R/policies-ln
 train() {  # seed: AMPLIFY (1600 true-code steps + 800 fine-tuning), BC at equal steps (1600) and in all (2400)
@@ -28,7 +28,7 @@ train() {  # seed: AMPLIFY (1600 true-code steps + 800 fine-tuning), BC at equal
 }
 evaluate() {  # seed method
   p=d16-s$1-$2; [ -f $R/eval-ln/$p/results.json ] && return
-  python eval_libero.py --policy $P/$p --suite metaworld --tasks drawer-open-v3,window-close-v3,faucet-close-v3,coffee-push-v3 \
+  python eval_libero.py --policy $P/$p --suite metaworld --tasks $UNSEEN \
     --episodes 20 --seed $1 --workers 2 --out $R/eval-ln/$p --max-steps 200 > $R/eval-ln-$p.log 2>&1
 }
 train 0 & train 1; wait; train 2
@@ -39,10 +39,7 @@ from pathlib import Path
 sys.path.insert(0, ".")
 import experiment as X
 R = Path(sys.argv[1]); P = R / "policies-ln"
-src = ["reach-v3", "button-press-topdown-v3", "door-open-v3", "drawer-close-v3", "window-open-v3", "faucet-open-v3",
-       "coffee-pull-v3", "handle-press-v3", "plate-slide-v3", "door-lock-v3", "button-press-v3", "push-v3",
-       "pick-place-v3", "lever-pull-v3", "sweep-v3", "hammer-v3"]
-unseen = ["drawer-open-v3", "window-close-v3", "faucet-close-v3", "coffee-push-v3"]
+src, unseen = X.SCALE_SOURCES.split(","), X.SCALE_UNSEEN.split(",")
 for s in (0, 1, 2):
     models = {"amplify": (str(P / f"d16-s{s}-amplify"), "inverse.pt", "true"),
               "bc": (str(P / f"d16-s{s}-bc-eq"), "inverse.pt", None),

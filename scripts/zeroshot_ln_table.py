@@ -14,7 +14,7 @@ sys.path.insert(0, str(HERE))
 import experiment as X  # noqa: E402
 
 R = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "runs" / "zeroshot-scale-published")
-unseen = ["drawer-open-v3", "window-close-v3", "faucet-close-v3", "coffee-push-v3"]
+unseen = X.SCALE_UNSEEN.split(",")
 def eps(root, p):
     r = json.loads((root / p / "results.json").read_text())
     if not r["complete"]:
