@@ -1027,8 +1027,7 @@ class Dataset:
         self.num_frames = int(self.episode_ends[-1])
         self.views = list(meta["views"])
         self.img_size = size_hw(meta["img_size"])
-        starts = np.concatenate([[0], self.episode_ends[:-1]])
-        self.episode_starts = starts
+        self.episode_starts = np.concatenate([[0], self.episode_ends[:-1]])
 
     def episode_range(self, e):
         return int(self.episode_starts[e]), int(self.episode_ends[e])
@@ -1587,15 +1586,14 @@ class StageLoss(nn.Module):
 
 def fit(model, *, stage, train: TrainConfig, run: RunConfig, frames, val, make_batch, loss_fn, evaluate, out_path,
         extra, label=None, reference=None, resumed=None):
-    """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable.
+    """The training loop: step, periodic eval, one log line, atomic checkpoint. Resumable: step s trains
+    on frames drawn with an RNG seeded by (run.seed, s), so a resumed run replays exactly and every
+    torchrun rank draws the same batch and trains on its slice of it.
 
-    Step s trains on `train.batch_size` frames drawn with an RNG seeded by (run.seed, s), so a resumed
-    run replays exactly and every torchrun rank draws the same batch and trains on its slice of it.
-    make_batch(frames) -> dict of arrays (in a background thread); loss_fn(model, batch) -> (loss,
-    metrics); evaluate(model, step) -> {name: float} on the held-out frames `val`; `extra` goes into
-    the checkpoint; `reference` = (name, {metric: value}) is a trivial prediction's score, printed
-    beside the final one; `resumed` is the checkpoint --resume continues. Writes OUT/<label>_metrics.jsonl,
-    <label>_log.jsonl and <label>_curves.png (label: default the stage)."""
+    make_batch(frames) -> dict of arrays (in a background thread); loss_fn(model, batch) -> (loss, metrics);
+    evaluate(model, step) -> {name: float} on the held-out frames `val`; `extra` goes into the checkpoint;
+    `reference` = (name, {metric: value}), a trivial prediction's score. Writes <label>_metrics.jsonl,
+    <label>_log.jsonl and <label>_curves.png beside `out_path`."""
     label, device = label or stage, run.device
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1832,21 +1830,23 @@ def no_motion_reference(corpus, val):
     return "nothing moves", track_metrics(no_motion(gt), gt, corpus.img_size)
 
 
-def load_stage(path, stage, corpus, device):
-    """A trained stage for this data: (checkpoint, model in eval mode on `device`)."""
+def checkpoint_for(path, stage, corpus):
+    """A trained stage's checkpoint, refused unless it was trained on data shaped like `corpus`."""
     ckpt = load_checkpoint(path, stage)
     check_data_matches(ckpt, corpus, path)
+    return ckpt
+
+
+def load_stage(path, stage, corpus, device):
+    """A trained stage for this data: (checkpoint, model in eval mode on `device`)."""
+    ckpt = checkpoint_for(path, stage, corpus)
     return ckpt, model_from_checkpoint(ckpt).to(device)
 
 
 def resumed_checkpoint(path, stage, corpus, run: RunConfig):
     """The checkpoint --resume continues, or None. Its model config (and the inverse model's
     normalization) is the run's, whatever the preset and flags say: a resumed model is that model."""
-    if not (run.resume and os.path.exists(path)):
-        return None
-    ckpt = load_checkpoint(path, stage)
-    check_data_matches(ckpt, corpus, path)
-    return ckpt
+    return checkpoint_for(path, stage, corpus) if run.resume and os.path.exists(path) else None
 
 
 def n_params(model):
@@ -1964,14 +1964,13 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
         raise UserError(f"train_inverse: expected codes 'true' or 'pred', found {codes!r}")
     name = "inverse_ft" if codes == "pred" else "inverse"
     tok_path, fwd_path = tokenizer or os.path.join(out, "tokenizer.pt"), forward or os.path.join(out, "forward.pt")
-    init_ckpt = None
-    if init is not None:  # fine-tuning keeps the model's config and normalization
-        init_ckpt = load_checkpoint(init, "inverse")
-        check_data_matches(init_ckpt, corpus, init)
-        cfg = config_from_dict(InverseConfig, init_ckpt["config"])
-        if not cfg.use_codes:
-            raise UserError(f"--predicted-codes fine-tunes on forward-model codes, but {init} was trained "
-                            f"without codes (--no-codes)")
+    init_ckpt = None if init is None else checkpoint_for(init, "inverse", corpus)
+    resumed = resumed_checkpoint(os.path.join(out, name + ".pt"), "inverse", corpus, run)
+    kept = resumed or init_ckpt  # a resumed or fine-tuned model keeps its config and normalization
+    cfg = cfg if kept is None else config_from_dict(InverseConfig, kept["config"])
+    if init_ckpt is not None and not cfg.use_codes:
+        raise UserError(f"--predicted-codes fine-tunes on forward-model codes, but {init} was trained "
+                        f"without codes (--no-codes)")
     if codes == "pred" and not cfg.use_codes:
         raise UserError("--predicted-codes trains on forward-model codes; it cannot be combined with --no-codes")
     # The model that makes the codes trained on is required; the other is loaded for the diagnostics
@@ -1984,8 +1983,7 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     # Provenance: the weights this model learns from, by content hash (a policy that mixes stages is refused).
     trained_with = {}
     if cfg.use_codes:
-        source = tok_ckpt if codes == "true" else fwd_ckpt
-        cfg = cfg if init_ckpt is not None else replace(cfg, codebook_size=source["config"]["codebook_size"])
+        codebook_size = (tok_ckpt if codes == "true" else fwd_ckpt)["config"]["codebook_size"]
         trained_with["tokenizer"] = (weights_hash(tok_ckpt) if codes == "true"
                                      else fwd_ckpt.get("trained_with", {}).get("tokenizer"))
     if codes == "pred":
@@ -1998,18 +1996,14 @@ def train_inverse(corpus, cfg: InverseConfig, out, train: TrainConfig = None, ru
     train_eps, val_eps, frames, val = stage_episodes(corpus, run, train, "inverse (episodes with actions)", True)
     if corpus.dim("proprio") == 0:
         raise DataError("inverse: expected key 'proprio' in the data, found none")
-    if init_ckpt is not None:
-        stats, action_layout = init_ckpt["stats"], init_ckpt.get("action_layout")
-    else:
-        # Statistics from the training episodes only, kept in the checkpoint: the policy acts in data units.
+    if kept is not None:
+        stats, action_layout = kept["stats"], kept.get("action_layout")
+    else:  # statistics of the training episodes only, kept in the checkpoint: the policy acts in data units
         stats = {key: array_stats(corpus.gather(key, frames)) for key in ("actions", "proprio")}
         action_layout = corpus.action_layout(train_eps)
         cfg = replace(cfg, views=len(corpus.views), img_size=corpus.img_size, T=corpus.T,
-                      action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"))
-    resumed = resumed_checkpoint(os.path.join(out, name + ".pt"), "inverse", corpus, run)
-    if resumed is not None:
-        cfg, stats = config_from_dict(InverseConfig, resumed["config"]), resumed["stats"]
-        action_layout = resumed.get("action_layout")
+                      action_dim=corpus.dim("actions"), proprio_dim=corpus.dim("proprio"),
+                      **({"codebook_size": codebook_size} if cfg.use_codes else {}))
     act_norm, prop_norm = normalizers(stats)
     model = build_model("inverse", cfg, init_ckpt["model"] if init_ckpt is not None else None)
     if cfg.use_codes and init_ckpt is None:  # codes read as the tokenizer reads them (the forward model holds a copy)
