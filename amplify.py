@@ -933,24 +933,18 @@ META_KEYS = ("views", "img_size", "T", "grid")
 CHUNK_BYTES = 64 << 20  # validate big arrays this many bytes at a time: never all in memory
 
 
-def _chunks(n_rows, row_bytes):
-    step = max(1, CHUNK_BYTES // max(1, row_bytes))
-    for i in range(0, n_rows, step):
-        yield slice(i, min(n_rows, i + step))
-
-
-def _row_bytes(a):
-    return int(a.itemsize * np.prod(a.shape[1:], dtype=np.int64))
-
-
-def _read_rows(a, rows):
-    """a[rows] as a private copy. For a memmap, read the file directly: pages touched through the
-    mapping would stay in this process's resident memory, and a scan would pull in the whole file."""
-    if isinstance(a, np.memmap) and a.filename:
-        count = (rows.stop - rows.start) * int(np.prod(a.shape[1:], dtype=np.int64))
-        flat = np.fromfile(a.filename, dtype=a.dtype, count=count, offset=a.offset + rows.start * _row_bytes(a))
-        return flat.reshape((-1,) + a.shape[1:])
-    return np.asarray(a[rows])
+def row_blocks(a):
+    """(first row, rows) of `a` in blocks of about CHUNK_BYTES, each a private copy. A memmap is read from
+    its file: pages touched through the mapping would stay resident, and a scan would pull in the whole file."""
+    row_size = int(np.prod(a.shape[1:], dtype=np.int64))
+    step = max(1, CHUNK_BYTES // max(1, a.itemsize * row_size))
+    for i in range(0, len(a), step):
+        n = min(len(a) - i, step)
+        if isinstance(a, np.memmap) and a.filename:
+            yield i, np.fromfile(a.filename, dtype=a.dtype, count=n * row_size,
+                                 offset=a.offset + i * row_size * a.itemsize).reshape((n,) + a.shape[1:])
+        else:
+            yield i, np.asarray(a[i:i + n])
 
 
 def validate_dataset(arrays, meta):
@@ -992,10 +986,10 @@ def validate_dataset(arrays, meta):
             a = arrays[key]
             check(key, a.dtype == np.float32 and a.ndim == 2 and a.shape[0] == F_, f"float32 ({F_}, dim)",
                   f"{a.dtype} {a.shape}")
-    for rows in _chunks(F_, _row_bytes(tracks)):
-        bad = ~np.isfinite(_read_rows(tracks, rows))
+    for first, rows in row_blocks(tracks):
+        bad = ~np.isfinite(rows)
         if bad.any():
-            frame = rows.start + int(np.argwhere(bad)[0][0])
+            frame = first + int(np.argwhere(bad)[0][0])
             raise DataError(f"dataset: 'tracks' expected finite values, found NaN/inf at frame {frame}")
     if "proprio" in arrays:
         if not np.isfinite(arrays["proprio"]).all():
