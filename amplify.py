@@ -2359,16 +2359,28 @@ PROTOCOLS = {  # how the inverse model comes to read forward-predicted codes (do
 }
 
 
+def preset_values(dest):
+    """'cpu 300, paper 100000': each preset's value of the field that a flag sets (dest "<config>.<field>")."""
+    group, name = dest.split(".")
+    values = {p: getattr(c["forward"].vision if group == "vision" else c[group], name) for p, c in PRESETS.items()}
+    return (f"{values['cpu']}" if len(set(map(repr, values.values()))) == 1
+            else ", ".join(f"{p} {v}" for p, v in values.items()))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default once: not when its help already says it, nor for switches and unset values;
-    names a value after its flag (STEPS), not its config field (train.steps)."""
+    """Shows a flag's default once: not when its help already says it, nor for switches; an unset flag
+    that sets a preset's field shows each preset's value. Names a value after its flag (STEPS), not
+    its config field (train.steps)."""
 
     def _get_default_metavar_for_optional(self, action):
         return action.option_strings[-1].lstrip("-").replace("-", "_").upper()
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, [], argparse.SUPPRESS):
+        if "default" in (action.help or "") or action.default in (False, [], argparse.SUPPRESS) or action.nargs == 0:
             return action.help
+        if action.default is None:
+            preset_field = action.dest.split(".")[0] in ("train", "vision", *CONFIG_CLASSES)
+            return f"{action.help} (default: {preset_values(action.dest)})" if preset_field else action.help
         return super()._get_help_string(action)
 
 
@@ -2400,16 +2412,14 @@ def build_parser():
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and training sizes")
     p.add_argument("--count-params", action="store_true", help="print 'params: <int>' for --stage and exit")
     # training (unset: the preset's value)
-    p.add_argument("--steps", type=integer(0), dest="train.steps",
-                   help="training steps per stage (default: the preset's)")
-    p.add_argument("--batch-size", type=integer(1), dest="train.batch_size", help="(default: the preset's)")
-    p.add_argument("--lr", type=float, dest="train.lr", help="peak learning rate (default: the preset's)")
-    p.add_argument("--log-every", type=integer(1), dest="train.log_every",
-                   help="steps between progress lines (default: the preset's)")
+    p.add_argument("--steps", type=integer(0), dest="train.steps", help="training steps per stage")
+    p.add_argument("--batch-size", type=integer(1), dest="train.batch_size", help="frames per training step")
+    p.add_argument("--lr", type=float, dest="train.lr", help="peak learning rate")
+    p.add_argument("--log-every", type=integer(1), dest="train.log_every", help="steps between progress lines")
     p.add_argument("--eval-every", type=integer(1), dest="train.eval_every",
-                   help="steps between evaluations and checkpoints (default: the preset's)")
+                   help="steps between evaluations and checkpoints")
     p.add_argument("--eval-samples", type=integer(1), dest="train.eval_samples",
-                   help="held-out windows scored per evaluation (default: the preset's)")
+                   help="held-out windows scored per evaluation")
     existing = p.add_mutually_exclusive_group()  # what to do with a stage's checkpoint already in --out
     existing.add_argument("--resume", action="store_true", dest="run.resume",
                           help="continue each stage from its checkpoint in --out")
@@ -2445,7 +2455,7 @@ def build_parser():
     # data protocols (paper section 5): few-shot, zero-shot, cross-embodiment
     p.add_argument("--view-weights", type=lambda s: [float(w) for w in s.split(",")], metavar="W1,W2",
                    dest="tokenizer.view_weights", help="tokenizer: loss weight per view, in the data's view order "
-                   "(published: 0.9,0.1 for third-person, wrist); default: the preset's")
+                   "(published: 0.9,0.1 for third-person, wrist); default: alike")
     p.add_argument("--shots", type=integer(0), default=0, dest="run.shots",
                    help="inverse: use only the first K action episodes of each task (0: all)")
     p.add_argument("--only-task", action="append", dest="run.only_tasks",
@@ -2457,13 +2467,13 @@ def build_parser():
                    help="inverse: Gaussian (default), DDPM/DDIM with a 1-D U-Net, or flow matching with a DiT "
                    "(--predicted-codes fine-tuning keeps the head of the model it fine-tunes)")
     p.add_argument("--diffusion-train-steps", type=integer(1), dest="inverse.diffusion_train_steps",
-                   help="diffusion head: noise levels in training (default: the preset's, 100)")
+                   help="diffusion head: noise levels in training")
     p.add_argument("--diffusion-sample-steps", type=integer(1), dest="inverse.diffusion_sample_steps",
-                   help="diffusion head: DDIM steps per chunk (default: the preset's, 16)")
+                   help="diffusion head: DDIM steps per chunk")
     p.add_argument("--gaussian-std", type=float, dest="inverse.gaussian_std", help="gaussian head: its fixed std "
-                   "in normalized action units, > 0 (default: the preset's, 0.1 as published)")
+                   "in normalized action units, > 0, as published")
     p.add_argument("--flow-steps", type=integer(1), dest="inverse.flow_steps",
-                   help="flow head: midpoint steps per chunk (default: the preset's, 10)")
+                   help="flow head: midpoint steps per chunk")
     p.add_argument("--no-codes", action="store_false", default=None, dest="inverse.use_codes",
                    help="inverse without motion codes: the 'AMPLIFY (inverse only)' behaviour-cloning baseline")
     p.add_argument("--memory-layernorm", action="store_true", default=None, dest="inverse.memory_ln",
@@ -2473,7 +2483,7 @@ def build_parser():
                    help="inverse: read the task text too (with --no-codes: the goal-conditioned BC baseline)")
     # pretrained encoders (optional; the defaults train from scratch)
     p.add_argument("--vision-weights", dest="vision.weights",
-                   help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset)")
+                   help="ResNet-18 weights: 'torchvision', 'timm' or a state-dict path (paper preset); default: none")
     p.add_argument("--frozen-vision", action="store_true", default=None, dest="vision.frozen", help="do not train "
                    "the ResNet (the published default; meant with --vision-weights): its features are computed once "
                    "per frame and cached in OUT/features")
