@@ -228,6 +228,13 @@ class InverseConfig(ModelConfig):
     action_dim: int = 7
     proprio_dim: int = 9
 
+    def __post_init__(self):  # checked once, wherever the config comes from: flags, Python or a checkpoint
+        if self.head not in ("gaussian", "diffusion", "flow"):
+            raise DataError(f"inverse config: expected head gaussian, diffusion or flow, found {self.head!r}")
+        if not 1 <= self.diffusion_sample_steps <= self.diffusion_train_steps:
+            raise UserError(f"--diffusion-sample-steps: expected 1 to {self.diffusion_train_steps} DDIM steps (the "
+                            f"training noise levels), found {self.diffusion_sample_steps}")
+
 
 @dataclass
 class TrainConfig:
@@ -886,13 +893,8 @@ class InverseDynamics(nn.Module):
 def build_head(cfg: InverseConfig):
     if cfg.head == "gaussian":
         return GaussianHead(cfg.d_model, cfg.action_dim, cfg.gaussian_std)
-    if cfg.head not in ("diffusion", "flow"):
-        raise DataError(f"inverse config: expected head gaussian, diffusion or flow, found {cfg.head!r}")
     if extras() is None:
         raise UserError(f"{cfg.head} head: expected amplify_extras.py (where it lives) beside amplify.py, found none")
-    if cfg.head == "diffusion" and not 1 <= cfg.diffusion_sample_steps <= cfg.diffusion_train_steps:
-        raise UserError(f"diffusion head: expected 1 to {cfg.diffusion_train_steps} DDIM steps (the training levels), "
-                        f"found {cfg.diffusion_sample_steps}")
     return extras().DiffusionHead(cfg) if cfg.head == "diffusion" else extras().FlowHead(cfg, Attention)
 
 
@@ -2509,11 +2511,6 @@ def main(argv=None):
         p.error("--count-params: expected --stage tokenizer, forward or inverse, found 'all'")
     if args.predicted_codes and args.stage != "inverse":
         p.error("--predicted-codes applies to --stage inverse (--stage all fine-tunes by itself)")
-    preset = PRESETS[args.preset]["inverse"]
-    K = getattr(args, "inverse.diffusion_train_steps") or preset.diffusion_train_steps
-    S = getattr(args, "inverse.diffusion_sample_steps") or preset.diffusion_sample_steps
-    if S > K:
-        p.error(f"--diffusion-sample-steps: expected at most the {K} training noise levels, found {S}")
     if args.protocol == "published" and args.finetune_steps is not None:
         p.error("--finetune-steps: the published protocol has no fine-tuning (it trains on predicted codes from the "
                 "start); use --protocol paper")

@@ -1003,7 +1003,7 @@ def test_cli_action_heads_train_fine_tune_and_act_reproducibly(trained, tmp_path
 
     bad = run_cli("--stage", "inverse", "--out", tmp_path / "x", "--diffusion-sample-steps", "101", *common[:2],
                   check=False)
-    assert bad.returncode != 0 and "--diffusion-sample-steps: expected at most the 100" in bad.stderr
+    assert bad.returncode == 2 and "--diffusion-sample-steps: expected 1 to 100 DDIM steps" in bad.stderr
     assert not (tmp_path / "x").exists()
 
 
