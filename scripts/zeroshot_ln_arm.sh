@@ -7,7 +7,7 @@
 set -e
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 R=$(realpath "${R:-$HERE/runs/zeroshot-scale-published}")
-CODE=${CODE:-$HERE}  # the amplify.py to run (this session: a snapshot of 7d655d2)
+CODE=${CODE:-$HERE}  # the amplify.py to run (the published run used a snapshot of 7d655d2)
 cd "$CODE"
 D="$R/data/videos $R/data/demos"
 # The setting's task lists, as experiment.py defines them (its default run: dose 16 = every source task)
